@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,13 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
-           'REMAT_POLICIES', 'TINY_CORPUS', 'TINY_STYLES', 'RopeScaling', 'LlamaConfig', 'projection_shape', 'has_bias',
-           'param_shapes', 'init_params', 'rms_norm', 'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope',
-           'make_attention_mask', 'project', 'decoder_layer', 'remat_layer', 'positions_from_mask', 'lm_head_weight',
-           'lm_head_logits', 'hidden_states', 'forward', 'sample_top_p', 'generate', 'hf_weight_names',
+           'REMAT_POLICIES', 'IGNORE_INDEX', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'TINY_CORPUS', 'TINY_STYLES',
+           'RopeScaling', 'LlamaConfig', 'projection_shape', 'has_bias', 'param_shapes', 'init_params', 'rms_norm',
+           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'make_attention_mask', 'LoraWeights', 'project',
+           'constrain', 'key_value_head_axis', 'decoder_layer', 'remat_layer', 'positions_from_mask', 'lm_head_weight',
+           'lm_head_logits', 'hidden_states', 'forward', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p',
+           'generate', 'model_axis_sizes', 'check_model_axis', 'tensor_parallel_specs', 'hf_weight_names',
            'checkpoint_tensor_files', 'load_hf_checkpoint', 'save_tiny_tokenizer', 'save_tiny_hf_checkpoint']
 
 # %% ../nbs/00_model.ipynb #cfeba019
@@ -258,39 +262,71 @@ def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid:
     return mask[:, None]
 
 # %% ../nbs/00_model.ipynb #b1f8e62c
-def project(x: jax.Array, layer: dict, name: str, lora_layer: dict | None = None,
-            lora_scale: float | jax.Array = 1.0) -> jax.Array:
-    "Apply projection `name` of one layer (weight, optional bias, optional low-rank update) to `x`."
+@partial(jax.tree_util.register_dataclass, data_fields=["adapters"], meta_fields=["scale", "dropout"])
+@dataclass(frozen=True)
+class LoraWeights:
+    "Low-rank adapters for the forward pass: `adapters[name]` = {'lora_A': [layers, in, r], 'lora_B': [layers, r, out]}."
+    adapters: dict
+    scale: float = 1.0
+    dropout: float = 0.0
+
+
+def project(x: jax.Array, layer: dict, name: str, lora: LoraWeights | None = None,
+            dropout_key: jax.Array | None = None) -> jax.Array:
+    "Projection `name` of one layer: weight, optional bias, optional low-rank update (with dropout when keyed)."
     y = x @ layer[name]
     if f"{name}_bias" in layer:
         y = y + layer[f"{name}_bias"]
-    if lora_layer is not None and name in lora_layer:
-        adapter = lora_layer[name]
-        low_rank = (x.astype(adapter["lora_A"].dtype) @ adapter["lora_A"]) @ adapter["lora_B"]
-        y = y + (lora_scale * low_rank).astype(y.dtype)
+    if lora is not None and name in lora.adapters:
+        adapter = lora.adapters[name]
+        source = x.astype(adapter["lora_A"].dtype)
+        if dropout_key is not None and lora.dropout > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, PROJECTIONS.index(name)), 1 - lora.dropout,
+                                        source.shape)
+            source = jnp.where(keep, source / (1 - lora.dropout), 0)
+        y = y + (lora.scale * ((source @ adapter["lora_A"]) @ adapter["lora_B"])).astype(y.dtype)
     return checkpoint_name(y, name)
 
 # %% ../nbs/00_model.ipynb #4e535494
+def constrain(x: jax.Array, mesh, *axes) -> jax.Array:
+    "Pin `x` to `PartitionSpec(*axes)` on `mesh` (axes the mesh lacks are left whole); a no-op without a mesh."
+    if mesh is None:
+        return x
+    spec = P(*(axis if axis in mesh.axis_names else None for axis in axes))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def key_value_head_axis(config: LlamaConfig, mesh) -> str | None:
+    "'model' when the key/value heads split evenly over the model axis, else None (each device keeps them all)."
+    if mesh is None or config.num_key_value_heads % mesh.shape.get("model", 1):
+        return None
+    return "model"
+
+
 def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, lora_layer: dict | None = None, lora_scale=1.0,
-                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None):
+                  mask: jax.Array, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
+                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None, mesh=None):
     "One pre-norm decoder block; returns the new hidden states and the (updated) key/value cache."
     batch, time, _ = hidden.shape
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    kv_axis = key_value_head_axis(config, mesh)
+    proj = partial(project, layer=layer, lora=lora, dropout_key=dropout_key)
     x = rms_norm(hidden, layer["input_layernorm"], config.rms_norm_eps)
-    query = project(x, layer, "q_proj", lora_layer, lora_scale).reshape(batch, time, heads, head_dim)
-    key = project(x, layer, "k_proj", lora_layer, lora_scale).reshape(batch, time, kv_heads, head_dim)
-    value = project(x, layer, "v_proj", lora_layer, lora_scale).reshape(batch, time, kv_heads, head_dim)
+    query = constrain(proj(x, name="q_proj").reshape(batch, time, heads, head_dim), mesh, "data", "seq", "model", None)
+    key = proj(x, name="k_proj").reshape(batch, time, kv_heads, head_dim)
+    value = proj(x, name="v_proj").reshape(batch, time, kv_heads, head_dim)
     query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
     if cache is not None:
         cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, cache_index, 0, 0))
                       for c, new in zip(cache, (key, value)))
         key, value = cache
+    key, value = (constrain(t, mesh, "data", None, kv_axis, None) for t in (key, value))
     attended = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=head_dim ** -0.5)
-    hidden = hidden + project(attended.reshape(batch, time, heads * head_dim), layer, "o_proj", lora_layer, lora_scale)
+    attended = constrain(attended.reshape(batch, time, heads * head_dim), mesh, "data", "seq", "model")
+    hidden = constrain(hidden + proj(attended, name="o_proj"), mesh, "data", "seq", None)
     x = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_norm_eps)
-    gated = jax.nn.silu(project(x, layer, "gate_proj", lora_layer, lora_scale)) * project(x, layer, "up_proj", lora_layer, lora_scale)
-    return hidden + project(gated, layer, "down_proj", lora_layer, lora_scale), cache
+    gated = constrain(jax.nn.silu(proj(x, name="gate_proj")) * proj(x, name="up_proj"), mesh, "data", "seq", "model")
+    return constrain(hidden + proj(gated, name="down_proj"), mesh, "data", "seq", None), cache
 
 # %% ../nbs/00_model.ipynb #f98cad56
 REMAT_POLICIES = {
@@ -324,14 +360,9 @@ def lm_head_logits(params: dict, hidden: jax.Array) -> jax.Array:
     return jnp.matmul(hidden, lm_head_weight(params), preferred_element_type=jnp.float32)
 
 
-def _split_lora(lora: dict | None) -> tuple[dict | None, Any]:
-    if lora is None:
-        return None, 1.0
-    return {name: adapter for name, adapter in lora.items() if name != "scale"}, lora.get("scale", 1.0)
-
-
 def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
-                  positions=None, segment_ids=None, lora: dict | None = None, remat: str | None = None) -> jax.Array:
+                  positions=None, segment_ids=None, lora: LoraWeights | None = None,
+                  dropout_key: jax.Array | None = None, remat: str | None = None, mesh=None) -> jax.Array:
     "Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype."
     input_ids = jnp.asarray(input_ids)
     batch, time = input_ids.shape
@@ -340,25 +371,47 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
         positions = positions_from_mask(valid)
     slots = jnp.broadcast_to(jnp.arange(time), (batch, time))
     mask = make_attention_mask(slots, slots, valid, segment_ids, segment_ids, config.sliding_window)
-    hidden = params["embed_tokens"][input_ids]
+    hidden = constrain(params["embed_tokens"][input_ids], mesh, "data", "seq", None)
     cos, sin = rope_cos_sin(config, positions, hidden.dtype)
-    lora_layers, lora_scale = _split_lora(lora)
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, config.num_hidden_layers)
 
     def body(hidden, per_layer):
-        layer, lora_layer = per_layer
-        hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask, lora_layer, lora_scale)
+        layer, layer_lora, layer_key = per_layer
+        hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask, layer_lora, layer_key, mesh=mesh)
         return hidden, None
 
-    hidden, _ = jax.lax.scan(remat_layer(body, remat), hidden, (params["layers"], lora_layers))
+    hidden, _ = jax.lax.scan(remat_layer(body, remat), hidden, (params["layers"], lora, layer_keys))
     return rms_norm(hidden, params["norm"], config.rms_norm_eps)
 
 
-def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None, lora: dict | None = None,
-            positions=None, segment_ids=None, remat: str | None = None) -> jax.Array:
+def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
+            lora: LoraWeights | None = None, positions=None, segment_ids=None, dropout_key: jax.Array | None = None,
+            remat: str | None = None, mesh=None) -> jax.Array:
     "Logits `[batch, time, vocab]` in fp32."
     hidden = hidden_states(config, params, input_ids, attention_mask=attention_mask, positions=positions,
-                           segment_ids=segment_ids, lora=lora, remat=remat)
+                           segment_ids=segment_ids, lora=lora, dropout_key=dropout_key, remat=remat, mesh=mesh)
     return lm_head_logits(params, hidden)
+
+# %% ../nbs/00_model.ipynb #a4a4cd28
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array,
+                       **forward_options) -> tuple[jax.Array, jax.Array]:
+    "Summed next-token cross-entropy (fp32) over labelled positions, and how many there are."
+    logits = forward(config, params, input_ids, **forward_options)[:, :-1]
+    targets = jnp.asarray(labels)[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    log_probabilities = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probabilities, jnp.where(labelled, targets, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(labelled, picked, 0.0)), jnp.sum(labelled)
+
+
+def causal_lm_loss(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array,
+                   **forward_options) -> jax.Array:
+    "Mean next-token cross-entropy over labelled positions (as `transformers` computes `outputs.loss`)."
+    total, count = causal_lm_loss_sum(config, params, input_ids, labels, **forward_options)
+    return total / jnp.maximum(count, 1)
 
 # %% ../nbs/00_model.ipynb #6b8ce23d
 def sample_top_p(key: jax.Array, logits: jax.Array, top_p) -> jax.Array:
@@ -381,7 +434,6 @@ def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora
     cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
     key_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
     key_slots = jnp.broadcast_to(jnp.arange(total), (batch, total))
-    lora_layers, lora_scale = _split_lora(lora)
 
     def run(tokens, positions, start, cache):
         "Feed `tokens` at slots start.. through every layer, writing the cache; return the last logits."
@@ -391,10 +443,10 @@ def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora
         cos, sin = rope_cos_sin(config, positions, dtype)
 
         def body(hidden, per_layer):
-            layer, lora_layer, layer_cache = per_layer
-            return decoder_layer(config, layer, hidden, cos, sin, mask, lora_layer, lora_scale, layer_cache, start)
+            layer, layer_lora, layer_cache = per_layer
+            return decoder_layer(config, layer, hidden, cos, sin, mask, layer_lora, cache=layer_cache, cache_index=start)
 
-        hidden, cache = jax.lax.scan(body, params["embed_tokens"][tokens], (params["layers"], lora_layers, cache))
+        hidden, cache = jax.lax.scan(body, params["embed_tokens"][tokens], (params["layers"], lora, cache))
         last = rms_norm(hidden[:, -1], params["norm"], config.rms_norm_eps)
         return lm_head_logits(params, last), cache
 
@@ -427,7 +479,7 @@ _generate_compiled = jax.jit(_generate_program, static_argnames=("config", "max_
 
 
 def generate(config: LlamaConfig, params: dict, input_ids, *, max_new_tokens: int, attention_mask=None,
-             lora: dict | None = None, temperature: float = 0.0, top_p: float = 1.0, eos_token_id=None,
+             lora: LoraWeights | None = None, temperature: float = 0.0, top_p: float = 1.0, eos_token_id=None,
              pad_token_id: int | None = None, key: jax.Array | None = None) -> np.ndarray:
     """Prompt followed by up to `max_new_tokens` generated tokens, `[batch, prompt + generated]`.
     `eos_token_id=None` stops at the config's end-of-sequence ids; pass `()` to never stop early."""
@@ -450,6 +502,42 @@ def generate(config: LlamaConfig, params: dict, input_ids, *, max_new_tokens: in
         jnp.asarray(eos_ids, jnp.int32).reshape(-1), jnp.int32(pad_id),
         max_new_tokens=int(max_new_tokens), greedy=temperature == 0)
     return np.concatenate([input_ids, np.asarray(generated)[:, :int(steps)]], axis=1)
+
+# %% ../nbs/00_model.ipynb #5bbac5d7
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def model_axis_sizes(config: LlamaConfig, largest: int = 64) -> list[int]:
+    "Model-axis sizes (up to `largest`) that split this model evenly: they divide the heads and the MLP width."
+    return [size for size in range(1, largest + 1)
+            if config.num_attention_heads % size == 0 and config.intermediate_size % size == 0]
+
+
+def check_model_axis(config: LlamaConfig, model_axis_size: int) -> None:
+    "Raise a clear error when `model_axis_size` devices cannot split the model."
+    if model_axis_size < 1 or model_axis_size not in model_axis_sizes(config, max(model_axis_size, 64)):
+        raise ValueError(
+            f"A model axis of {model_axis_size} devices cannot split this model: its {config.num_attention_heads} "
+            f"attention heads and MLP width {config.intermediate_size} must both divide evenly. Model-axis sizes "
+            f"that work: {model_axis_sizes(config)}.")
+
+
+def tensor_parallel_specs(config: LlamaConfig, model_axis_size: int = 1) -> dict:
+    "The `PartitionSpec` of every parameter (same nesting as the params) for a model axis of this size."
+    check_model_axis(config, model_axis_size)
+    kv_axis = "model" if config.num_key_value_heads % model_axis_size == 0 else None
+    vocab_axis = "model" if config.vocab_size % model_axis_size == 0 else None
+    output_axis = {"q_proj": "model", "k_proj": kv_axis, "v_proj": kv_axis, "gate_proj": "model", "up_proj": "model"}
+    layers = {"input_layernorm": P(), "post_attention_layernorm": P()}
+    for name in PROJECTIONS:
+        layers[name] = P(None, None, output_axis[name]) if name in COLUMN_PARALLEL else P(None, "model", None)
+        if has_bias(config, name):
+            layers[f"{name}_bias"] = P(None, output_axis[name]) if name in COLUMN_PARALLEL else P()
+    specs = {"embed_tokens": P(vocab_axis, None), "layers": layers, "norm": P()}
+    if not config.tie_word_embeddings:
+        specs["lm_head"] = P(None, vocab_axis)
+    return specs
 
 # %% ../nbs/00_model.ipynb #2d2376d6
 def hf_weight_names(config: LlamaConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
@@ -507,43 +595,52 @@ def checkpoint_tensor_files(path: str | Path) -> dict[str, Path]:
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _read_parameter(handles, files: dict, hf_name: str, transpose: bool, shape: tuple, dtype, layers: int | None):
-    "Read one (possibly layer-stacked) parameter into a host array of `dtype`."
-    out = np.empty(shape, dtype)
-    for layer in range(layers) if layers is not None else [None]:
-        name = hf_name.format(layer=layer)
+def _check_tensors(path: Path, config: LlamaConfig, files: dict, handles) -> None:
+    "Every expected tensor is present with the shape the config implies, and nothing unexpected is there."
+    expected = {}
+    for key_path, (hf_name, transpose) in hf_weight_names(config).items():
+        shapes = param_shapes(config)
+        shape = shapes[key_path[0]] if len(key_path) == 1 else shapes["layers"][key_path[1]][1:]
+        for layer in range(config.num_hidden_layers) if "{layer}" in hf_name else [None]:
+            expected[hf_name.format(layer=layer)] = tuple(shape[::-1] if transpose else shape)
+    for name, shape in expected.items():
         if name not in files:
-            raise ValueError(f"Tensor {name!r} is missing from the checkpoint ({sorted(set(map(str, files.values())))}). "
-                             f"Does config.json match these weights?")
-        tensor = handles(files[name]).get_tensor(name)
-        tensor = tensor.T if transpose else tensor
-        expected = shape if layer is None else shape[1:]
-        if tensor.shape != expected:
-            raise ValueError(f"Tensor {name!r} in {files[name]} has shape {tensor.shape[::-1] if transpose else tensor.shape}"
-                             f" but config.json implies {expected[::-1] if transpose else expected}.")
-        if layer is None: out[...] = tensor
-        else: out[layer] = tensor
-    return out
+            raise ValueError(f"Tensor {name!r} is missing from the checkpoint in {path}. Does config.json match "
+                             f"these weights?")
+        stored = tuple(handles(files[name]).get_slice(name).get_shape())
+        if stored != shape:
+            raise ValueError(f"Tensor {name!r} in {files[name]} has shape {stored} but config.json implies {shape}.")
+    allowed = set(expected) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    unexpected = sorted(n for n in files if n not in allowed and not n.endswith(_IGNORED_TENSOR_SUFFIXES))
+    if unexpected:
+        raise ValueError(f"{path} holds tensors a {config.model_type} model with this config does not use: "
+                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. Is config.json the right one?")
+
+
+def _read_slice(handles, files: dict, hf_name: str, transpose: bool, dtype, stacked: bool, shape: tuple, index):
+    "The part `index` of one parameter, read from its safetensors tensor(s)."
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+
+    def read(name, within):
+        view = handles(files[name]).get_slice(name)
+        part = view[tuple(within[::-1]) if transpose else tuple(within)]
+        return (part.T if transpose else part).astype(dtype, copy=False)
+
+    if not stacked:
+        return read(hf_name, index)
+    return np.stack([read(hf_name.format(layer=layer), index[1:]) for layer in range(shape[0])[index[0]]])
 
 
 def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple[LlamaConfig, dict]:
-    "Read a Hugging Face Llama-family folder into `(config, params)`, weights cast to `dtype`."
+    """Read a Hugging Face Llama-family folder into `(config, params)`, weights cast to `dtype`. With a `mesh`,
+    every tensor goes straight to its tensor-parallel sharding (see `tensor_parallel_specs`)."""
     from contextlib import ExitStack
     from safetensors import safe_open
     path = Path(path)
     config = LlamaConfig.from_hf(path)
     files = checkpoint_tensor_files(path)
-    names = hf_weight_names(config)
+    specs = tensor_parallel_specs(config, mesh.shape.get("model", 1) if mesh is not None else 1)
     shapes = param_shapes(config)
-    expected = {hf_name.format(layer=i) for hf_name, _ in names.values()
-                for i in range(config.num_hidden_layers if "{layer}" in hf_name else 1)}
-    if config.tie_word_embeddings:
-        expected.add("lm_head.weight")  # some tied checkpoints store the copy anyway; it is not read
-    unexpected = sorted(n for n in files if n not in expected and not n.endswith(_IGNORED_TENSOR_SUFFIXES))
-    if unexpected:
-        raise ValueError(f"{path} holds tensors a {config.model_type} model with this config does not use: "
-                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. Is config.json the right one?")
-    host_dtype = np.dtype(dtype)
     params: dict = {"layers": {}}
     with ExitStack() as stack:
         opened = {}
@@ -553,21 +650,16 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple
                 opened[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
             return opened[file]
 
-        for key_path, (hf_name, transpose) in names.items():
+        _check_tensors(path, config, files, handles)
+        for key_path, (hf_name, transpose) in hf_weight_names(config).items():
             shape = shapes[key_path[0]] if len(key_path) == 1 else shapes["layers"][key_path[1]]
-            layers = config.num_hidden_layers if "{layer}" in hf_name else None
-            host = _read_parameter(handles, files, hf_name, transpose, shape, host_dtype, layers)
+            spec = specs[key_path[0]] if len(key_path) == 1 else specs["layers"][key_path[1]]
+            sharding = (NamedSharding(mesh, spec) if mesh is not None
+                        else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            read = partial(_read_slice, handles, files, hf_name, transpose, np.dtype(dtype), "{layer}" in hf_name, shape)
             target = params if len(key_path) == 1 else params["layers"]
-            target[key_path[-1]] = _place(host, key_path, config, mesh)
-            del host
+            target[key_path[-1]] = jax.make_array_from_callback(shape, sharding, read)
     return config, params
-
-
-def _place(host: np.ndarray, key_path: tuple[str, ...], config: LlamaConfig, mesh) -> jax.Array:
-    "Move a host array onto the device(s)."
-    if mesh is not None:
-        raise NotImplementedError
-    return jnp.asarray(host)
 
 # %% ../nbs/00_model.ipynb #0a0782e8
 TINY_CORPUS = [

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from jora.model import (LlamaConfig, checkpoint_tensor_files, forward, generate, load_hf_checkpoint,
+from jora.model import (IGNORE_INDEX, LlamaConfig, causal_lm_loss, checkpoint_tensor_files, forward, generate, load_hf_checkpoint,
                         positions_from_mask, save_tiny_hf_checkpoint)
 
 LOGIT_TOLERANCE = 1e-4
@@ -70,6 +70,19 @@ def test_logits_match_transformers(checkpoint, padding):
     error = np.abs(ours - expected)[real].max()
     assert error < LOGIT_TOLERANCE, f"{name}, {padding} padding: max |jora - transformers| = {error:.2e}"
     assert np.isfinite(ours).all()
+
+
+def test_loss_matches_transformers(checkpoint):
+    "causal_lm_loss equals transformers' outputs.loss for the same labels (-100 ignored), within 1e-5."
+    _, _, config, params, reference = checkpoint
+    ids, mask = padded_batch([20, 11], 20, "left", config.vocab_size, seed=5)
+    labels = np.where(mask.astype(bool), ids, IGNORE_INDEX)
+    labels[:, :-6] = IGNORE_INDEX  # learn only the answer: the last six tokens
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels),
+                             position_ids=torch.tensor(np.asarray(positions_from_mask(mask)))).loss.item()
+    ours = float(causal_lm_loss(config, params, ids, labels, attention_mask=mask))
+    assert abs(ours - expected) <= 1e-5 * abs(expected), (ours, expected)
 
 
 def test_padding_does_not_change_real_tokens(checkpoint):

@@ -1,0 +1,182 @@
+"""Tensor parallelism and LoRA on 8 simulated CPU devices (set in conftest.py), against one device and against peft.
+
+Tolerances: loss and every LoRA gradient leaf within a relative difference of 1e-5 of the one-device result (fp32);
+merged vs unmerged logits within 1e-5; jora's LoRA logits vs peft's PeftModel within 1e-4.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jora.lora import LoraConfig, init_lora, lora_parameter_count, merge_lora, shard_lora
+from jora.model import (IGNORE_INDEX, LlamaConfig, LoraWeights, causal_lm_loss, forward, init_params,
+                        load_hf_checkpoint, save_tiny_hf_checkpoint)
+from jora.sharding import adapter_specs, make_mesh, param_specs, shard_params
+
+MESHES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4)]  # (data, model)
+TINY_GQA = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=16, rope_theta=500000.0)
+ALL_TARGETS = LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear")
+
+
+def relative_difference(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = init_params(TINY_GQA, jax.random.key(0), std=0.1)
+    lora = init_lora(TINY_GQA, ALL_TARGETS, jax.random.key(1))
+    # trained-looking adapters: B is no longer zero, so gradients reach A as well
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), lora)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, TINY_GQA.vocab_size, (4, 16))
+    labels = ids.copy()
+    labels[:, :9] = IGNORE_INDEX  # a prompt of 9 tokens, an answer of 7
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # one left-padded row
+    labels[1, :4] = IGNORE_INDEX
+    return params, lora, ids, labels, mask
+
+
+def loss_and_grads(params, lora, ids, labels, mask, mesh=None, dropout_key=None):
+    def loss(adapters):
+        return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=mask, mesh=mesh, dropout_key=dropout_key,
+                              lora=LoraWeights(adapters, lora.scale, lora.dropout))
+    return jax.jit(jax.value_and_grad(loss))(lora.adapters)
+
+
+ONE_DEVICE = {}  # the one-device reference, computed once per dropout setting
+
+
+@pytest.mark.parametrize("data, model", MESHES, ids=[f"{d}x{m}" for d, m in MESHES])
+@pytest.mark.parametrize("with_dropout", [False, True], ids=["eval", "dropout"])
+def test_loss_and_lora_gradients_equal_one_device(setup, data, model, with_dropout):
+    params, lora, ids, labels, mask = setup
+    key = jax.random.key(7) if with_dropout else None
+    if with_dropout not in ONE_DEVICE:
+        ONE_DEVICE[with_dropout] = loss_and_grads(params, lora, ids, labels, mask, dropout_key=key)
+    expected_loss, expected_grads = ONE_DEVICE[with_dropout]
+    mesh = make_mesh(data=data, model=model)
+    batch = NamedSharding(mesh, P("data", "seq"))
+    loss, grads = loss_and_grads(shard_params(TINY_GQA, params, mesh), shard_lora(TINY_GQA, lora, mesh),
+                                 *(jax.device_put(x, batch) for x in (ids, labels, mask)), mesh=mesh, dropout_key=key)
+    assert relative_difference(loss, expected_loss) <= 1e-5
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads)):
+        assert float(jnp.abs(want).max()) > 0, f"{jax.tree_util.keystr(path)}: a zero gradient tests nothing"
+        difference = relative_difference(got, want)
+        assert difference <= 1e-5, f"{data}x{model} {jax.tree_util.keystr(path)}: relative difference {difference:.2e}"
+
+
+@pytest.mark.parametrize("data, model", MESHES, ids=[f"{d}x{m}" for d, m in MESHES])
+def test_every_leaf_has_its_intended_sharding(setup, data, model):
+    params, lora, *_ = setup
+    mesh = make_mesh(data=data, model=model)
+    sharded, sharded_lora = shard_params(TINY_GQA, params, mesh), shard_lora(TINY_GQA, lora, mesh)
+    is_spec = lambda x: isinstance(x, P)
+    pairs = [*zip(jax.tree.leaves(sharded), jax.tree.leaves(param_specs(TINY_GQA, params, mesh), is_leaf=is_spec)),
+             *zip(jax.tree.leaves(sharded_lora.adapters),
+                  jax.tree.leaves(adapter_specs(TINY_GQA, ALL_TARGETS.targets, mesh), is_leaf=is_spec))]
+    assert len(pairs) == len(jax.tree.leaves(params)) + 2 * len(ALL_TARGETS.targets)
+    for leaf, spec in pairs:
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), (leaf.shape, leaf.sharding, spec)
+    # the Megatron layout, spelled out
+    layers, adapters = sharded["layers"], sharded_lora.adapters
+    assert layers["q_proj"].sharding.spec == P(None, None, "model")
+    assert layers["gate_proj"].sharding.spec == P(None, None, "model")
+    assert layers["o_proj"].sharding.spec == P(None, "model", None)
+    assert layers["down_proj"].sharding.spec == P(None, "model", None)
+    assert layers["input_layernorm"].sharding.spec == P()
+    assert sharded["embed_tokens"].sharding.spec == P("model", None)
+    assert sharded["lm_head"].sharding.spec == P(None, "model")
+    kv_split = TINY_GQA.num_key_value_heads % model == 0  # 2 key/value heads: split over 1 or 2, whole over 4 or 8
+    assert layers["k_proj"].sharding.spec == (P(None, None, "model") if kv_split else P(None, None, None))
+    assert adapters["q_proj"]["lora_A"].sharding.spec == P(None, None, None)
+    assert adapters["q_proj"]["lora_B"].sharding.spec == P(None, None, "model")
+    assert adapters["down_proj"]["lora_A"].sharding.spec == P(None, "model", None)
+    assert adapters["down_proj"]["lora_B"].sharding.spec == P(None, None, None)
+    # each device really holds only its part
+    q_shard = layers["q_proj"].addressable_shards[0].data.shape
+    assert q_shard == (2, 64, 128 // model)
+
+
+@pytest.mark.parametrize("data, model", [(1, 1), (2, 4)])
+def test_merged_equals_unmerged(setup, data, model):
+    params, lora, ids, _, mask = setup
+    mesh = make_mesh(data=data, model=model)
+    sharded, sharded_lora = shard_params(TINY_GQA, params, mesh), shard_lora(TINY_GQA, lora, mesh)
+    unmerged = jax.jit(lambda p, l: forward(TINY_GQA, p, ids, attention_mask=mask, lora=l, mesh=mesh))(sharded, sharded_lora)
+    merged_params = merge_lora(TINY_GQA, sharded, sharded_lora, ALL_TARGETS)
+    merged = jax.jit(lambda p: forward(TINY_GQA, p, ids, attention_mask=mask, mesh=mesh))(merged_params)
+    assert float(jnp.abs(merged - unmerged).max()) <= 1e-5
+    assert float(jnp.abs(merged - forward(TINY_GQA, params, ids, attention_mask=mask)).max()) > 1e-3  # LoRA did something
+    assert merged_params["layers"]["q_proj"].sharding.spec == P(None, None, "model")
+
+
+def test_invalid_meshes_are_clear_errors(setup):
+    params, *_ = setup
+    with pytest.raises(ValueError, match=r"A model axis of 3 devices cannot split this model: its 8 attention heads "
+                                         r"and MLP width 128 .* sizes that work: \[1, 2, 4, 8\]"):
+        shard_params(TINY_GQA, params, make_mesh(model=3))
+    with pytest.raises(ValueError, match="needs 12 devices but 8 are available"):
+        make_mesh(data=3, model=4)
+    with pytest.raises(ValueError, match="cannot split"):
+        init_lora(TINY_GQA, LoraConfig(), jax.random.key(0), mesh=make_mesh(model=6))
+
+
+def test_checkpoint_loads_straight_onto_a_mesh(tmp_path):
+    folder = save_tiny_hf_checkpoint(tmp_path / "m", "llama3.1", max_shard_size="60KB", with_tokenizer=False)
+    mesh = make_mesh(data=2, model=4)
+    config, on_mesh = load_hf_checkpoint(folder, dtype=jnp.float32, mesh=mesh)
+    _, on_one = load_hf_checkpoint(folder, dtype=jnp.float32)
+    for (path, leaf), spec, reference in zip(jax.tree_util.tree_leaves_with_path(on_mesh),
+                                             jax.tree.leaves(param_specs(config, on_mesh, mesh),
+                                                             is_leaf=lambda x: isinstance(x, P)),
+                                             jax.tree.leaves(on_one)):
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(reference))
+
+
+# ---- LoRA against peft ----
+
+def peft_model_with(folder, lora_config, lora):
+    "A peft PeftModel on the same checkpoint, its adapters set to jora's (A [in, r] -> lora_A.weight [r, in])."
+    import peft
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=lora_config.r, lora_alpha=lora_config.alpha, lora_dropout=0.0,
+                                                      target_modules=list(lora_config.targets),
+                                                      use_rslora=lora_config.use_rslora))
+    modules = dict(model.named_modules())
+    for name, adapter in lora.adapters.items():
+        group = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        for layer in range(adapter["lora_A"].shape[0]):
+            module = modules[f"base_model.model.model.layers.{layer}.{group}.{name}"]
+            with torch.no_grad():
+                module.lora_A["default"].weight.copy_(torch.tensor(np.asarray(adapter["lora_A"][layer]).T))
+                module.lora_B["default"].weight.copy_(torch.tensor(np.asarray(adapter["lora_B"][layer]).T))
+    return model.eval()
+
+
+@pytest.mark.parametrize("lora_config", [
+    LoraConfig(r=8, alpha=16),
+    LoraConfig(r=4, alpha=32, targets="all-linear"),
+    LoraConfig(r=16, alpha=8, targets=("k_proj", "o_proj", "down_proj"), use_rslora=True),
+], ids=["q,v", "all-linear", "rslora"])
+def test_lora_forward_and_count_match_peft(tmp_path, lora_config):
+    folder = save_tiny_hf_checkpoint(tmp_path / "p", "llama3.1", with_tokenizer=False)
+    config, params = load_hf_checkpoint(folder, dtype=jnp.float32)
+    lora = init_lora(config, lora_config, jax.random.key(3))
+    lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(4), x.shape), lora)
+    model = peft_model_with(folder, lora_config, lora)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert lora_parameter_count(config, lora_config) == trainable
+    ids = np.random.default_rng(1).integers(3, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(forward(config, params, ids, lora=lora))
+    assert np.abs(ours - expected).max() < 1e-4
+    assert np.abs(ours - np.asarray(forward(config, params, ids))).max() > 1e-3  # the adapters matter
