@@ -1,31 +1,49 @@
-"""Write README.md from index.ipynb (the front page), without quarto.
+"""Write README.md from index.ipynb (the front page), without quarto and without nbconvert's template files.
 
-Cells marked `#| hide` are left out, `#|` directive lines are removed, and stored outputs are kept.
-`--check` writes nothing and exits 1 when README.md is out of date.
+Markdown cells are copied, code cells become ```python blocks, and their stored text outputs follow as plain
+blocks. Cells marked `#| hide` are left out and `#|` directive lines removed. `--check` writes nothing and exits 1
+when README.md is out of date.
 """
 import sys
 from pathlib import Path
 
 import nbformat
-from nbconvert import MarkdownExporter
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = "<!-- Generated from index.ipynb by `python tools/make_readme.py`. Edit the notebook, not this file. -->\n\n"
+HEADER = "<!-- Generated from index.ipynb by `python tools/make_readme.py`. Edit the notebook, not this file. -->\n"
+
+
+def output_text(output) -> str | None:
+    "The text of one stored output: a stream, or a result's markdown or plain text."
+    if output.get("output_type") == "stream":
+        return output.get("text", "")
+    data = output.get("data", {})
+    if "text/markdown" in data:
+        return None if not data["text/markdown"] else "\n" + data["text/markdown"]
+    return data.get("text/plain")
+
+
+def cell_markdown(cell) -> str:
+    if cell.cell_type == "markdown":
+        return cell.source.strip()
+    lines = cell.source.splitlines()
+    if cell.cell_type != "code" or any(line.strip().startswith("#| hide") for line in lines):
+        return ""
+    code = "\n".join(line for line in lines if not line.startswith("#|")).strip()
+    parts = [f"```python\n{code}\n```"] if code else []
+    for output in cell.get("outputs", []):
+        text = output_text(output)
+        if text and text.startswith("\n"):
+            parts.append(text.strip())
+        elif text:
+            parts.append(f"```\n{text.rstrip()}\n```")
+    return "\n\n".join(parts)
 
 
 def readme_text(notebook_path: Path = ROOT / "index.ipynb") -> str:
     notebook = nbformat.read(notebook_path, as_version=4)
-    kept = []
-    for cell in notebook.cells:
-        lines = cell.source.splitlines()
-        if cell.cell_type == "code":
-            if any(line.strip().startswith("#| hide") for line in lines):
-                continue
-            cell.source = "\n".join(line for line in lines if not line.startswith("#|")).strip()
-        kept.append(cell)
-    notebook.cells = kept
-    body, _ = MarkdownExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(notebook)
-    return HEADER + body.strip() + "\n"
+    blocks = [cell_markdown(cell) for cell in notebook.cells]
+    return HEADER + "\n" + "\n\n".join(block for block in blocks if block) + "\n"
 
 
 def main(argv: list[str]) -> int:
