@@ -668,6 +668,9 @@ TINY_CORPUS = [
     "Which post does this reply answer? The reply quotes the second post of the thread.",
     "LoRA trains two small matrices beside each frozen weight, so the base model never changes.",
     "One long sequence is split across accelerators so that it fits in their memory.",
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:",
 ] * 4
 
 _LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
