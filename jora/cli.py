@@ -1,4 +1,4 @@
-"""`jora demo` and, as later chapters add them, the other `jora` subcommands.
+"""`jora demo`, `jora train` and `jora check`: the `jora` console script.
 
 Docs: https://jora-dev.github.io/jora/nbs/cli.html.md"""
 
@@ -14,20 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import TINY_STYLES, forward, generate, load_hf_checkpoint, positions_from_mask, save_tiny_hf_checkpoint
+from .model import TINY_STYLES, forward, generate, load_hf_checkpoint, save_tiny_hf_checkpoint
+from . import train
 
 # %% auto #0
-__all__ = ['demo', 'main']
+__all__ = ['check', 'main']
 
 # %% ../nbs/08_cli.ipynb #239e41cd
-def demo(style: str = "llama3.1", prompt: str = "Which post does this reply answer?", max_new_tokens: int = 20,
+def check(style: str = "llama3.1", prompt: str = "Which post does this reply answer?", max_new_tokens: int = 20,
          folder: str | Path | None = None) -> dict:
     "Write a tiny checkpoint, generate with jora, and compare logits and greedy tokens with `transformers`."
     import jax.numpy as jnp
     import torch
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    folder = Path(folder or tempfile.mkdtemp(prefix="jora-demo-"))
+    folder = Path(folder or tempfile.mkdtemp(prefix="jora-check-"))
     save_tiny_hf_checkpoint(folder, style)
     config, params = load_hf_checkpoint(folder, dtype=jnp.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -48,15 +49,26 @@ def demo(style: str = "llama3.1", prompt: str = "Which post does this reply answ
 # %% ../nbs/08_cli.ipynb #81858466
 def main(argv: list[str] | None = None) -> int:
     "The `jora` command line."
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return train.train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="jora", description="LoRA fine-tuning of Llama-family models in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="generate from a tiny local model and check it against transformers")
-    demo_parser.add_argument("--style", default="llama3.1", choices=list(TINY_STYLES))
-    demo_parser.add_argument("--prompt", default="Which post does this reply answer?")
-    demo_parser.add_argument("--max-new-tokens", type=int, default=20)
-    demo_parser.add_argument("--folder", default=None, help="where to write the tiny checkpoint (default: a temp folder)")
+    demo_parser = commands.add_parser("demo", help="fine-tune a tiny local model on a small RAFT sample (CPU, ~1 minute)")
+    demo_parser.add_argument("--folder", default=None, help="where to write the model, data and adapter (default: a temp folder)")
+    demo_parser.add_argument("--records", type=int, default=480, help="size of the generated RAFT sample")
+    demo_parser.add_argument("--epochs", type=int, default=12, help="passes over the train split")
+    commands.add_parser("train", help="fine-tune on your data; `jora train --help` lists every option")
+    check_parser = commands.add_parser("check", help="generate from a tiny local model and check it against transformers")
+    check_parser.add_argument("--style", default="llama3.1", choices=list(TINY_STYLES))
+    check_parser.add_argument("--prompt", default="Which post does this reply answer?")
+    check_parser.add_argument("--max-new-tokens", type=int, default=20)
+    check_parser.add_argument("--folder", default=None, help="where to write the tiny checkpoint (default: a temp folder)")
     args = parser.parse_args(argv)
-    result = demo(args.style, args.prompt, args.max_new_tokens, args.folder)
+    if args.command == "demo":
+        outcome = train.demo(args.folder, records=args.records, N_EPOCHS=args.epochs)
+        return 0 if outcome["last_loss"] < outcome["first_loss"] else 1
+    result = check(args.style, args.prompt, args.max_new_tokens, args.folder)
     print(f"tiny {args.style} checkpoint: {result['folder']}")
     print(f"prompt: {result['prompt']!r}")
     print(f"jora generated {result['new_tokens']} tokens: {result['continuation']!r}")

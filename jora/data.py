@@ -21,7 +21,7 @@ from .model import IGNORE_INDEX
 # %% auto #0
 __all__ = ['PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'RecordError', 'read_records', 'format_prompt', 'prompt_parts',
            'TruncationReport', 'tokenize_record', 'split_records', 'mix_general_records', 'AlpacaDataset',
-           'generate_alpaca_dataset', 'default_buckets', 'pack_examples', 'batches']
+           'generate_alpaca_dataset', 'default_buckets', 'pack_examples', 'epoch_rows', 'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
 class RecordError(ValueError):
@@ -160,10 +160,10 @@ def tokenize_record(record: dict, tokenizer, max_len: int, report: TruncationRep
         report.context_truncated += 1
         report.context_tokens_removed += len(context) - room_for_context
         context = context[:room_for_context]
-    elif fixed < max_len:
+    elif fixed < max_len:  # even without context the output and its EOS do not fit: cut them (EOS counted)
         report.output_cut += 1
         report.context_tokens_removed += len(context)
-        report.output_tokens_removed += len(output) - (max_len - fixed)
+        report.output_tokens_removed += len(output) + len(eos) - (max_len - fixed)
         context, output, eos = [], output[:max_len - fixed], []
     else:
         report.left_out.append(number)
@@ -296,25 +296,36 @@ def _place(batch: dict, row: int, start: int, example: dict, segment: int) -> No
     batch["segment_ids"][row, start:end] = segment
 
 
-def pack_examples(examples: list[dict], length: int) -> list[list[int]]:
-    "Group example indices into rows of at most `length` tokens, first fit in the given order."
+def pack_examples(lengths: list[int], row_length: int) -> list[list[int]]:
+    "Group examples (given by their lengths, in order) into rows of at most `row_length` tokens, first fit."
     rows, room = [], []
-    for index, example in enumerate(examples):
-        size = len(example["input_ids"])
-        if size > length:
-            raise ValueError(f"Example {index} has {size} tokens, more than the row length {length}.")
+    for index, size in enumerate(lengths):
+        if size > row_length:
+            raise ValueError(f"Example {index} has {size} tokens, more than the row length {row_length}.")
         for row, free in enumerate(room):
             if size <= free:
                 rows[row].append(index); room[row] -= size
                 break
         else:
-            rows.append([index]); room.append(length - size)
+            rows.append([index]); room.append(row_length - size)
     return rows
 
 
+def epoch_rows(lengths: list[int], *, seed: int = 0, epoch: int = 0, shuffle: bool = True, pack: bool = False,
+               row_length: int | None = None) -> list[list[int]]:
+    "The example indices of each row for one epoch: a seeded shuffle, then one example a row or packed rows."
+    order = list(range(len(lengths)))
+    if shuffle:
+        order = [int(i) for i in np.random.default_rng([seed, epoch]).permutation(len(lengths))]
+    if not pack:
+        return [[i] for i in order]
+    return [[order[j] for j in row] for row in pack_examples([lengths[i] for i in order], row_length or max(lengths))]
+
+
 def batches(dataset, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-            buckets: tuple[int, ...] | None = None, pack: bool = False, pad_id: int | None = None) -> Iterator[dict]:
-    "Padded (or packed) int32 batches of `dataset`, covering every example exactly once per epoch."
+            buckets: tuple[int, ...] | None = None, pack: bool = False, pad_id: int | None = None,
+            first_batch: int = 0) -> Iterator[dict]:
+    "Padded (or packed) int32 batches of `dataset`, covering every example once per epoch (from `first_batch` on)."
     examples = [dataset[i] for i in range(len(dataset))]
     longest = max((len(e["input_ids"]) for e in examples), default=1)
     max_len = getattr(dataset, "max_len", longest)
@@ -325,12 +336,9 @@ def batches(dataset, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle:
     if pad_id is None:
         pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                        if t is not None), 0)
-    order = list(range(len(examples)))
-    if shuffle:
-        order = list(np.random.default_rng([seed, epoch]).permutation(len(examples)))
-    examples = [examples[i] for i in order]
-    rows = pack_examples(examples, buckets[-1]) if pack else [[i] for i in range(len(examples))]
-    for first in range(0, len(rows), batch_size):
+    rows = epoch_rows([len(e["input_ids"]) for e in examples], seed=seed, epoch=epoch, shuffle=shuffle, pack=pack,
+                      row_length=buckets[-1])
+    for first in range(first_batch * batch_size, len(rows), batch_size):
         chunk = rows[first:first + batch_size]
         needed = max(sum(len(examples[i]["input_ids"]) for i in row) for row in chunk)
         length = next(b for b in buckets if b >= needed)

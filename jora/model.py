@@ -687,8 +687,8 @@ TINY_STYLES = {
 }
 
 
-def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512) -> Path:
-    "Train a byte-level BPE tokenizer on `TINY_CORPUS` and save it (Llama-style `<s>`=1, `</s>`=2, BOS added)."
+def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512, corpus: list[str] | None = None) -> Path:
+    "Train a byte-level BPE tokenizer on `corpus` (default `TINY_CORPUS`) and save it (`<s>`=1, `</s>`=2, BOS added)."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -696,7 +696,7 @@ def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512) -> Path:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(TINY_CORPUS, trainer)
+    tokenizer.train_from_iterator(TINY_CORPUS if corpus is None else corpus, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                              special_tokens=[("<s>", 1)])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -705,7 +705,8 @@ def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512) -> Path:
 
 
 def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: int = 0, dtype: str = "float32",
-                            max_shard_size: str | None = None, with_tokenizer: bool = True, **overrides) -> Path:
+                            max_shard_size: str | None = None, with_tokenizer: bool = True,
+                            corpus: list[str] | None = None, **overrides) -> Path:
     "Write a small random Hugging Face checkpoint of `style` (see `TINY_STYLES`) with `transformers`."
     import torch
     import transformers
@@ -728,5 +729,5 @@ def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: 
     finally:
         if bars_were_on: transformers.utils.logging.enable_progress_bar()
     if with_tokenizer:
-        save_tiny_tokenizer(path, vocab_size=settings["vocab_size"])
+        save_tiny_tokenizer(path, vocab_size=settings["vocab_size"], corpus=corpus)
     return Path(path)

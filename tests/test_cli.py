@@ -7,7 +7,7 @@ import sys
 def test_jora_demo_checks_against_transformers(tmp_path):
     executable = shutil.which("jora")
     command = [executable] if executable else [sys.executable, "-c", "import sys, jora.cli; sys.exit(jora.cli.main())"]
-    result = subprocess.run([*command, "demo", "--folder", str(tmp_path / "tiny"), "--max-new-tokens", "12"],
+    result = subprocess.run([*command, "check", "--folder", str(tmp_path / "tiny"), "--max-new-tokens", "12"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "jora generated 12 tokens" in result.stdout
