@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         return train.train_main(argv[1:])
+    if argv[:1] == ["gui"]:
+        from jora.gui import gui_main
+        return gui_main(argv[1:])
     parser = argparse.ArgumentParser(prog="jora", description="LoRA fine-tuning of Llama-family models in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="fine-tune a tiny local model on a small RAFT sample (CPU, ~1 minute)")
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--records", type=int, default=480, help="size of the generated RAFT sample")
     demo_parser.add_argument("--epochs", type=int, default=12, help="passes over the train split")
     commands.add_parser("train", help="fine-tune on your data; `jora train --help` lists every option")
+    commands.add_parser("gui", help="open JupyterLab on a notebook with the training panels; `jora gui --help`")
     check_parser = commands.add_parser("check", help="generate from a tiny local model and check it against transformers")
     check_parser.add_argument("--style", default="llama3.1", choices=list(TINY_STYLES))
     check_parser.add_argument("--prompt", default="Which post does this reply answer?")

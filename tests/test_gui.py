@@ -1,0 +1,160 @@
+"""The Jupyter panels: headless (widgets driven from Python) and in a real browser (JupyterLab + Debian's chromium)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from jora.data import format_prompt
+from jora.gui import command_line, panels, write_panel_notebook
+from jora.model import save_tiny_hf_checkpoint
+from jora.train import ParallamaConfig, demo_config, demo_raft_records, latest_checkpoint
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gui")
+    records = demo_raft_records(96)
+    (folder / "raft.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    save_tiny_hf_checkpoint(folder / "tiny-llama", "llama3.1", corpus=[format_prompt(r) + r["output"] for r in records])
+    return folder
+
+
+def test_start_trains_and_updates_history_and_plot(workspace):
+    ui = panels(demo_config(workspace, N_EPOCHS=1, EVAL_EVERY=3), workspace / "raft.jsonl", workspace / "run")
+    training = ui.training
+    assert not training.start_button.disabled and "jora train --data" in training.command.value
+    training.fields["LORA_R"].value = 4
+    assert "--lora-r 4" in training.command.value  # the command follows the form
+    assert training.start()
+    assert training.start_button.disabled and not training.stop_button.disabled
+    training.wait(600)
+    assert training.error is None, training.log.value
+    assert len(training.history) == 10 and training.history[-1]["step"] == 10
+    assert any("eval_loss" in record for record in training.history)
+    assert training.plot.value[:4] == b"\x89PNG" and training.progress.value == training.progress.max == 10
+    assert "finished at step 10" in training.status.value and "train split:" in training.log.value
+    assert latest_checkpoint(workspace / "run").name == "step-00000010"
+    assert not training.start_button.disabled and training.stop_button.disabled
+
+
+def test_stop_saves_and_ends_cleanly(workspace):
+    ui = panels(demo_config(workspace, N_EPOCHS=50), workspace / "raft.jsonl", workspace / "stopped")
+    training = ui.training
+    original = training._on_event
+
+    def stop_after_three(event, info):
+        original(event, info)
+        if event == "step" and info["step"] == 3:
+            training.stop_button.click()
+
+    training._on_event = stop_after_three
+    training.start()
+    training.wait(600)
+    assert training.result.stopped_early and len(training.history) == 3
+    assert latest_checkpoint(workspace / "stopped").name == "step-00000003"
+    assert "stopped at step 3" in training.status.value
+
+
+@pytest.mark.parametrize("changes, field, message", [
+    ({"LORA_R": 0}, "LORA_R", "must be at least 1"),
+    ({"LORA_DROPOUT": 1.5}, "LORA_DROPOUT", "must be between 0 and 0.999"),
+    ({"LLAMA2_HF_PATH": "/nowhere"}, "LLAMA2_HF_PATH", "no config.json in /nowhere"),
+    ({"NUM_GPUS": "", "MESH_MODEL": "3"}, "MESH_MODEL", "cannot split this model: its 8 attention heads"),
+    ({"NUM_GPUS": "4", "MESH_DATA": 2, "MESH_MODEL": "4"}, "MESH_DATA", "= 8 devices, but 4 are in use"),
+    ({"NUM_GPUS": "99"}, "NUM_GPUS", "only 8 devices are visible"),
+    ({"MAX_STEPS": "many"}, "MAX_STEPS", "not a valid value"),
+    ({"ALPACA_MIX": 0.3}, "ALPACA_PATH", "needs an existing general-instruction file"),
+], ids=lambda value: None if isinstance(value, (dict, str)) and not isinstance(value, dict) else None)
+def test_invalid_values_show_errors_and_block_start(workspace, changes, field, message):
+    ui = panels(demo_config(workspace), workspace / "raft.jsonl", workspace / "never")
+    training = ui.training
+    for name, value in changes.items():
+        training.fields[name].value = value
+    assert message in training.errors[field].value, (field, training.errors[field].value)
+    assert training.start_button.disabled and not training.start()
+    assert not (workspace / "never").exists()
+
+
+def test_missing_data_file_blocks_start(workspace):
+    ui = panels(demo_config(workspace), workspace / "absent.jsonl", workspace / "never")
+    assert "existing JSON/JSONL" in ui.training.errors["data_path"].value and ui.training.start_button.disabled
+
+
+def test_command_line_round_trips_through_jora_train_parser():
+    from jora.train import config_from_arguments, train_argument_parser
+    config = ParallamaConfig(LLAMA2_HF_PATH="m", LORA_R=8, LORA_TARGETS=("q_proj", "o_proj"), USE_RSLORA=True, MAX_STEPS=7)
+    arguments = train_argument_parser().parse_args(command_line(config, "d.jsonl", "c").split()[2:])
+    assert config_from_arguments(arguments) == config
+
+
+# ---- in a real browser ----
+
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_panels_in_jupyterlab_in_a_real_browser(workspace, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    config = demo_config(workspace, N_EPOCHS=1, EVAL_EVERY=5, CHECKPOINT_EVERY=5)
+    write_panel_notebook(tmp_path, config, workspace / "raft.jsonl", tmp_path / "checkpoints")
+    port = free_port()
+    environment = {**os.environ, "JUPYTER_PLATFORM_DIRS": "1", "XLA_FLAGS": ""}
+    server = subprocess.Popen([sys.executable, "-m", "jora.gui", "--folder", str(tmp_path), "--port", str(port),
+                               "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=environment, start_new_session=True)
+    try:
+        url = re.search(r"jora panels: (\S+)", server.stdout.readline()).group(1)
+        token = url.split("token=")[1]
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://localhost:{port}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("JupyterLab did not start")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page.goto(url)
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=120_000)  # the kernel is up
+            page.click("li.lm-MenuBar-item:has-text('Run')")
+            page.click("li.lm-Menu-item:has-text('Run All Cells')")
+            start = page.locator("button.jupyter-button:has-text('Start')")
+            start.wait_for(timeout=180_000)
+            assert "jora train --data" in page.inner_text(".jp-OutputArea")
+            expect(start).to_be_enabled(timeout=60_000)
+            start.click()
+            page.wait_for_function("() => document.body.innerText.includes('finished at step 10')", timeout=300_000)
+            page.wait_for_function("() => [...document.querySelectorAll('img.widget-image')].some(i => i.naturalWidth > 100)",
+                                   timeout=60_000)
+            shot = tmp_path / "panels.png"
+            page.screenshot(path=str(shot), full_page=True)
+            text = page.inner_text(".jp-OutputArea")
+            log = page.locator(".jora-log textarea").input_value()
+            browser.close()
+        assert shot.stat().st_size > 10_000
+        assert "finished at step 10" in text and "tokens/s" in text and "Equivalent command" in text
+        assert "checkpoint:" in log and "train split:" in log  # the log area
+        assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000010"
+        artifacts = os.environ.get("JORA_TEST_ARTIFACTS")
+        if artifacts:
+            shutil.copy(shot, artifacts)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
