@@ -1,0 +1,139 @@
+"""The case-study loaders on the real-format samples, the WikiTableQuestions answer rules, and the Table 2 metrics."""
+import json
+from pathlib import Path
+
+import pytest
+
+from jora.raft import (directionality_examples, directionality_metrics, fourchan_records, link_target, parse_comment,
+                       parse_post_number, read_threads, read_wtq_questions, read_wtq_table, serialize_table,
+                       split_answers, thread_split, unescape_wtq, wtq_correct, wtq_records)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+WTQ, POL = SAMPLES / "wikitablequestions-sample", SAMPLES / "4chan-sample" / "pol_sample.ndjson"
+
+
+def test_wtq_questions_and_answers():
+    training, unseen = read_wtq_questions(WTQ), read_wtq_questions(WTQ, "data/pristine-unseen-tables.tsv")
+    assert len(training) == 60 and len(unseen) == 40
+    assert training[0] == {"id": "nt-0", "question": "what was the last year where this team was a part of the usl a-league?",
+                           "context": "csv/204-csv/590.csv", "answers": ["2004"]}
+    several = {q["id"]: q["answers"] for q in unseen if len(q["answers"]) > 1}
+    assert ["Italy", "Russia", "China"] in several.values()
+    assert split_answers(r"a\pb|c\\d|e\nf") == ["a|b", "c\\d", "e\nf"]
+    assert unescape_wtq(r"x\\n") == "x\\n"  # an escaped backslash followed by n is not a newline
+
+
+def test_wtq_tables_tsv_and_csv_agree(tmp_path):
+    with_escapes = read_wtq_table(WTQ, "csv/203-csv/128.csv")
+    assert with_escapes[1][2] == "\\0"  # '\\0' in the .tsv is a backslash and a zero
+    squeeze = lambda table: [[" ".join(cell.split()) for cell in row] for row in table]  # the .tsv turns nbsp into spaces
+    for context in ("csv/203-csv/104.csv", "csv/201-csv/21.csv", "csv/203-csv/128.csv"):
+        (tmp_path / context).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / context).write_bytes((WTQ / context).read_bytes())  # the .csv alone
+        assert squeeze(read_wtq_table(tmp_path, context)) == squeeze(read_wtq_table(WTQ, context)), context
+    with pytest.raises(FileNotFoundError, match="Table csv/209-csv/1.csv not found"):
+        read_wtq_table(WTQ, "csv/209-csv/1.csv")
+
+
+def test_table_serialisation_and_row_budget():
+    rows = [["Name", "Year"], ["Ann\nLee", "2001"], ["Bo", "2002"], ["Cy", "2003"]]
+    assert serialize_table(rows) == "Name | Year\nrow 1: Ann Lee | 2001\nrow 2: Bo | 2002\nrow 3: Cy | 2003"
+
+    class WordTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    cut = serialize_table(rows, WordTokenizer(), max_tokens=16)
+    assert cut.startswith("Name | Year\nrow 1: Ann Lee | 2001") and cut.endswith("(2 more rows not shown)")
+    assert len(cut.split()) <= 16
+    records = wtq_records(WTQ)
+    assert len(records) == 60 and records[0]["instruction"].startswith("what was the last year")
+    assert records[0]["input"].split("\n")[0].count("|") >= 1 and records[0]["output"] == "2004"
+
+
+@pytest.mark.parametrize("answers, predicted, right", [
+    (["2004"], ["2004"], True), (["2004"], ["2004.0"], True), (["3"], ["3.0000001"], True), (["3"], ["3.01"], False),
+    (["Sweden (SWE)"], ["Sweden"], True), (["Bangkok, Thailand"], ["bangkok, thailand"], True),
+    (["1920–1932"], ['"1920-1932"'], True), (["Café"], ["cafe."], True), (["Paris[1]"], ["paris"], True),
+    (["2010-05-xx"], ["2010-05-xx"], True), (["2010-05-xx"], ["2010-06-xx"], False),
+    (["Italy", "Russia", "China"], ["china", "italy", "russia"], True), (["Italy", "Russia"], ["Italy"], False),
+    (["Italy"], ["Italy", "Spain"], False), (["12,467"], ["12467"], False),
+])
+def test_wtq_official_rules(answers, predicted, right):
+    assert wtq_correct(answers, predicted) is right
+
+
+def test_4chan_threads_targets_and_links():
+    threads = list(read_threads(POL))
+    assert len(threads) == 40 and sum(len(t) for t in threads) == 365
+    first = {post["no"]: post for post in threads[0]}
+    replier = first[101000119]
+    assert replier["targets"] == [101000041, 101000095]  # '#p' link and a same-thread '/pol/thread/OP#p' link
+    assert "<" not in replier["text"] and ">>101000095" in replier["text"]
+    text, links = parse_comment('<span class="deadlink">&gt;&gt;5</span><br><span class="quote">&gt;green</span>'
+                                'caf&eacute;<wbr>s &amp; more<a href="//boards.4chan.org/b/thread/9#p9" class="quotelink">&gt;&gt;9</a>')
+    assert text == ">>5\n>greencafés & more>>9" and links == ["//boards.4chan.org/b/thread/9#p9"]
+    assert link_target("//boards.4chan.org/b/thread/9#p9", 9) is None  # another board
+    assert link_target("/pol/thread/123#p7", 456) is None  # another thread
+    assert link_target("#p7", 456) == 7
+    assert parse_comment(None) == ("", [])
+    for thread in threads:  # dead links and foreign links never become targets
+        numbers = {post["no"] for post in thread}
+        assert all(set(post["targets"]) <= numbers for post in thread)
+
+
+def test_directionality_examples_and_splits():
+    posts = [{"no": 10, "text": "op", "targets": []}, {"no": 11, "text": "a", "targets": [10]},
+             {"no": 12, "text": "", "targets": [10, 11]}]
+    examples = directionality_examples(posts)
+    assert examples[0]["input"] == "[1] op\n[2] a\n[3] (no text)"
+    targets = [e for e in examples if e["kind"] == "target"]
+    replies = [e for e in examples if e["kind"] == "reply"]
+    assert [(e["post"], e["output"], e["correct"]) for e in targets] == [(2, "[1]", [1]), (3, "[1]", [1, 2])]
+    assert [(e["post"], e["output"], e["correct"]) for e in replies] == [(1, "[2]", [2, 3]), (2, "[3]", [3])]
+    train, test = fourchan_records(POL, "train"), fourchan_records(POL, "test")
+    assert train and test and not {e["thread"] for e in train} & {e["thread"] for e in test}
+    assert [thread_split(n) for n in (1, 2, 3)] == [thread_split(n) for n in (1, 2, 3)]
+    assert fourchan_records(POL, "test") == test
+
+
+def test_metrics_on_hand_made_predictions():
+    posts = [{"no": 10, "text": "op", "targets": []}, {"no": 11, "text": "a", "targets": [10]},
+             {"no": 12, "text": "b", "targets": [11]}]
+    examples = directionality_examples(posts)  # target: post 2 -> 1, post 3 -> 2; reply: post 1 <- 2, post 2 <- 3
+    by_key = {(e["kind"], e["post"]): i for i, e in enumerate(examples)}
+    predictions = [None] * len(examples)
+    predictions[by_key[("target", 2)]] = 1   # right
+    predictions[by_key[("target", 3)]] = 1   # wrong (3 quotes 2)
+    predictions[by_key[("reply", 1)]] = 2    # right
+    predictions[by_key[("reply", 2)]] = None  # no answer: wrong
+    metrics = directionality_metrics(examples, predictions)
+    assert metrics["target_post_accuracy"] == 0.5 and metrics["reply_post_accuracy"] == 0.5
+    assert metrics["p_reply_given_target"] == 1.0  # the only right target (2 -> 1) has its reply (1 <- 2) right
+    assert parse_post_number("It is post [12].") == 12 and parse_post_number("7") == 7 and parse_post_number("none") is None
+
+
+def test_two_phase_pipeline_end_to_end(tmp_path):
+    "base -> LoRA on WikiTableQuestions -> merge -> LoRA on 4chan -> Table 2, on the samples with a tiny model."
+    from jora.model import save_tiny_hf_checkpoint
+    from jora.raft import CaseStudy, case_study_config, evaluate_study, run_phase_one, run_phase_two
+    from jora.train import latest_checkpoint
+    corpus = [r["instruction"] + "\n" + r["input"] for r in wtq_records(WTQ)[:10]] + \
+             [e["input"] for e in fourchan_records(POL, "train")[:10]]
+    save_tiny_hf_checkpoint(tmp_path / "base", "llama3.1", corpus=corpus)
+    study = CaseStudy(base_model=str(tmp_path / "base"), wikitablequestions=str(WTQ), fourchan=str(POL),
+                      work_dir=str(tmp_path / "study"), max_test_questions=8)
+    small = lambda phase: case_study_config(study, phase)._replace(N_EPOCHS=1, MAX_SEQ_LEN=384)
+    study = study._replace(phase_one=small(1), phase_two=small(2))
+    one = run_phase_one(study)
+    assert one["examples"] == 60 and (tmp_path / "study" / "phase1-merged" / "model.safetensors").is_file()
+    assert one["result"].history[-1]["loss"] < one["result"].history[0]["loss"]
+    two = run_phase_two(study)
+    assert two["examples"] == len(fourchan_records(POL, "train"))
+    assert case_study_config(study, 2).LLAMA2_HF_PATH.endswith("phase1-merged")
+    assert latest_checkpoint(tmp_path / "study" / "phase2-checkpoints") is not None
+    table = evaluate_study(study)
+    assert list(table.index) == ["base", "RAFT (WTQ -> 4chan)", "baseline: opening post", "baseline: adjacent post",
+                                 "baseline: uniform random"]
+    assert {"target_post_accuracy", "reply_post_accuracy", "p_reply_given_target"} <= set(table.columns)
+    assert table["target_post_accuracy"].between(0, 1).all() and (table["questions"] == 8).all()
