@@ -396,15 +396,46 @@ def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attentio
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array,
-                       **forward_options) -> tuple[jax.Array, jax.Array]:
+def _summed_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array) -> jax.Array:
+    "Summed cross-entropy of the labelled positions of `hidden` `[batch, time, hidden]`."
+    logits = lm_head_logits(params, hidden)
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(labelled, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(labelled, log_normaliser - picked, 0.0))
+
+
+def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array, chunk: int) -> jax.Array:
+    "As `_summed_token_loss`, `chunk` positions at a time, skipping unlabelled chunks, logits recomputed for the backward."
+    batch, time, width = hidden.shape
+    chunk = min(chunk, time)
+    pad = (-time) % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, labelled = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(labelled, ((0, 0), (0, pad)))
+    pieces = (time + pad) // chunk
+    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, pieces, chunk, *x.shape[2:]), 1, 0)
+    # the skip sits inside the checkpoint: a cond outside it would make the backward keep every chunk's logits
+    piece_loss = jax.checkpoint(lambda h, t, m: jax.lax.cond(
+        m.any(), lambda: _summed_token_loss(params, h, t, m), lambda: jnp.float32(0)))
+
+    def body(total, inputs):
+        h, t, m = inputs
+        return total + piece_loss(h, t, m), None
+
+    total, _ = jax.lax.scan(body, jnp.float32(0), (by_chunk(hidden), by_chunk(targets), by_chunk(labelled)))
+    return total
+
+
+def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array, *,
+                       logits_chunk: int | None = None, **forward_options) -> tuple[jax.Array, jax.Array]:
     "Summed next-token cross-entropy (fp32) over labelled positions, and how many there are."
-    logits = forward(config, params, input_ids, **forward_options)[:, :-1]
+    hidden = hidden_states(config, params, input_ids, **forward_options)[:, :-1]
     targets = jnp.asarray(labels)[:, 1:]
     labelled = targets != IGNORE_INDEX
-    log_probabilities = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probabilities, jnp.where(labelled, targets, 0)[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(labelled, picked, 0.0)), jnp.sum(labelled)
+    if logits_chunk is None:
+        total = _summed_token_loss(params, hidden, targets, labelled)
+    else:
+        total = _chunked_token_loss(params, hidden, targets, labelled, logits_chunk)
+    return total, jnp.sum(labelled)
 
 
 def causal_lm_loss(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array,

@@ -90,6 +90,11 @@ def test_missing_data_file_blocks_start(workspace):
     assert "existing JSON/JSONL" in ui.training.errors["data_path"].value and ui.training.start_button.disabled
 
 
+def test_every_field_is_on_the_form():
+    from jora.gui import FIELD_GROUPS
+    assert sorted(sum(FIELD_GROUPS.values(), [])) == sorted(ParallamaConfig._fields)
+
+
 def test_command_line_round_trips_through_jora_train_parser():
     from jora.train import config_from_arguments, train_argument_parser
     config = ParallamaConfig(LLAMA2_HF_PATH="m", LORA_R=8, LORA_TARGETS=("q_proj", "o_proj"), USE_RSLORA=True, MAX_STEPS=7)

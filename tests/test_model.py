@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from jora.model import (IGNORE_INDEX, LlamaConfig, causal_lm_loss, checkpoint_tensor_files, forward, generate, load_hf_checkpoint,
+from jora.model import (IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, checkpoint_tensor_files, forward, generate, load_hf_checkpoint,
                         positions_from_mask, save_tiny_hf_checkpoint)
 
 LOGIT_TOLERANCE = 1e-4
@@ -238,3 +238,23 @@ def test_not_a_folder(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"No \*.safetensors weights"):
         checkpoint_tensor_files(empty)
+
+
+def test_chunked_lm_head_saves_memory_and_gives_the_same_loss():
+    "A long prompt with a short answer: the chunked loss never holds time x vocabulary logits (compiled memory)."
+    import jax
+    from jora.model import init_params
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    params = init_params(config, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (1, 2048), 3, config.vocab_size)
+    labels = jnp.where(jnp.arange(2048) >= 2048 - 64, ids, IGNORE_INDEX)
+    def loss(norm, chunk):
+        return causal_lm_loss(config, {**params, "norm": norm}, ids, labels, logits_chunk=chunk)
+    memory = {chunk: jax.jit(jax.grad(loss), static_argnums=1).lower(params["norm"], chunk).compile()
+              .memory_analysis().temp_size_in_bytes for chunk in (None, 256)}
+    without_head = jax.jit(jax.grad(lambda norm: hidden_states(config, {**params, "norm": norm}, ids).sum())
+                           ).lower(params["norm"]).compile().memory_analysis().temp_size_in_bytes
+    # the LM head's share of the temporaries: 2048 x 32000 fp32 logits (262 MB, twice) at once, or one chunk
+    assert memory[256] - without_head <= 0.05 * (memory[None] - without_head), (memory, without_head)
+    np.testing.assert_allclose(float(loss(params["norm"], 256)), float(loss(params["norm"], None)), rtol=1e-5)
