@@ -248,7 +248,8 @@ class AlpacaDataset(_TorchDataset):
         self.records = [r for r, e in zip(records, examples) if e is not None]
         self.examples = [e for e in examples if e is not None]
         if self.report.intact < self.report.total:
-            warnings.warn(f"{path} ({split}): {self.report}")
+            source = path if isinstance(path, (str, Path)) else f"{type(path).__name__} of {len(records)} records"
+            warnings.warn(f"{source} ({split}): {self.report}")
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -228,3 +228,10 @@ def test_non_utf8_and_missing_path(tmp_path):
         read_records(tmp_path / "d.json")
     with pytest.raises(FileNotFoundError, match="No data file at .*absent.json"):
         read_records(tmp_path / "absent.json")
+
+
+def test_a_list_of_records_is_named_briefly_in_warnings(tokenizer):
+    rows = [{"instruction": "Why?", "input": "context " * 200, "output": "Because."}]
+    with pytest.warns(UserWarning, match=r"^list of 1 records \(train\): 1 records: 0 intact, 1 with the context") as caught:
+        AlpacaDataset(path=rows, split="train", split_percentage=1.0, tokenizer=tokenizer, max_len=96, alpaca_mix=0)
+    assert "Because" not in str(caught[0].message)
