@@ -18,7 +18,7 @@ import ipywidgets as widgets
 import jax
 
 from .model import PROJECTIONS, LlamaConfig, check_model_axis
-from .train import FIELD_HELP, ParallamaConfig, _flag, _parse_field, latest_checkpoint, train_lora
+from .train import FIELD_HELP, ParallamaConfig, _flag, _parse_field, latest_checkpoint, model_path, train_lora
 
 # %% auto #0
 __all__ = ['FIELD_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PANEL_NOTEBOOK', 'parse_form', 'validate', 'command_line',
@@ -67,11 +67,11 @@ def validate(config: ParallamaConfig, data_path: str, checkpoint_path: str, devi
         value = getattr(config, field)
         if value is not None and (value < low or (high is not None and value > high)):
             errors[field] = f"must be at least {low}" if high is None else f"must be between {low} and {high}"
-    model_path = config.LLAMA2_HF_PATH or config.LLAMA2_META_PATH
-    if not model_path:
+    folder = config.LLAMA2_HF_PATH or config.LLAMA2_META_PATH
+    if not folder:
         errors["LLAMA2_HF_PATH"] = "give the Hugging Face model folder"
-    elif not (Path(model_path) / "config.json").is_file():
-        errors["LLAMA2_HF_PATH" if config.LLAMA2_HF_PATH else "LLAMA2_META_PATH"] = f"no config.json in {model_path}"
+    elif not (Path(folder) / "config.json").is_file():
+        errors["LLAMA2_HF_PATH" if config.LLAMA2_HF_PATH else "LLAMA2_META_PATH"] = f"no config.json in {folder}"
     if not data_path or not Path(data_path).is_file():
         errors["data_path"] = "give an existing JSON/JSONL file of Alpaca records"
     if not checkpoint_path:
@@ -91,7 +91,7 @@ def validate(config: ParallamaConfig, data_path: str, checkpoint_path: str, devi
     if "LLAMA2_HF_PATH" not in errors and "LLAMA2_META_PATH" not in errors and used <= devices:
         model_axis = config.MESH_MODEL or devices // (config.MESH_DATA * config.MESH_SEQ)
         try:
-            check_model_axis(LlamaConfig.from_hf(model_path), model_axis)
+            check_model_axis(LlamaConfig.from_hf(folder), model_axis)
         except ValueError as error:
             errors["MESH_MODEL"] = str(error)
     return errors
@@ -186,6 +186,13 @@ class TrainingPanel:
         if config is not None:
             errors = validate(config, self.data_path.value, self.checkpoint_path.value, len(jax.devices()))
         return config, errors
+
+    def checked_config(self) -> ParallamaConfig:
+        "The form's config, or a ValueError listing what to fix (for the export and try-it panels)."
+        config, errors = self.config()
+        if errors:
+            raise ValueError("Fix the training form first: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        return config
 
     def refresh(self) -> dict:
         "Show each field's error beside it, the equivalent command, and enable Start only for a valid form."
@@ -308,17 +315,16 @@ class ExportPanel:
         from jora.export import save_peft_adapter
         from jora.train import load_lora
         def action():
+            base = model_path(self.training.checked_config())
             lora, lora_config = load_lora(self._checkpoint())
-            config, _ = self.training.config()
-            base = config.LLAMA2_HF_PATH or config.LLAMA2_META_PATH if config else None
             return f"PEFT adapter written to {save_peft_adapter(self.adapter_path.value, lora, lora_config, base)}"
         self._report(action)
 
     def merge(self):
         from jora.export import merge_to_hf
         def action():
-            config, _ = self.training.config()
-            return f"merged model written to {merge_to_hf(config.LLAMA2_HF_PATH or config.LLAMA2_META_PATH, self._checkpoint(), self.merged_path.value)}"
+            base = model_path(self.training.checked_config())
+            return f"merged model written to {merge_to_hf(base, self._checkpoint(), self.merged_path.value)}"
         self._report(action)
 
 
@@ -342,11 +348,10 @@ class TryPanel:
         from jora.model import generate
         from jora.train import load_lora, load_model, run_mesh
         try:
-            config, _ = self.training.config()
-            path = config.LLAMA2_HF_PATH or config.LLAMA2_META_PATH
+            one_device = self.training.checked_config()._replace(MESH_MODEL=1, MESH_DATA=1, MESH_SEQ=1, NUM_GPUS=1)
+            path = model_path(one_device)
             if self.model is None or self.model[0] != path:
-                model_config, params = load_model(config._replace(MESH_MODEL=1, MESH_DATA=1, MESH_SEQ=1, NUM_GPUS=1),
-                                                  run_mesh(config._replace(MESH_MODEL=1, MESH_DATA=1, MESH_SEQ=1, NUM_GPUS=1)))
+                model_config, params = load_model(one_device, run_mesh(one_device))
                 self.model = (path, model_config, params, AutoTokenizer.from_pretrained(path))
             _, model_config, params, tokenizer = self.model
             prompt = format_prompt({"instruction": self.instruction.value, "input": self.context.value})

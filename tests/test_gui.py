@@ -163,3 +163,15 @@ def test_panels_in_jupyterlab_in_a_real_browser(workspace, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
+
+
+def test_export_and_try_it_say_what_to_fix_on_an_invalid_form(workspace, tmp_path):
+    ui = panels(demo_config(workspace), workspace / "raft.jsonl", tmp_path / "none")
+    ui.training.fields["LORA_R"].value = 0
+    ui.export.adapter_path.value = str(tmp_path / "adapter")
+    ui.export.save_adapter()
+    assert "Fix the training form first: LORA_R: must be at least 1" in ui.export.status.value
+    assert ui.try_it.generate() == {} and "Fix the training form first" in ui.try_it.output.value
+    ui.training.fields["LORA_R"].value = 16
+    ui.export.save_adapter()  # a valid form but no run yet
+    assert "No checkpoint yet" in ui.export.status.value and not (tmp_path / "adapter").exists()
