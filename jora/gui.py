@@ -26,7 +26,8 @@ __all__ = ['FIELD_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PANEL_NOTEBOOK', 'pars
 
 # %% ../nbs/06_gui.ipynb #8e50121d
 FIELD_GROUPS = {
-    "Model": ["LLAMA2_HF_PATH", "LLAMA2_META_PATH", "JAX_PARAMS_PATH", "MODEL_SIZE", "DTYPE", "REMAT", "LOGITS_CHUNK"],
+    "Model": ["LLAMA2_HF_PATH", "LLAMA2_META_PATH", "JAX_PARAMS_PATH", "MODEL_SIZE", "DTYPE", "REMAT", "LOGITS_CHUNK",
+              "ATTENTION_BLOCK"],
     "Data": ["MAX_SEQ_LEN", "SPLIT_PERCENTAGE", "ALPACA_MIX", "ALPACA_PATH", "PACK", "SEED"],
     "LoRA": ["LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS", "USE_RSLORA"],
     "Optimisation": ["LR", "BATCH_SIZE", "N_ACCUMULATION_STEPS", "N_EPOCHS", "WARMUP_STEPS", "MIN_LR_RATIO",
@@ -57,7 +58,8 @@ _RANGES = {"LORA_R": (1, None), "LORA_ALPHA": (1e-9, None), "LORA_DROPOUT": (0, 
            "SPLIT_PERCENTAGE": (1e-9, 1.0), "ALPACA_MIX": (0, None), "WARMUP_STEPS": (0, None), "MIN_LR_RATIO": (0, 1.0),
            "WEIGHT_DECAY": (0, None), "MAX_GRAD_NORM": (0, None), "MAX_STEPS": (1, None), "EVAL_EVERY": (0, None),
            "EVAL_BATCHES": (1, None), "CHECKPOINT_EVERY": (0, None), "KEEP_CHECKPOINTS": (1, None), "NUM_GPUS": (1, None),
-           "MESH_DATA": (1, None), "MESH_MODEL": (1, None), "MESH_SEQ": (1, None), "LOGITS_CHUNK": (0, None)}
+           "MESH_DATA": (1, None), "MESH_MODEL": (1, None), "MESH_SEQ": (1, None), "LOGITS_CHUNK": (0, None),
+           "ATTENTION_BLOCK": (0, None)}
 
 
 def validate(config: ParallamaConfig, data_path: str, checkpoint_path: str, device_count: int) -> dict:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
            'REMAT_POLICIES', 'IGNORE_INDEX', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'TINY_CORPUS', 'TINY_STYLES',
            'RopeScaling', 'LlamaConfig', 'projection_shape', 'has_bias', 'param_shapes', 'init_params', 'rms_norm',
-           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'make_attention_mask', 'LoraWeights', 'project',
-           'constrain', 'key_value_head_axis', 'decoder_layer', 'remat_layer', 'positions_from_mask', 'lm_head_weight',
+           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'make_attention_mask', 'MaskParts',
+           'sequence_blocks', 'join_sequence_blocks', 'LoraWeights', 'project', 'constrain', 'sequence_axis_size',
+           'attention', 'key_value_head_axis', 'decoder_layer', 'remat_layer', 'positions_from_mask', 'lm_head_weight',
            'lm_head_logits', 'hidden_states', 'forward', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p',
            'generate', 'model_axis_sizes', 'check_model_axis', 'tensor_parallel_specs', 'hf_weight_names',
            'checkpoint_tensor_files', 'load_hf_checkpoint', 'save_tiny_tokenizer', 'save_tiny_hf_checkpoint']
@@ -261,6 +262,36 @@ def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid:
     mask |= key_slots[:, None, :] == query_slots[:, :, None]
     return mask[:, None]
 
+
+class MaskParts(NamedTuple):
+    "The vectors a mask is made from (`[batch, queries]` / `[batch, keys]`); the mask is built a block at a time."
+    query_slots: jax.Array
+    key_slots: jax.Array
+    key_valid: jax.Array
+    query_segments: jax.Array | None = None
+    key_segments: jax.Array | None = None
+
+
+def sequence_blocks(x: jax.Array, groups: int, size: int) -> jax.Array:
+    """`[batch, time, ...]` -> `[steps, batch, groups * size, ...]`. The sequence is cut into `groups` equal parts (one
+    per device on the 'seq' axis); step i holds the i-th `size` positions of every part (each part zero-padded at its
+    end), so a scan over the steps keeps every device on its own part of the sequence."""
+    batch, time = x.shape[:2]
+    local = time // groups
+    pad = (-local) % size
+    x = x.reshape(batch, groups, local, *x.shape[2:])
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+    x = x.reshape(batch, groups, (local + pad) // size, size, *x.shape[3:])
+    return jnp.moveaxis(x, 2, 0).reshape(-1, batch, groups * size, *x.shape[4:])
+
+
+def join_sequence_blocks(blocks: jax.Array, groups: int, time: int) -> jax.Array:
+    "The inverse of `sequence_blocks`: `[steps, batch, groups * size, ...]` -> `[batch, time, ...]`."
+    steps, batch, width = blocks.shape[:3]
+    x = blocks.reshape(steps, batch, groups, width // groups, *blocks.shape[3:])
+    x = jnp.moveaxis(x, 0, 2).reshape(batch, groups, -1, *blocks.shape[3:])
+    return x[:, :, :time // groups].reshape(batch, time, *blocks.shape[3:])
+
 # %% ../nbs/00_model.ipynb #b1f8e62c
 @partial(jax.tree_util.register_dataclass, data_fields=["adapters"], meta_fields=["scale", "dropout"])
 @dataclass(frozen=True)
@@ -296,6 +327,39 @@ def constrain(x: jax.Array, mesh, *axes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def sequence_axis_size(mesh) -> int:
+    "How many devices share one sequence (the mesh's 'seq' axis; 1 without a mesh)."
+    return 1 if mesh is None else mesh.shape.get("seq", 1)
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
+              sliding_window: int | None = None, block: int | None = None, mesh=None) -> jax.Array:
+    """`jax.nn.dot_product_attention` of `query` `[batch, time, heads, head_dim]` over all keys. With `block`, the
+    queries go `block` at a time (each 'seq' device takes `block / seq` of its own), every block builds its mask from
+    `parts` and is recomputed in the backward pass, so memory grows with block x keys instead of time x keys."""
+    scale = query.shape[-1] ** -0.5
+
+    def attend(q, query_slots, query_segments, key, value):
+        mask = make_attention_mask(query_slots, parts.key_slots, parts.key_valid, query_segments, parts.key_segments,
+                                   sliding_window)
+        return jax.nn.dot_product_attention(q, key, value, mask=mask, scale=scale)
+
+    batch, time = query.shape[:2]
+    if block is None or block >= time:
+        return attend(query, parts.query_slots, parts.query_segments, key, value)
+    groups = sequence_axis_size(mesh) if time % sequence_axis_size(mesh) == 0 else 1
+    size = max(1, min(block // groups, time // groups))
+    pin = lambda x: constrain(x, mesh, "data", "seq", "model", None)
+    one_block = jax.checkpoint(lambda q, s, g, k, v: pin(attend(pin(q), s, g, k, v)))
+
+    def step(_, inputs):
+        return None, one_block(*inputs, key, value)
+
+    cut = lambda x: None if x is None else sequence_blocks(x, groups, size)
+    _, attended = jax.lax.scan(step, None, (cut(query), cut(parts.query_slots), cut(parts.query_segments)))
+    return join_sequence_blocks(attended, groups, time)
+
+
 def key_value_head_axis(config: LlamaConfig, mesh) -> str | None:
     "'model' when the key/value heads split evenly over the model axis, else None (each device keeps them all)."
     if mesh is None or config.num_key_value_heads % mesh.shape.get("model", 1):
@@ -304,8 +368,9 @@ def key_value_head_axis(config: LlamaConfig, mesh) -> str | None:
 
 
 def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
-                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None, mesh=None):
+                  mask_parts: MaskParts, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
+                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None, mesh=None,
+                  attention_block: int | None = None):
     "One pre-norm decoder block; returns the new hidden states and the (updated) key/value cache."
     batch, time, _ = hidden.shape
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -321,7 +386,8 @@ def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.
                       for c, new in zip(cache, (key, value)))
         key, value = cache
     key, value = (constrain(t, mesh, "data", None, kv_axis, None) for t in (key, value))
-    attended = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=head_dim ** -0.5)
+    attended = attention(query, key, value, mask_parts, sliding_window=config.sliding_window, block=attention_block,
+                         mesh=mesh)
     attended = constrain(attended.reshape(batch, time, heads * head_dim), mesh, "data", "seq", "model")
     hidden = constrain(hidden + proj(attended, name="o_proj"), mesh, "data", "seq", None)
     x = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_norm_eps)
@@ -362,7 +428,8 @@ def lm_head_logits(params: dict, hidden: jax.Array) -> jax.Array:
 
 def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
                   positions=None, segment_ids=None, lora: LoraWeights | None = None,
-                  dropout_key: jax.Array | None = None, remat: str | None = None, mesh=None) -> jax.Array:
+                  dropout_key: jax.Array | None = None, remat: str | None = None, mesh=None,
+                  attention_block: int | None = None) -> jax.Array:
     "Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype."
     input_ids = jnp.asarray(input_ids)
     batch, time = input_ids.shape
@@ -370,14 +437,15 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
     if positions is None:
         positions = positions_from_mask(valid)
     slots = jnp.broadcast_to(jnp.arange(time), (batch, time))
-    mask = make_attention_mask(slots, slots, valid, segment_ids, segment_ids, config.sliding_window)
+    mask_parts = MaskParts(slots, slots, valid, segment_ids, segment_ids)
     hidden = constrain(params["embed_tokens"][input_ids], mesh, "data", "seq", None)
-    cos, sin = rope_cos_sin(config, positions, hidden.dtype)
+    cos, sin = (constrain(t, mesh, "data", "seq", None) for t in rope_cos_sin(config, positions, hidden.dtype))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, config.num_hidden_layers)
 
     def body(hidden, per_layer):
         layer, layer_lora, layer_key = per_layer
-        hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask, layer_lora, layer_key, mesh=mesh)
+        hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, layer_key, mesh=mesh,
+                                  attention_block=attention_block)
         return hidden, None
 
     hidden, _ = jax.lax.scan(remat_layer(body, remat), hidden, (params["layers"], lora, layer_keys))
@@ -386,10 +454,11 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
 
 def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
             lora: LoraWeights | None = None, positions=None, segment_ids=None, dropout_key: jax.Array | None = None,
-            remat: str | None = None, mesh=None) -> jax.Array:
+            remat: str | None = None, mesh=None, attention_block: int | None = None) -> jax.Array:
     "Logits `[batch, time, vocab]` in fp32."
     hidden = hidden_states(config, params, input_ids, attention_mask=attention_mask, positions=positions,
-                           segment_ids=segment_ids, lora=lora, dropout_key=dropout_key, remat=remat, mesh=mesh)
+                           segment_ids=segment_ids, lora=lora, dropout_key=dropout_key, remat=remat, mesh=mesh,
+                           attention_block=attention_block)
     return lm_head_logits(params, hidden)
 
 # %% ../nbs/00_model.ipynb #a4a4cd28
@@ -404,37 +473,37 @@ def _summed_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labe
     return jnp.sum(jnp.where(labelled, log_normaliser - picked, 0.0))
 
 
-def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array, chunk: int) -> jax.Array:
-    "As `_summed_token_loss`, `chunk` positions at a time, skipping unlabelled chunks, logits recomputed for the backward."
-    batch, time, width = hidden.shape
-    chunk = min(chunk, time)
-    pad = (-time) % chunk
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets, labelled = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(labelled, ((0, 0), (0, pad)))
-    pieces = (time + pad) // chunk
-    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, pieces, chunk, *x.shape[2:]), 1, 0)
+def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array, chunk: int,
+                        mesh=None) -> jax.Array:
+    """As `_summed_token_loss`, `chunk` positions at a time (split evenly over the 'seq' devices, each on its own part),
+    skipping chunks without labels, logits recomputed for the backward."""
+    time = hidden.shape[1]
+    groups = sequence_axis_size(mesh) if time % sequence_axis_size(mesh) == 0 else 1
+    size = max(1, min(chunk // groups, time // groups))
     # the skip sits inside the checkpoint: a cond outside it would make the backward keep every chunk's logits
     piece_loss = jax.checkpoint(lambda h, t, m: jax.lax.cond(
-        m.any(), lambda: _summed_token_loss(params, h, t, m), lambda: jnp.float32(0)))
+        m.any(), lambda: _summed_token_loss(params, constrain(h, mesh, "data", "seq", None), t, m),
+        lambda: jnp.float32(0)))
 
     def body(total, inputs):
-        h, t, m = inputs
-        return total + piece_loss(h, t, m), None
+        return total + piece_loss(*inputs), None
 
-    total, _ = jax.lax.scan(body, jnp.float32(0), (by_chunk(hidden), by_chunk(targets), by_chunk(labelled)))
+    pieces = tuple(sequence_blocks(x, groups, size) for x in (hidden, targets, labelled))
+    total, _ = jax.lax.scan(body, jnp.float32(0), pieces)
     return total
 
 
 def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array, *,
                        logits_chunk: int | None = None, **forward_options) -> tuple[jax.Array, jax.Array]:
     "Summed next-token cross-entropy (fp32) over labelled positions, and how many there are."
-    hidden = hidden_states(config, params, input_ids, **forward_options)[:, :-1]
-    targets = jnp.asarray(labels)[:, 1:]
+    hidden = hidden_states(config, params, input_ids, **forward_options)
+    labels = jnp.asarray(labels)
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     labelled = targets != IGNORE_INDEX
     if logits_chunk is None:
         total = _summed_token_loss(params, hidden, targets, labelled)
     else:
-        total = _chunked_token_loss(params, hidden, targets, labelled, logits_chunk)
+        total = _chunked_token_loss(params, hidden, targets, labelled, logits_chunk, forward_options.get("mesh"))
     return total, jnp.sum(labelled)
 
 
@@ -470,12 +539,13 @@ def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora
         "Feed `tokens` at slots start.. through every layer, writing the cache; return the last logits."
         count = tokens.shape[1]
         query_slots = start + jnp.broadcast_to(jnp.arange(count), (batch, count))
-        mask = make_attention_mask(query_slots, key_slots, key_valid, sliding_window=config.sliding_window)
+        mask_parts = MaskParts(query_slots, key_slots, key_valid)
         cos, sin = rope_cos_sin(config, positions, dtype)
 
         def body(hidden, per_layer):
             layer, layer_lora, layer_cache = per_layer
-            return decoder_layer(config, layer, hidden, cos, sin, mask, layer_lora, cache=layer_cache, cache_index=start)
+            return decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, cache=layer_cache,
+                                 cache_index=start)
 
         hidden, cache = jax.lax.scan(body, params["embed_tokens"][tokens], (params["layers"], lora, cache))
         last = rms_norm(hidden[:, -1], params["norm"], config.rms_norm_eps)

@@ -16,9 +16,9 @@ from .model import (COLUMN_PARALLEL, LlamaConfig, LoraWeights, causal_lm_loss, c
                         param_shapes, tensor_parallel_specs)
 
 # %% auto #0
-__all__ = ['MESH_AXES', 'make_mesh', 'param_specs', 'named_shardings', 'shard_params', 'batch_spec', 'adapter_specs',
-           'compiled_memory', 'device_memory_stats', 'abstract_lora_step_inputs', 'abstract_optimizer_state',
-           'lora_step_memory']
+__all__ = ['MESH_AXES', 'CPU_MEMORY_ESTIMATE_OPTIONS', 'make_mesh', 'param_specs', 'named_shardings', 'shard_params',
+           'batch_spec', 'adapter_specs', 'compiled_memory', 'device_memory_stats', 'abstract_lora_step_inputs',
+           'abstract_optimizer_state', 'compile_for_memory_estimate', 'lora_step_memory', 'longest_trainable_sequence']
 
 # %% ../nbs/01_sharding.ipynb #16790a1d
 MESH_AXES = ("data", "seq", "model")
@@ -128,10 +128,25 @@ def abstract_optimizer_state(optimizer, adapters, mesh: Mesh):
                         shapes, shardings)
 
 
+# XLA:CPU has no bf16 matrix product: it converts bf16 weights to fp32, and its loop-invariant code motion then
+# hoists that conversion out of the layer loop, keeping an fp32 copy of every layer's weights (26 GB for a 7B
+# model) that a GPU never makes. Lowering for memory estimates on CPU turns those two passes off.
+CPU_MEMORY_ESTIMATE_OPTIONS = {
+    "xla_disable_hlo_passes": "while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion"}
+
+
+def compile_for_memory_estimate(lowered, mesh: Mesh):
+    "Compile a lowered program for its memory analysis (on CPU without the hoisted fp32 weight copies)."
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    return lowered.compile(compiler_options=CPU_MEMORY_ESTIMATE_OPTIONS if on_cpu else None)
+
+
 def lora_step_memory(config: LlamaConfig, mesh: Mesh, *, batch_size: int = 1, seq_len: int = 512,
                      targets=("q_proj", "v_proj"), rank: int = 16, param_dtype=jnp.bfloat16,
-                     remat: str | None = "full") -> dict:
-    "Per-device bytes of one compiled LoRA + AdamW training step, from lowering alone (nothing is allocated)."
+                     remat: str | None = "full", logits_chunk: int | None = None,
+                     attention_block: int | None = None) -> dict:
+    """Per-device bytes of one compiled LoRA + AdamW training step, from lowering alone (nothing is allocated).
+    `logits_chunk` and `attention_block` are the training step's options of the same names."""
     import optax
     params, adapters, tokens = abstract_lora_step_inputs(config, mesh, batch_size=batch_size, seq_len=seq_len,
                                                          targets=targets, rank=rank, param_dtype=param_dtype)
@@ -141,10 +156,48 @@ def lora_step_memory(config: LlamaConfig, mesh: Mesh, *, batch_size: int = 1, se
     def step(params, adapters, optimizer_state, tokens):
         def loss(adapters):
             lora = LoraWeights(adapters, scale=1.0, dropout=0.0)
-            return causal_lm_loss(config, params, tokens, tokens, lora=lora, remat=remat, mesh=mesh)
+            return causal_lm_loss(config, params, tokens, tokens, lora=lora, remat=remat, mesh=mesh,
+                                  logits_chunk=logits_chunk, attention_block=attention_block)
         value, grads = jax.value_and_grad(loss)(adapters)
         updates, optimizer_state = optimizer.update(grads, optimizer_state, adapters)
         return optax.apply_updates(adapters, updates), optimizer_state, value
 
-    compiled = jax.jit(step, donate_argnums=(1, 2)).lower(params, adapters, optimizer_state, tokens).compile()
-    return compiled_memory(compiled)
+    lowered = jax.jit(step, donate_argnums=(1, 2)).lower(params, adapters, optimizer_state, tokens)
+    return compiled_memory(compile_for_memory_estimate(lowered, mesh))
+
+
+def longest_trainable_sequence(config: LlamaConfig, mesh: Mesh, budget_bytes: float, *, granularity: int = 1024,
+                               **step_options) -> tuple[int, dict]:
+    """The longest sequence, a multiple of `granularity`, whose LoRA step (`lora_step_memory` with `step_options`)
+    fits in `budget_bytes` per device, and its memory report; (0, report at `granularity`) when none fits.
+    Memory grows steadily with length, so a line through two lowerings gives a first guess and bisection finishes."""
+    reports = {}
+
+    def report(length):
+        if length not in reports:
+            reports[length] = lora_step_memory(config, mesh, seq_len=length, **step_options)
+        return reports[length]
+
+    fits = lambda length: report(length)["total"] <= budget_bytes
+    first, second = 4 * granularity, 8 * granularity
+    slope = (report(second)["total"] - report(first)["total"]) / (second - first)
+    guess = first + (budget_bytes - report(first)["total"]) / max(slope, 1.0)
+    guess = max(granularity, int(guess // granularity) * granularity)
+    low, high, stride = (guess, None, granularity) if fits(guess) else (None, guess, granularity)
+    while high is None:                                   # walk up until a length does not fit
+        if not fits(low + stride):
+            high = low + stride
+        else:
+            low, stride = low + stride, stride * 2
+    while low is None:                                    # walk down until a length fits
+        candidate = high - stride
+        if candidate < granularity:
+            low = 0
+        elif fits(candidate):
+            low = candidate
+        else:
+            high, stride = candidate, stride * 2
+    while high - low > granularity:                       # bisect on multiples of granularity
+        middle = (low + high) // 2 // granularity * granularity
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, report(max(low, granularity))

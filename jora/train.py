@@ -61,6 +61,7 @@ class ParallamaConfig(NamedTuple):
     MESH_SEQ: int = 1
     REMAT: str = "full"
     LOGITS_CHUNK: int = 512
+    ATTENTION_BLOCK: int = 2048
     DTYPE: str = "bfloat16"
     WARMUP_STEPS: int = 10
     MIN_LR_RATIO: float = 0.1
@@ -94,6 +95,8 @@ FIELD_HELP = {
     "MESH_DATA": "devices on the data axis", "MESH_MODEL": "devices on the model (tensor-parallel) axis; default: the rest",
     "MESH_SEQ": "devices on the sequence axis", "REMAT": "rematerialisation policy: none, full or projections",
     "LOGITS_CHUNK": "positions per LM-head chunk in the loss; unlabelled chunks are skipped (0: all positions at once)",
+    "ATTENTION_BLOCK": "query positions per attention block, shared by the seq devices; smaller saves memory on long "
+                       "sequences (0: all at once)",
     "DTYPE": "dtype of the frozen weights: bfloat16 or float32", "WARMUP_STEPS": "linear warmup steps",
     "MIN_LR_RATIO": "final learning rate of the cosine decay, as a fraction of LR",
     "WEIGHT_DECAY": "AdamW weight decay on the LoRA matrices", "MAX_GRAD_NORM": "global gradient-norm clip (0: none)",
@@ -354,15 +357,17 @@ def make_optimizer(config: ParallamaConfig, total_steps: int):
     return optax.chain(*parts, optax.adamw(schedule, weight_decay=config.WEIGHT_DECAY)), schedule
 
 
-def _loss_sum(model_config, params, adapters, batch, *, scale, dropout, dropout_key, remat, mesh, logits_chunk=None):
+def _loss_sum(model_config, params, adapters, batch, *, scale, dropout, dropout_key, remat, mesh, logits_chunk=None,
+              attention_block=None):
     return causal_lm_loss_sum(model_config, params, batch["input_ids"], batch["labels"], logits_chunk=logits_chunk,
+                              attention_block=attention_block,
                               attention_mask=batch["attention_mask"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"], lora=LoraWeights(adapters, scale, dropout),
                               dropout_key=dropout_key, remat=remat, mesh=mesh)
 
 
 def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfig, remat: str | None, mesh,
-                    logits_chunk: int | None = None):
+                    logits_chunk: int | None = None, attention_block: int | None = None):
     "The jitted step `(adapters, optimizer_state, params, micro_batches, key) -> (adapters, optimizer_state, metrics)`."
     def step(adapters, optimizer_state, params, micro_batches, key):
         def accumulate(carry, inputs):
@@ -370,7 +375,7 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
             (total, count), grads = jax.value_and_grad(
                 lambda a: _loss_sum(model_config, params, a, batch, scale=lora_config.scale, dropout=lora_config.dropout,
                                     dropout_key=jax.random.fold_in(key, index), remat=remat, mesh=mesh,
-                                    logits_chunk=logits_chunk),
+                                    logits_chunk=logits_chunk, attention_block=attention_block),
                 has_aux=True)(adapters)
             loss_sum, token_count, grad_sum = carry
             return (loss_sum + total, token_count + count, jax.tree.map(jnp.add, grad_sum, grads)), None
@@ -391,11 +396,12 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, logits_chunk: int | None = None):
+def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, logits_chunk: int | None = None,
+                   attention_block: int | None = None):
     "The jitted `(adapters, params, batch) -> (summed loss, labelled tokens)`, without dropout."
     def evaluate(adapters, params, batch):
         return _loss_sum(model_config, params, adapters, batch, scale=lora_config.scale, dropout=0.0, dropout_key=None,
-                         remat=None, mesh=mesh, logits_chunk=logits_chunk)
+                         remat=None, mesh=mesh, logits_chunk=logits_chunk, attention_block=attention_block)
     return jax.jit(evaluate)
 
 # %% ../nbs/04_train.ipynb #2c60eed5
@@ -495,10 +501,10 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
         lora = shard_lora(model_config, restored, mesh)
         optimizer_state = load_optimizer_state(latest, optimizer_state)
         step, epoch, next_batch, history = saved["step"], saved["epoch"], saved["next_batch"], saved["history"]
-    chunk = config.LOGITS_CHUNK or None
+    chunk, block = config.LOGITS_CHUNK or None, config.ATTENTION_BLOCK or None
     train_step = make_train_step(model_config, optimizer, lora_config, None if config.REMAT == "none" else config.REMAT,
-                                 mesh, chunk)
-    eval_step = make_eval_step(model_config, lora_config, mesh, chunk) if eval_dataset is not None else None
+                                 mesh, chunk, block)
+    eval_step = make_eval_step(model_config, lora_config, mesh, chunk, block) if eval_dataset is not None else None
     compiled, last_saved = {}, latest
 
     def state_json() -> dict:

@@ -3,6 +3,8 @@
 Tolerances: loss and every LoRA gradient leaf within a relative difference of 1e-5 of the one-device result (fp32);
 merged vs unmerged logits within 1e-5; jora's LoRA logits vs peft's PeftModel within 1e-4.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +182,105 @@ def test_lora_forward_and_count_match_peft(tmp_path, lora_config):
     ours = np.asarray(forward(config, params, ids, lora=lora))
     assert np.abs(ours - expected).max() < 1e-4
     assert np.abs(ours - np.asarray(forward(config, params, ids))).max() > 1e-3  # the adapters matter
+
+
+# --- context parallelism: the 'seq' axis -------------------------------------------------------------------------
+
+SEQUENCE_MESHES = [(1, 4, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]  # (data, seq, model)
+LONG_STEP_OPTIONS = [(None, None, None), ("full", 8, 8), ("projections", 16, 4), ("none", 24, 5)]
+
+
+@pytest.fixture(scope="module")
+def packed_rows():
+    "Two 64-token rows: one packed with two examples, one left-padded; answers only at the end of each example."
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, TINY_GQA.vocab_size, (2, 64))
+    valid = np.ones_like(ids)
+    valid[1, :5] = 0
+    segments = np.ones_like(ids)
+    segments[0, 30:] = 2
+    positions = np.concatenate([np.arange(30), np.arange(34)])[None].repeat(2, 0)
+    positions[1] = np.maximum(np.cumsum(valid[1]) - 1, 0)
+    labels = np.full_like(ids, IGNORE_INDEX)
+    labels[0, 24:30], labels[0, 56:], labels[1, 50:] = ids[0, 24:30], ids[0, 56:], ids[1, 50:]
+    return ids, labels, valid, segments, positions
+
+
+def long_loss_and_grads(params, lora, rows, mesh=None, remat=None, block=None, chunk=None):
+    ids, labels, valid, segments, positions = rows
+    def loss(adapters):
+        return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
+                              positions=positions, lora=LoraWeights(adapters, lora.scale), mesh=mesh, remat=remat,
+                              attention_block=block, logits_chunk=chunk)
+    if mesh is not None:
+        ids, labels, valid, segments, positions = (jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
+                                                   for x in rows)
+    return jax.jit(jax.value_and_grad(loss))(lora.adapters)
+
+
+@pytest.mark.parametrize("data, seq, model", SEQUENCE_MESHES, ids=[f"{d}x{s}x{m}" for d, s, m in SEQUENCE_MESHES])
+@pytest.mark.parametrize("remat, block, chunk", LONG_STEP_OPTIONS,
+                         ids=["whole", "full-remat-blocks", "projections-blocks", "no-remat-uneven-blocks"])
+def test_sequence_split_gives_the_one_device_loss_and_gradients(setup, packed_rows, data, seq, model, remat, block,
+                                                                 chunk):
+    "Split over 'seq' (with data and model), packed and padded rows, attention in blocks, LM head in chunks."
+    params, lora, *_ = setup
+    reference_loss, reference_grads = long_loss_and_grads(params, lora, packed_rows)
+    mesh = make_mesh(data=data, seq=seq, model=model)
+    loss, grads = long_loss_and_grads(shard_params(TINY_GQA, params, mesh), shard_lora(TINY_GQA, lora, mesh),
+                                      packed_rows, mesh, remat, block, chunk)
+    assert relative_difference(loss, reference_loss) <= 1e-5
+    for leaf, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+        assert relative_difference(leaf, expected) <= 1e-5
+
+
+def test_attention_blocks_match_whole_attention_with_a_sliding_window(setup):
+    "Blocks that do not divide the sequence, a Mistral-style window and padding: the same logits as one call."
+    params, *_ = setup
+    config = dataclasses.replace(TINY_GQA, sliding_window=5)
+    ids = np.random.default_rng(4).integers(3, config.vocab_size, (2, 40))
+    valid = np.ones_like(ids)
+    valid[0, :3] = 0
+    whole = forward(config, params, ids, attention_mask=valid)
+    for block in (1, 7, 16, 39):
+        np.testing.assert_allclose(forward(config, params, ids, attention_mask=valid, attention_block=block)[valid == 1],
+                                   whole[valid == 1], atol=1e-5)
+
+
+def test_sequence_axis_cuts_the_temporaries_of_an_8k_token_step():
+    """seq=4 holds at most 0.35x the per-device temporaries of seq=1 for one training step on 8192 tokens, with the
+    training defaults (bf16 weights, full remat, LM-head chunks, attention blocks) and with attention in one call."""
+    from jora.sharding import lora_step_memory
+    from jora.train import ParallamaConfig
+    defaults = ParallamaConfig()
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192)
+    for block in (defaults.ATTENTION_BLOCK, None):
+        temporaries = {seq: lora_step_memory(config, make_mesh(data=1, seq=seq, model=1, devices=jax.devices()[:seq]),
+                                             seq_len=8192, remat=defaults.REMAT, logits_chunk=defaults.LOGITS_CHUNK,
+                                             attention_block=block)["temporaries"] for seq in (1, 4)}
+        assert temporaries[4] <= 0.35 * temporaries[1], (block, temporaries)
+
+
+def test_a_16k_prompt_never_builds_a_16k_by_vocabulary_tensor():
+    "The whole step's temporaries stay under a fifth of one 16k x 32000 fp32 logits tensor (2.1 GB)."
+    from jora.sharding import lora_step_memory
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16384)
+    one_device = make_mesh(data=1, seq=1, model=1, devices=jax.devices()[:1])
+    options = dict(seq_len=16384, param_dtype=jnp.float32, remat="full", attention_block=256)
+    logits_bytes = 16384 * config.vocab_size * 4
+    assert lora_step_memory(config, one_device, logits_chunk=512, **options)["temporaries"] < 0.2 * logits_bytes
+    assert lora_step_memory(config, one_device, logits_chunk=None, **options)["temporaries"] > logits_bytes
+
+
+def test_longest_trainable_sequence_is_on_the_budget_boundary():
+    "The returned length fits the budget and one granule more does not (checked by lowering again)."
+    from jora.sharding import longest_trainable_sequence, lora_step_memory
+    mesh = make_mesh(data=1, seq=2, model=1, devices=jax.devices()[:2])
+    options = dict(remat="full", logits_chunk=256, attention_block=256, param_dtype=jnp.float32)
+    budget = 60e6
+    length, report = longest_trainable_sequence(TINY_GQA, mesh, budget, granularity=256, **options)
+    assert length >= 256 and report["total"] <= budget
+    assert lora_step_memory(TINY_GQA, mesh, seq_len=length + 256, **options)["total"] > budget
+    assert longest_trainable_sequence(TINY_GQA, mesh, 1e3, granularity=256, **options)[0] == 0

@@ -79,7 +79,10 @@ def test_same_seed_same_history(setup, tmp_path):
     assert not np.array_equal(losses(first), losses(other))
 
 
-@pytest.mark.parametrize("mesh", [dict(MESH_MODEL=4), dict(MESH_DATA=2, MESH_MODEL=2)], ids=["1x4", "2x2"])
+@pytest.mark.parametrize("mesh", [dict(MESH_MODEL=4), dict(MESH_DATA=2, MESH_MODEL=2),
+                                  dict(MESH_SEQ=4, MESH_MODEL=1, ATTENTION_BLOCK=16, LOGITS_CHUNK=8),
+                                  dict(MESH_SEQ=2, MESH_MODEL=2, ATTENTION_BLOCK=8)],
+                         ids=["1x1x4", "2x1x2", "1x4x1-blocks", "1x2x2-blocks"])
 def test_four_devices_equal_one(setup, tmp_path, mesh):
     _, data, model = setup
     config = small_config(model, MAX_STEPS=4, LORA_DROPOUT=0.1)
@@ -90,7 +93,8 @@ def test_four_devices_equal_one(setup, tmp_path, mesh):
     for name in one.lora_config.targets:
         np.testing.assert_allclose(np.asarray(four.lora.adapters[name]["lora_B"]),
                                    np.asarray(one.lora.adapters[name]["lora_B"]), rtol=1e-4, atol=1e-6)
-    assert four.lora.adapters["q_proj"]["lora_B"].sharding.spec[-1] == "model"
+    split_on_model = four.lora.adapters["q_proj"]["lora_B"].sharding.spec[-1] == "model"
+    assert split_on_model == (config._replace(**mesh).MESH_MODEL > 1)
 
 
 def test_resume_continues_the_same_run(setup, tmp_path):
