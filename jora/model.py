@@ -25,11 +25,12 @@ __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIO
            'REMAT_POLICIES', 'IGNORE_INDEX', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'TINY_CORPUS', 'TINY_STYLES',
            'RopeScaling', 'LlamaConfig', 'projection_shape', 'has_bias', 'param_shapes', 'init_params', 'rms_norm',
            'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'make_attention_mask', 'MaskParts',
-           'sequence_blocks', 'join_sequence_blocks', 'LoraWeights', 'project', 'constrain', 'sequence_axis_size',
-           'attention', 'key_value_head_axis', 'decoder_layer', 'remat_layer', 'positions_from_mask', 'lm_head_weight',
-           'lm_head_logits', 'hidden_states', 'forward', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p',
-           'generate', 'model_axis_sizes', 'check_model_axis', 'tensor_parallel_specs', 'hf_weight_names',
-           'checkpoint_tensor_files', 'load_hf_checkpoint', 'save_tiny_tokenizer', 'save_tiny_hf_checkpoint']
+           'sequence_blocks', 'even_block_size', 'join_sequence_blocks', 'LoraWeights', 'project', 'constrain',
+           'sequence_axis_size', 'attention', 'key_value_head_axis', 'decoder_layer', 'remat_layer',
+           'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward', 'causal_lm_loss_sum',
+           'causal_lm_loss', 'sample_top_p', 'generate', 'model_axis_sizes', 'check_model_axis',
+           'tensor_parallel_specs', 'hf_weight_names', 'checkpoint_tensor_files', 'load_hf_checkpoint',
+           'save_tiny_tokenizer', 'save_tiny_hf_checkpoint']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -285,6 +286,12 @@ def sequence_blocks(x: jax.Array, groups: int, size: int) -> jax.Array:
     return jnp.moveaxis(x, 2, 0).reshape(-1, batch, groups * size, *x.shape[4:])
 
 
+def even_block_size(length: int, largest: int) -> int:
+    "The block size, at most `largest`, that cuts `length` into the fewest near-equal blocks (2112 by 2048: 1056)."
+    steps = -(-length // max(1, min(largest, length)))
+    return -(-length // steps)
+
+
 def join_sequence_blocks(blocks: jax.Array, groups: int, time: int) -> jax.Array:
     "The inverse of `sequence_blocks`: `[steps, batch, groups * size, ...]` -> `[batch, time, ...]`."
     steps, batch, width = blocks.shape[:3]
@@ -348,7 +355,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskPar
     if block is None or block >= time:
         return attend(query, parts.query_slots, parts.query_segments, key, value)
     groups = sequence_axis_size(mesh) if time % sequence_axis_size(mesh) == 0 else 1
-    size = max(1, min(block // groups, time // groups))
+    size = even_block_size(time // groups, block // groups)
     pin = lambda x: constrain(x, mesh, "data", "seq", "model", None)
     one_block = jax.checkpoint(lambda q, s, g, k, v: pin(attend(pin(q), s, g, k, v)))
 
@@ -479,7 +486,7 @@ def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, lab
     skipping chunks without labels, logits recomputed for the backward."""
     time = hidden.shape[1]
     groups = sequence_axis_size(mesh) if time % sequence_axis_size(mesh) == 0 else 1
-    size = max(1, min(chunk // groups, time // groups))
+    size = even_block_size(time // groups, chunk // groups)
     # the skip sits inside the checkpoint: a cond outside it would make the backward keep every chunk's logits
     piece_loss = jax.checkpoint(lambda h, t, m: jax.lax.cond(
         m.any(), lambda: _summed_token_loss(params, constrain(h, mesh, "data", "seq", None), t, m),

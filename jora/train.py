@@ -61,7 +61,7 @@ class ParallamaConfig(NamedTuple):
     MESH_SEQ: int = 1
     REMAT: str = "full"
     LOGITS_CHUNK: int = 512
-    ATTENTION_BLOCK: int = 2048
+    ATTENTION_BLOCK: int = 1024
     DTYPE: str = "bfloat16"
     WARMUP_STEPS: int = 10
     MIN_LR_RATIO: float = 0.1

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = [ROOT / "index.ipynb", *sorted((ROOT / "nbs").glob("*.ipynb"))]
+NOTEBOOKS = [ROOT / "index.ipynb", *sorted((ROOT / "nbs").glob("*.ipynb")), ROOT / "bench" / "results.ipynb"]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
@@ -24,7 +24,7 @@ def test_notebook_has_no_widget_state_or_bulky_outputs(notebook):
 
 
 def test_no_pickle_or_remote_code():
-    sources = [*sorted((ROOT / "jora").glob("*.py")), *NOTEBOOKS]
+    sources = [*sorted((ROOT / "jora").glob("*.py")), *sorted((ROOT / "bench").glob("*.py")), *NOTEBOOKS]
     for path in sources:
         text = path.read_text(encoding="utf-8")
         for forbidden in ("import pickle", "pickle.load", "torch.load(", "trust_remote_code=True"):

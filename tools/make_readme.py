@@ -1,7 +1,8 @@
 """Write README.md from index.ipynb (the front page), without quarto and without nbconvert's template files.
 
 Markdown cells are copied, code cells become ```python blocks, and their stored text outputs follow as plain
-blocks. Cells marked `#| hide` are left out and `#|` directive lines removed. `--check` writes nothing and exits 1
+blocks (markdown outputs as markdown). Cells marked `#| hide` are left out, cells marked `#| echo: false` show only
+their outputs, and `#|` directive lines are removed. `--check` writes nothing and exits 1
 when README.md is out of date.
 """
 import sys
@@ -30,7 +31,8 @@ def cell_markdown(cell) -> str:
     if cell.cell_type != "code" or any(line.strip().startswith("#| hide") for line in lines):
         return ""
     code = "\n".join(line for line in lines if not line.startswith("#|")).strip()
-    parts = [f"```python\n{code}\n```"] if code else []
+    echo = not any(line.strip().replace(" ", "") == "#|echo:false" for line in lines)
+    parts = [f"```python\n{code}\n```"] if code and echo else []
     for output in cell.get("outputs", []):
         text = output_text(output)
         if text and text.startswith("\n"):

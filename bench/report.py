@@ -1,0 +1,117 @@
+"""Tables and the plot made from bench/results/*.json (used by bench/results.ipynb and the front page).
+
+Every figure shown comes from a results file written by bench/run.py or the sharding chapter; nothing is typed in by
+hand except the published reference figures, which are labelled with their source.
+"""
+import json
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_TABLE_1_GB = {1: 23.1, 2: 16.1, 4: 11.4}
+PUBLISHED_LONGEST = {"Unsloth, Llama-3.1-8B QLoRA, activations offloaded": 342733,
+                     "Hugging Face + FlashAttention-2, Llama-3.1-8B": 28454}
+
+
+def load(name: str, folder: Path = RESULTS) -> dict | None:
+    "The results file `name`.json, or None when that suite has not been run."
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def step_table(results: dict) -> pd.DataFrame:
+    "One row per case: jora and transformers+peft side by side, with their ratios."
+    rows = []
+    for row in results["rows"]:
+        jora, hf = row["jora"], row["hf"]
+        rows.append({
+            "remat": row["remat"], "tokens": f"{row['prompt']} + {row['answer']}" if row["answer"] else str(row["prompt"]),
+            "jora s/step": jora["median_step_seconds"], "HF s/step": hf["median_step_seconds"],
+            "time ratio": row["time_ratio"], "jora tok/s": jora["tokens_per_second"], "HF tok/s": hf["tokens_per_second"],
+            "jora compile s": jora["compile_seconds"], "jora peak RSS GB": jora["peak_rss_bytes"] / 1e9,
+            "HF peak RSS GB": hf["peak_rss_bytes"] / 1e9, "RSS ratio": row["rss_ratio"],
+            **({"jora peak GPU GB": jora["peak_device_bytes"] / 1e9, "HF peak GPU GB": hf["peak_device_bytes"] / 1e9,
+                "GPU memory ratio": row["device_memory_ratio"]} if "device_memory_ratio" in row else {}),
+            **({"jora MFU": row["mfu"]["jora"], "HF MFU": row["mfu"]["hf"]} if "mfu" in row else {}),
+            **({"target": f"time ratio <= {row['time_target']}, RSS ratio <= 1",
+                "met": f"time {'yes' if row['time_target_met'] else 'no'}, RSS {'yes' if row['rss_target_met'] else 'no'}"}
+               if "time_target" in row else {}),
+        })
+    return pd.DataFrame(rows)
+
+
+def memory_table(results: dict) -> pd.DataFrame:
+    "Per-device GB of the 7B LoRA step for 1/2/4/8 devices beside the paper's Table 1."
+    table = pd.DataFrame([{"devices": row["devices"], "jora GB per device": row["total_bytes"] / 1e9,
+                           "jora ratio": row["ratio"], "paper GB per GPU": row["paper_gb"]} for row in results["rows"]])
+    table["paper ratio"] = table["paper GB per GPU"] / PAPER_TABLE_1_GB[1]
+    return table.set_index("devices")
+
+
+def longest_table(results: dict) -> pd.DataFrame:
+    "Longest trainable sequence per model, device count, layout and remat policy."
+    rows = pd.DataFrame(results["rows"])
+    return rows.pivot_table(index=["model", "devices", "layout"], columns="remat", values="longest tokens",
+                            sort=False)[["none", "projections", "full"]].astype(int)
+
+
+def plot(cpu: dict | None, memory: dict | None):
+    "CPU step time of both frameworks per case, and per-device memory against devices beside the paper."
+    import matplotlib.pyplot as plt
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if cpu is not None:
+        table = step_table(cpu)
+        labels = [f"{t}\nremat {r}" for t, r in zip(table["tokens"], table["remat"])]
+        positions = range(len(table))
+        left.bar([p - 0.2 for p in positions], table["jora s/step"], 0.4, label="jora")
+        left.bar([p + 0.2 for p in positions], table["HF s/step"], 0.4, label="transformers + peft")
+        left.set(xticks=list(positions), ylabel="median seconds per step",
+                 title=f"CPU LoRA step ({cpu['machine']['cpu_count']} cores, {cpu['date']})")
+        left.set_xticklabels(labels, fontsize=8)
+        left.legend(loc="upper left")
+    if memory is not None:
+        table = memory_table(memory)
+        right.plot(table.index, table["jora GB per device"], "o-", label="jora (compiled, bf16, per device)")
+        paper = table["paper GB per GPU"].dropna()
+        right.plot(paper.index, paper, "s--", label="JORA paper, Table 1")
+        right.set(xlabel="devices (model axis)", ylabel="GB per device", xticks=list(table.index),
+                  title="Llama-2-7B LoRA step, 512 tokens")
+        right.legend()
+    figure.tight_layout()
+    return figure
+
+
+def front_page_markdown(folder: Path = RESULTS) -> str:
+    "The results section of the front page: the tables with their date, machine and command."
+    parts = []
+    cpu, memory, longest, gpu = (load(name, folder) for name in ("cpu", "memory", "longest_sequence", "gpu"))
+    if cpu is not None:
+        table = step_table(cpu)[["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "jora tok/s", "HF tok/s",
+                                  "jora compile s", "jora peak RSS GB", "HF peak RSS GB", "target", "met"]]
+        machine = cpu["machine"]
+        parts.append(f"**CPU step, jora vs transformers {machine['transformers']} + peft {machine['peft']}** "
+                     f"({cpu['date']}, {machine['cpu']}, {machine['cpu_count']} cores; `{cpu['command']}`; "
+                     f"{cpu['model_shape']['num_hidden_layers']} layers, hidden {cpu['model_shape']['hidden_size']}, "
+                     f"vocabulary {cpu['model_shape']['vocab_size']}, {cpu['dtype']}, {cpu['lora']}, batch 1, "
+                     f"median of {cpu['timed_steps']} steps after {cpu['warmup_steps']} warm-up):\n\n"
+                     + table.to_markdown(index=False, floatfmt=".3g"))
+    if memory is not None:
+        parts.append(f"**Per-device memory, Llama-2-7B LoRA step** ({memory['date']}, `{memory['command']}`; "
+                     f"{memory['what']}):\n\n" + memory_table(memory).to_markdown(floatfmt=".3g"))
+    if longest is not None:
+        published = "; ".join(f"{name}: {tokens:,}" for name, tokens in PUBLISHED_LONGEST.items())
+        parts.append(f"**Longest trainable sequence at 80 GB per device** ({longest['date']}, lowering only, "
+                     f"`nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16, LM head chunks and attention blocks of 512; "
+                     f"published for comparison, one 80 GB GPU: {published}):\n\n"
+                     + longest_table(longest).reset_index().to_markdown(index=False))
+    if gpu is not None:
+        parts.append(f"**GPU step, Llama-2-7B shape** ({gpu['date']}, {gpu['rows'][0]['jora']['device']}; "
+                     f"`{gpu['command']}`; paper, one GPU: {gpu['paper_one_gpu']['step_seconds']} s, "
+                     f"{gpu['paper_one_gpu']['memory_gb']} GB):\n\n"
+                     + step_table(gpu).to_markdown(index=False, floatfmt=".3g"))
+    else:
+        parts.append("**GPU**: not measured yet, because no GPU was available to this project's sessions. "
+                     "`python bench/run.py gpu` is ready (Llama-2-7B shape, random bf16 weights, batch 1, "
+                     "seq 512/4096/16384, MFU as defined in `bench/run.py`).")
+    return "\n\n".join(parts)

@@ -1,0 +1,61 @@
+"""The benchmark scripts run and report what they measure (their timings are not asserted: machines are shared).
+
+The smoke suite runs jora and transformers+peft on a tiny checkpoint, each in its own process, exactly as the CPU and
+GPU suites do; the two first losses must agree (same weights, same tokens, LoRA B starts at zero) within 1e-4.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_suite_measures_both_frameworks_on_the_same_step(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "smoke", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke.json").read_text())
+    assert results["machine"]["cpu_count"] >= 1 and results["command"] == "python bench/run.py smoke"
+    (row,) = results["rows"]
+    assert row["first_loss_difference"] <= 1e-4, row
+    for name in ("jora", "hf"):
+        measured = row[name]
+        assert len(measured["step_seconds"]) == results["timed_steps"]
+        assert measured["tokens_per_step"] == 64 and measured["peak_rss_bytes"] > 0
+        assert measured["tokens_per_second"] == pytest.approx(64 / measured["median_step_seconds"])
+    assert row["jora"]["compile_seconds"] > 0 and row["hf"]["compile_seconds"] is None
+    assert row["time_ratio"] == pytest.approx(row["jora"]["median_step_seconds"] / row["hf"]["median_step_seconds"])
+
+
+def test_flop_count_matches_the_parameter_count():
+    "4 x the frozen matrices (every projection and the LM head, not the embedding or norms) plus the attention term."
+    import numpy as np
+    from jora.model import LlamaConfig, param_shapes
+    bench = load_bench()
+    shape = bench.LLAMA2_7B
+    shapes = param_shapes(LlamaConfig(**shape, head_dim=128))
+    frozen = sum(np.prod(s) for name, s in shapes["layers"].items() if name.endswith("_proj")) + np.prod(shapes["lm_head"])
+    lora = 32 * 16 * (2 * 4096 + 2 * 4096)
+    assert bench.lora_flops_per_token(shape, 0) == 4 * frozen + 6 * lora
+    assert bench.lora_flops_per_token(shape, 4096) - bench.lora_flops_per_token(shape, 0) == 12 * 32 * 4096 * 4096
+
+
+def test_memory_suite_writes_the_paper_table_beside_jora(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "memory", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [row["devices"] for row in rows] == [1, 2, 4, 8]
+    assert [row["paper_gb"] for row in rows] == [23.1, 16.1, 11.4, None]
+    assert all(later["total_bytes"] < earlier["total_bytes"] for earlier, later in zip(rows, rows[1:]))
