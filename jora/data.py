@@ -20,8 +20,8 @@ from .model import IGNORE_INDEX
 
 # %% auto #0
 __all__ = ['PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'RecordError', 'read_records', 'format_prompt', 'prompt_parts',
-           'TruncationReport', 'tokenize_record', 'split_records', 'mix_general_records', 'AlpacaDataset',
-           'generate_alpaca_dataset', 'default_buckets', 'pack_examples', 'epoch_rows', 'batches']
+           'TruncationReport', 'tokenize_record', 'split_records', 'mix_general_records', 'load_tokenizer',
+           'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets', 'pack_examples', 'epoch_rows', 'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
 class RecordError(ValueError):
@@ -78,11 +78,11 @@ def read_records(source) -> list[dict]:
                 raise RecordError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}).") from None
         else:
             records, lines = [], []
-            for line_number, line in enumerate(text.splitlines(), start=1):
+            for line_number, line in enumerate(text.split("\n"), start=1):  # only \n ends a JSON Lines record
                 if not line.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
+                    records.append(json.loads(line.removesuffix("\r")))
                 except json.JSONDecodeError as error:
                     raise RecordError(f"{path}, record {len(records) + 1} (line {line_number}): invalid JSON "
                                       f"({error.msg} at column {error.colno}).") from None
@@ -221,14 +221,27 @@ except ImportError:  # torch is a dependency, but the data pipeline itself does 
     _TorchDataset = object
 
 
-def _load_tokenizer(tokenizer):
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_tokenizer(tokenizer):
+    "A Hugging Face tokenizer, given one or the path of a local model folder holding one (never downloaded)."
     if tokenizer is None:
         raise ValueError("AlpacaDataset needs a tokenizer: pass tokenizer= (a Hugging Face tokenizer or the path of a "
                          "local model folder holding one), or build it with generate_alpaca_dataset(path, split, config).")
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(tokenizer))
-    return tokenizer
+    if not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    folder = Path(tokenizer)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No model folder at {folder} to load a tokenizer from.")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); copy the "
+                                f"model's tokenizer files into it, as `save_pretrained` writes them.")
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"The tokenizer in {folder} cannot be loaded: {error}") from None
 
 
 class AlpacaDataset(_TorchDataset):
@@ -236,7 +249,7 @@ class AlpacaDataset(_TorchDataset):
 
     def __init__(self, *, path, split: str, split_percentage: float = 0.8, tokenizer=None, max_len: int = 512,
                  alpaca_mix: float = 0.3, general_path=None, seed: int = 0):
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer has no EOS token; the model could not learn where an answer ends.")
         records = split_records(read_records(path), split, split_percentage, seed)

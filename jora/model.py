@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -673,6 +674,15 @@ def _safetensors_keys(file: Path) -> list[str]:
                          f"download or save it again.") from None
 
 
+def _shard_in(folder: Path, shard, index: Path) -> Path:
+    "A shard named in an index, refused when its name leads outside the model folder (`../`, an absolute path)."
+    name = os.path.normpath(str(shard))
+    if os.path.isabs(name) or name == ".." or name.startswith(".." + os.sep):
+        raise ValueError(f"{index} names the shard {shard!r}, which lies outside {folder}; jora reads only shards "
+                         f"inside the model folder. Fix the index's weight_map.")
+    return folder / name
+
+
 def checkpoint_tensor_files(path: str | Path) -> dict[str, Path]:
     "Tensor name -> the safetensors file that holds it, for a Hugging Face model folder."
     path = Path(path)
@@ -685,7 +695,7 @@ def checkpoint_tensor_files(path: str | Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as error:
             raise ValueError(f"{index} is not a valid safetensors index ({error!r}); it needs a 'weight_map'.") from None
-        files = {name: path / shard for name, shard in weight_map.items()}
+        files = {name: _shard_in(path, shard, index) for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise FileNotFoundError(f"{shard} is listed in {index} but missing: download the complete checkpoint.")

@@ -14,6 +14,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from jora.files import write_manifest
 from jora.export import load_peft_adapter, merge_to_hf, save_peft_adapter
 from jora.lora import LoraConfig, init_lora
 from jora.model import forward, load_hf_checkpoint, save_tiny_hf_checkpoint
@@ -70,7 +71,8 @@ def test_merged_checkpoint_equals_lora_forward(case, source):
     else:
         (folder / "checkpoints" / "step-00000007").mkdir(parents=True, exist_ok=True)
         save_lora(folder / "checkpoints" / "step-00000007" / "lora.safetensors", lora, lora_config)
-        (folder / "checkpoints" / "step-00000007" / "state.json").write_text("{}")
+        (folder / "checkpoints" / "step-00000007" / "state.json").write_text('{"step": 7}')
+        write_manifest(folder / "checkpoints" / "step-00000007", 7)
         lora_path = folder / "checkpoints"  # the folder of checkpoints: the newest is used
     merged = merge_to_hf(base, lora_path, folder / f"merged-{source}")
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
