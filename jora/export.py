@@ -35,7 +35,6 @@ def save_peft_adapter(path, lora: LoraWeights, lora_config: LoraConfig, base_mod
     """Write `lora` as a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors): a new or empty
     folder, or an earlier jora adapter with `overwrite`; never the base model or the `protected` folders."""
     from safetensors.numpy import save_file
-    path = Path(path)
     tensors = {}
     for name in lora_config.targets:
         stacked_a, stacked_b = (np.asarray(lora.adapters[name][part], np.float32) for part in ("lora_A", "lora_B"))
@@ -50,7 +49,7 @@ def save_peft_adapter(path, lora: LoraWeights, lora_config: LoraConfig, base_mod
     with output_folder(path, "PEFT adapter", overwrite=overwrite, protected=[*local_base, *protected]) as temporary:
         save_file(tensors, str(temporary / "adapter_model.safetensors"), metadata={"format": "pt"})
         (temporary / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return path
+    return Path(path)
 
 
 # %% ../nbs/06_export.ipynb #445150d0
@@ -161,9 +160,9 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
     from safetensors.numpy import save_file
     from jora.files import check_output_folder
     from jora.model import checkpoint_tensor_files
-    hf_path, save_path = Path(hf_path), Path(save_path)
     protected = [hf_path, _adapter_folder(Path(lora_path))]
     check_output_folder(save_path, "merged model", overwrite=overwrite, protected=protected)  # before any reading
+    hf_path, save_path = Path(hf_path), Path(save_path)
     model_config = LlamaConfig.from_hf(hf_path)
     lora, lora_config = load_any_adapter(lora_path, model_config)
     for name in lora_config.targets:

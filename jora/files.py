@@ -38,6 +38,10 @@ class CheckpointError(ValueError):
 class WriteError(OSError):
     "A write failed (a full disk, no permission); what was there before is untouched and no temporary folder is left."
 
+    def __init__(self, message: str, error_number: int | None = None):
+        super().__init__(message)
+        self.errno = error_number
+
 
 class CheckpointWarning(UserWarning):
     "Resume passed over a damaged checkpoint, or left a folder it does not recognise."
@@ -245,9 +249,8 @@ def output_folder(path, kind: str, *, overwrite: bool = False, protected=()):
         reason = write_failure(error)
         if reason is None:
             raise
-        raise WriteError(error.errno if isinstance(error, OSError) else None,
-                         f"Could not write the {kind} to {path}: {reason}. Nothing there was changed; free some space "
-                         f"or choose a writable folder.") from error
+        raise WriteError(f"Could not write the {kind} to {path}: {reason}. Nothing there was changed; free some space "
+                         f"or choose a writable folder.", getattr(error, "errno", None)) from error
 
 # %% ../nbs/04_files.ipynb #e5720a12
 MANIFEST = "manifest.json"
@@ -417,8 +420,8 @@ def probe_write(folder) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as error:
-        raise WriteError(error.errno, f"Cannot write to {folder}: {write_failure(error) or error.strerror}. Choose a "
-                                      f"writable folder; no training was done.") from None
+        raise WriteError(f"Cannot write to {folder}: {write_failure(error) or error.strerror}. Choose a writable "
+                         f"folder; no training was done.", error.errno) from None
     finally:
         probe.unlink(missing_ok=True)
 
@@ -434,8 +437,8 @@ def prepare_checkpoint_folder(root, *, protected=()) -> list[Path]:
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise WriteError(error.errno, f"Cannot create the checkpoint folder {root}: "
-                                      f"{write_failure(error) or error.strerror}.") from None
+        raise WriteError(f"Cannot create the checkpoint folder {root}: {write_failure(error) or error.strerror}. "
+                         f"Choose a writable folder; no training was done.", error.errno) from None
     probe_write(target)
     if read_marker(target) is None:
         write_json(target / MARKER, {"writer": "jora", "kind": "checkpoint folder", "entries": []})
@@ -446,9 +449,9 @@ def check_free_space(folder, needed_bytes: int) -> None:
     "Raise `WriteError` before training when `folder`'s disk has less free space than one more checkpoint needs."
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise WriteError(errno.ENOSPC, f"{folder} has {free / 2**20:.1f} MiB free, but a checkpoint needs about "
-                                       f"{needed_bytes / 2**20:.1f} MiB. Free some space or choose another folder; "
-                                       f"no training was done.")
+        raise WriteError(f"{folder} has {free / 2**20:.1f} MiB free, but a checkpoint needs about "
+                         f"{needed_bytes / 2**20:.1f} MiB. Free some space or choose another folder; no training was "
+                         f"done.", errno.ENOSPC)
 
 # %% ../nbs/04_files.ipynb #39473582
 def describe_checkpoints(root) -> tuple[list[str], Path | None]:

@@ -363,7 +363,8 @@ def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=config.ALPACA_MIX, general_path=config.ALPACA_PATH,
                             seed=config.SEED)
     result = train_lora(config, dataset, Path(study.work_dir) / "phase1-checkpoints", progress=progress)
-    merged = merge_to_hf(study.base_model, result.checkpoint, Path(study.work_dir) / "phase1-merged")
+    merged = merge_to_hf(study.base_model, result.checkpoint, Path(study.work_dir) / "phase1-merged",
+                         overwrite=True)  # a rerun replaces its own earlier merge, and nothing else
     return {"result": result, "merged": merged, "examples": len(dataset)}
 
 
@@ -408,7 +409,8 @@ def answer_questions(model_path, examples: list[dict], lora=None, max_len: int =
 def evaluate_study(study: CaseStudy) -> "pd.DataFrame":
     "Table 2: Target Post, Reply Post and p(Reply|Target) for the base and RAFT models and the baselines."
     import pandas as pd
-    from jora.train import latest_checkpoint, load_lora
+    from jora.files import latest_checkpoint
+    from jora.train import load_lora
     config = case_study_config(study, 2)
     examples = fourchan_records(study.fourchan, "test", seed=config.SEED)[:study.max_test_questions]
     rows = {}

@@ -30,9 +30,8 @@ from .model import (LlamaConfig, LoraWeights, causal_lm_loss_sum, generate, load
 from .sharding import batch_spec, compiled_memory, device_memory_stats, make_mesh, named_shardings
 from .lora import LoraConfig, init_lora, shard_lora
 from .data import AlpacaDataset, batches, generate_alpaca_dataset
-from .files import (CHECKPOINT_PREFIX, MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderError, WriteError,
-                         checkpoint_problems,
-                         check_free_space, check_output_folder, checkpoint_name, checkpoint_step, checkpoints,
+from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderError, WriteError, checkpoint_problems,
+                         check_free_space, check_output_folder, checkpoint_name, checkpoint_step,
                          delete_checkpoint, fsync_tree, latest_checkpoint, output_folder, prepare_checkpoint_folder,
                          read_marker, rotate_checkpoints, set_aside, step_folders, temporary_checkpoint_name,
                          write_failure, write_json, write_manifest)
@@ -411,10 +410,9 @@ def save_checkpoint(checkpoint_path, step: int, lora: LoraWeights, lora_config: 
         if reason is None:
             raise
         previous = latest_checkpoint(root, warn=False)
-        raise WriteError(getattr(error, "errno", None),
-                         f"Could not write checkpoint {final}: {reason}. The earlier checkpoints are untouched "
+        raise WriteError(f"Could not write checkpoint {final}: {reason}. The earlier checkpoints are untouched "
                          f"(newest: {previous.name if previous else 'none'}); free some space or fix the permissions, "
-                         f"then run again to resume.") from error
+                         f"then run again to resume.", getattr(error, "errno", None)) from error
     rotate_checkpoints(root, keep)
     return final
 

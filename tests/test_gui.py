@@ -13,7 +13,8 @@ import pytest
 from jora.data import format_prompt
 from jora.gui import command_line, panels, write_panel_notebook
 from jora.model import save_tiny_hf_checkpoint
-from jora.train import ParallamaConfig, demo_config, demo_raft_records, latest_checkpoint
+from jora.files import latest_checkpoint
+from jora.train import ParallamaConfig, demo_config, demo_raft_records
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

@@ -117,7 +117,7 @@ def test_two_phase_pipeline_end_to_end(tmp_path):
     "base -> LoRA on WikiTableQuestions -> merge -> LoRA on 4chan -> Table 2, on the samples with a tiny model."
     from jora.model import save_tiny_hf_checkpoint
     from jora.raft import CaseStudy, case_study_config, evaluate_study, run_phase_one, run_phase_two
-    from jora.train import latest_checkpoint
+    from jora.files import latest_checkpoint
     corpus = [r["instruction"] + "\n" + r["input"] for r in wtq_records(WTQ)[:10]] + \
              [e["input"] for e in fourchan_records(POL, "train")[:10]]
     save_tiny_hf_checkpoint(tmp_path / "base", "llama3.1", corpus=corpus)

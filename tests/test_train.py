@@ -13,8 +13,8 @@ import pytest
 
 from jora.data import AlpacaDataset, format_prompt
 from jora.model import save_tiny_hf_checkpoint
-from jora.train import (ParallamaConfig, TrainingDiverged, checkpoints, demo_raft_records, latest_checkpoint,
-                        load_lora, load_model, run_mesh, train_lora)
+from jora.files import checkpoints, latest_checkpoint
+from jora.train import ParallamaConfig, TrainingDiverged, demo_raft_records, load_lora, load_model, run_mesh, train_lora
 
 
 @pytest.fixture(scope="module")
