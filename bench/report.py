@@ -28,7 +28,10 @@ def step_table(results: dict) -> pd.DataFrame:
         rows.append({
             "remat": row["remat"], "tokens": f"{row['prompt']} + {row['answer']}" if row["answer"] else str(row["prompt"]),
             "jora s/step": jora["median_step_seconds"], "HF s/step": hf["median_step_seconds"],
-            "time ratio": row["time_ratio"], "jora tok/s": jora["tokens_per_second"], "HF tok/s": hf["tokens_per_second"],
+            "time ratio": row["time_ratio"],
+            "ratio range": (f"{row['time_ratio_runs']['min']:.2f}-{row['time_ratio_runs']['max']:.2f}"
+                            if "time_ratio_runs" in row else "-"),
+            "jora tok/s": jora["tokens_per_second"], "HF tok/s": hf["tokens_per_second"],
             "jora compile s": jora["compile_seconds"], "jora peak RSS GB": jora["peak_rss_bytes"] / 1e9,
             "HF peak RSS GB": hf["peak_rss_bytes"] / 1e9, "RSS ratio": row["rss_ratio"],
             **({"jora peak GPU GB": jora["peak_device_bytes"] / 1e9, "HF peak GPU GB": hf["peak_device_bytes"] / 1e9,
@@ -87,14 +90,17 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
     parts = []
     cpu, memory, longest, gpu = (load(name, folder) for name in ("cpu", "memory", "longest_sequence", "gpu"))
     if cpu is not None:
-        table = step_table(cpu)[["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "jora tok/s", "HF tok/s",
+        table = step_table(cpu)[["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "ratio range", "jora tok/s",
+                                  "HF tok/s",
                                   "jora compile s", "jora peak RSS GB", "HF peak RSS GB", "target", "met"]]
         machine = cpu["machine"]
         parts.append(f"**CPU step, jora vs transformers {machine['transformers']} + peft {machine['peft']}** "
                      f"({cpu['date']}, {machine['cpu']}, {machine['cpu_count']} cores; `{cpu['command']}`; "
                      f"{cpu['model_shape']['num_hidden_layers']} layers, hidden {cpu['model_shape']['hidden_size']}, "
                      f"vocabulary {cpu['model_shape']['vocab_size']}, {cpu['dtype']}, {cpu['lora']}, batch 1, "
-                     f"median of {cpu['timed_steps']} steps after {cpu['warmup_steps']} warm-up):\n\n"
+                     f"{cpu.get('repeats', 1)} runs per framework and case, the frameworks alternating; each run is "
+                     f"the median of {cpu['timed_steps']} steps after {cpu['warmup_steps']} warm-up; the table shows "
+                     f"the median run and the range of the paired runs' ratios):\n\n"
                      + table.to_markdown(index=False, floatfmt=".3g"))
     if memory is not None:
         parts.append(f"**Per-device memory, Llama-2-7B LoRA step** ({memory['date']}, `{memory['command']}`; "
@@ -102,7 +108,9 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
     if longest is not None:
         published = "; ".join(f"{name}: {tokens:,}" for name, tokens in PUBLISHED_LONGEST.items())
         parts.append(f"**Longest trainable sequence at 80 GB per device** ({longest['date']}, lowering only, "
-                     f"`nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16, LM head chunks and attention blocks of 512; "
+                     f"`nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16, LM head chunks of 512 and attention blocks of "
+                     f"{longest.get('attention_block', 512)}, searched before attention became flash blocks, so each length "
+                     f"is a lower bound; "
                      f"published for comparison, one 80 GB GPU: {published}):\n\n"
                      + longest_table(longest).reset_index().to_markdown(index=False))
     if gpu is not None:
@@ -111,7 +119,9 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
                      f"{gpu['paper_one_gpu']['memory_gb']} GB):\n\n"
                      + step_table(gpu).to_markdown(index=False, floatfmt=".3g"))
     else:
-        parts.append("**GPU**: not measured yet, because no GPU was available to this project's sessions. "
-                     "`python bench/run.py gpu` is ready (Llama-2-7B shape, random bf16 weights, batch 1, "
-                     "seq 512/4096/16384, MFU as defined in `bench/run.py`).")
+        parts.append("**GPU**: not measured yet, because no GPU was lent to this project's sessions so far. "
+                     "`bench/run.py gpu` fits a short lease, one case per command (Llama-2-7B shape, random bf16 "
+                     "weights written once into `build/`, batch 1, MFU with causal attention FLOPs as defined in "
+                     "`bench/run.py`); its docstring lists the commands that measure 512, 4096 and 16384 tokens for "
+                     "both frameworks in under 25 minutes of device time.")
     return "\n\n".join(parts)

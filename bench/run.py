@@ -1,12 +1,22 @@
-"""Run a benchmark suite: jora beside Hugging Face transformers+PEFT, every case in its own process, one after another.
+"""Run a benchmark suite: jora beside Hugging Face transformers+PEFT, every measurement in its own process.
 
     python bench/run.py cpu      # 8 layers, hidden 512, vocabulary 32k, fp32: seq 512 and RAFT rows (2048 + 64)
     python bench/run.py gpu      # Llama-2-7B shape, random bf16 weights, batch 1: seq 512, 4096, 16384
     python bench/run.py memory   # per-device memory of a Llama-2-7B LoRA step on 1/2/4/8 devices, by lowering only
     python bench/run.py smoke    # a tiny model in seconds, to check the scripts (the tests run it)
 
-Writes bench/results/<suite>.json (every measurement, the machine, the versions, the commands) and prints a table.
-Targets are reported as met or not; nothing here asserts a timing.
+Each case is measured `--repeats` times, the two frameworks alternating (jora first, then transformers first, ...),
+so that a noisy moment cannot decide a ratio; min, median and max of the per-run medians are reported.
+Every measurement is written to bench/results/<suite>.json as soon as it is taken (rows of earlier commands are kept,
+so a short GPU lease can measure one case per command). Targets are reported as met or not; nothing asserts a timing.
+
+On a GPU lease (10 minutes a command, about 25 minutes in all), one case per command:
+
+    python bench/run.py gpu --write-model-only                        # the random 7B checkpoint, once, into build/
+    python bench/run.py gpu --cases 512 --frameworks jora,hf          # each about 2 minutes
+    python bench/run.py gpu --cases 4096 --frameworks jora,hf --repeats 1
+    python bench/run.py gpu --cases 16384 --frameworks jora --repeats 1 --timeout 420
+    python bench/run.py gpu --cases 16384 --frameworks hf --repeats 1 --timeout 420
 """
 import argparse
 import datetime
@@ -16,28 +26,37 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 RESULTS = HERE / "results"
+BUILD = ROOT / "build"                      # git-ignored: the random checkpoints and the compilation cache
 
 LLAMA2_7B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
 SUITES = {
     "cpu": dict(model=dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
                            num_key_value_heads=8, vocab_size=32000),
-                dtype="float32", cases=[(512, 0), (2048, 64)], remats=["none", "full"], warmup=2, steps=7,
-                device="cpu", targets={(512, 0): 1.0, (2048, 64): 0.6}),
+                dtype="float32", cases=[(512, 0), (2048, 64)], remats=["none", "full"], warmup=2, steps=5, repeats=3,
+                device="cpu", targets={(512, 0): 0.9, (2048, 64): 0.9}, timeout=900),
     "gpu": dict(model=LLAMA2_7B, dtype="bfloat16", cases=[(512, 0), (4096, 0), (16384, 0)], remats=["full"],
-                warmup=2, steps=7, device="auto", targets={}),
+                warmup=2, steps=5, repeats=1, device="gpu", targets={}, timeout=540),
     "smoke": dict(model=dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                              num_key_value_heads=4, vocab_size=512),
-                  dtype="float32", cases=[(48, 16)], remats=["none"], warmup=1, steps=2, device="cpu", targets={}),
+                  dtype="float32", cases=[(48, 16)], remats=["none"], warmup=1, steps=2, repeats=2, device="cpu",
+                  targets={}, timeout=600),
 }
 PAPER_ONE_GPU = {"step_seconds": 0.19, "memory_gb": 23.1}           # JORA paper, Llama-2-7B, one GPU
 PAPER_TABLE_1_GB = {1: 23.1, 2: 16.1, 4: 11.4}                      # JORA paper, Table 1, memory per GPU
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16, SXM
+# dense bf16 FLOP/s by device kind, most specific name first (NVIDIA data sheets; an H200 NVL is not an H200 SXM)
+PEAK_BF16_FLOPS = [("H200 NVL", 835.6e12), ("H200", 989.4e12), ("H100 NVL", 835.6e12), ("H100 PCIe", 756.5e12),
+                   ("H100", 989.4e12), ("A100", 312e12), ("L40S", 362.05e12)]
+
+
+def peak_flops(device_kind: str) -> float | None:
+    "Dense bf16 peak of a device kind such as 'NVIDIA H200' (SXM) or 'NVIDIA H200 NVL'; None when unknown."
+    return next((flops for name, flops in PEAK_BF16_FLOPS if name in device_kind), None)
 
 
 def write_model(folder: Path, shape: dict, dtype: str) -> Path:
@@ -55,8 +74,9 @@ def write_model(folder: Path, shape: dict, dtype: str) -> Path:
 
 def lora_flops_per_token(shape: dict, sequence: int, lora_rank: int = 16) -> float:
     """Model FLOPs per token of a LoRA training step: 4 x the frozen matrix parameters (forward, and the backward's
-    input gradients; frozen weights get no weight gradient), 6 x the LoRA parameters, and 12 x layers x sequence x
-    hidden for attention scores and mixing (forward and backward, no causal discount, as PaLM counts it).
+    input gradients; frozen weights get no weight gradient), 6 x the LoRA parameters, and for attention
+    6 x layers x sequence x hidden: scores and mixing are 2 matmuls of 2 x sequence x hidden FLOPs per token forward,
+    3 x that with the backward, halved because a causal token attends on average half the sequence.
     Rematerialisation is not counted: this is model FLOPs, not hardware FLOPs."""
     hidden, layers = shape["hidden_size"], shape["num_hidden_layers"]
     head_dim = hidden // shape["num_attention_heads"]
@@ -64,19 +84,35 @@ def lora_flops_per_token(shape: dict, sequence: int, lora_rank: int = 16) -> flo
     per_layer = 2 * hidden * hidden + 2 * hidden * key_value + 3 * hidden * shape["intermediate_size"]
     frozen = layers * per_layer + hidden * shape["vocab_size"]
     lora = layers * lora_rank * ((hidden + hidden) + (hidden + key_value))      # q_proj and v_proj
-    return 4 * frozen + 6 * lora + 12 * layers * sequence * hidden
+    return 4 * frozen + 6 * lora + 6 * layers * sequence * hidden
 
 
-def run_case(framework: str, model: Path, prompt: int, answer: int, suite: dict, remat: str) -> dict:
+def case_environment(suite: dict) -> dict:
+    "The checkout on PYTHONPATH, a persistent compilation cache, and on a GPU up to 95% of its memory for a fair peak."
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false",
+                   "JAX_COMPILATION_CACHE_DIR": str(BUILD / "jax-compilation-cache")}
+    if suite["device"] == "gpu":
+        environment["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"
+    return environment
+
+
+def run_case(framework: str, model: Path, prompt: int, answer: int, suite: dict, remat: str,
+             timeout: float | None = None) -> dict:
+    "One framework's measurement of one case, in its own process; a case past `timeout` seconds is reported as such."
     command = [sys.executable, str(HERE / "step.py"), "--framework", framework, "--model", str(model),
                "--prompt", str(prompt), "--answer", str(answer), "--dtype", suite["dtype"], "--remat", remat,
                "--warmup", str(suite["warmup"]), "--steps", str(suite["steps"]), "--device", suite["device"]]
-    environment = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
+    shown = " ".join(["python", "bench/step.py", *command[2:]]).replace(str(model), "MODEL")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=case_environment(suite),
+                              timeout=timeout or suite["timeout"])
+    except subprocess.TimeoutExpired:
+        return {"framework": framework, "error": f"timed out after {timeout or suite['timeout']} s", "command": shown}
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{shown} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["command"] = " ".join(["python", "bench/step.py", *command[2:]]).replace(str(model), "MODEL")
+    result["command"] = shown
     return result
 
 
@@ -92,44 +128,93 @@ def machine() -> dict:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), **versions}
 
 
-def compare(suite_name: str, suite: dict, model: Path) -> dict:
-    rows = []
-    for remat in suite["remats"]:
-        for prompt, answer in suite["cases"]:
-            pair = {name: run_case(name, model, prompt, answer, suite, remat) for name in ("jora", "hf")}
-            jora, hf = pair["jora"], pair["hf"]
-            row = {"remat": remat, "prompt": prompt, "answer": answer, "jora": jora, "hf": hf,
-                   "time_ratio": jora["median_step_seconds"] / hf["median_step_seconds"],
-                   "rss_ratio": jora["peak_rss_bytes"] / hf["peak_rss_bytes"],
-                   "first_loss_difference": abs(jora["first_loss"] - hf["first_loss"])}
-            if jora["peak_device_bytes"] and hf["peak_device_bytes"]:
-                row["device_memory_ratio"] = jora["peak_device_bytes"] / hf["peak_device_bytes"]
-            peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in jora["device"]), None)
-            if peak and suite["dtype"] == "bfloat16":
-                flops = lora_flops_per_token(suite["model"], prompt + answer)
-                row["mfu"] = {name: flops * pair[name]["tokens_per_second"] / peak for name in pair}
-            target = suite["targets"].get((prompt, answer))
-            if target is not None:
-                row["time_target"] = target
-                row["time_target_met"] = row["time_ratio"] <= target
-                row["rss_target_met"] = row["rss_ratio"] <= 1.0
-            rows.append(row)
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def case_row(suite: dict, remat: str, prompt: int, answer: int, runs: dict) -> dict:
+    """One case from its runs (`runs[framework]`: one measurement per repeat): the run with the median step time stands
+    for each framework, and the time ratio is that of the medians, with the range of the ratios of paired runs."""
+    row = {"remat": remat, "prompt": prompt, "answer": answer, "runs": runs}
+    measured = {name: [run for run in found if "error" not in run] for name, found in runs.items()}
+    for name, found in measured.items():
+        if found:
+            found = sorted(found, key=lambda run: run["median_step_seconds"])
+            row[name] = found[(len(found) - 1) // 2]
+            row[f"{name}_step_seconds"] = spread([run["median_step_seconds"] for run in found])
+        else:
+            row[name] = {"error": runs[name][-1]["error"]}
+    if not all(name in measured and measured[name] for name in ("jora", "hf")):
+        return row
+    jora, hf = row["jora"], row["hf"]
+    row["time_ratio"] = row["jora_step_seconds"]["median"] / row["hf_step_seconds"]["median"]
+    pairs = list(zip(measured["jora"], measured["hf"]))
+    row["time_ratio_runs"] = spread([j["median_step_seconds"] / h["median_step_seconds"] for j, h in pairs])
+    row["rss_ratio"] = jora["peak_rss_bytes"] / hf["peak_rss_bytes"]
+    row["first_loss_difference"] = abs(jora["first_loss"] - hf["first_loss"])
+    if jora["peak_device_bytes"] and hf["peak_device_bytes"]:
+        row["device_memory_ratio"] = jora["peak_device_bytes"] / hf["peak_device_bytes"]
+    peak = peak_flops(jora["device"])
+    if peak and suite["dtype"] == "bfloat16":
+        flops = lora_flops_per_token(suite["model"], prompt + answer)
+        row["mfu"] = {name: flops * row[name]["tokens_per_second"] / peak for name in ("jora", "hf")}
+        row["peak_flops"] = peak
+    target = suite["targets"].get((prompt, answer))
+    if target is not None:
+        row["time_target"] = target
+        row["time_target_met"] = row["time_ratio"] <= target
+        row["rss_target_met"] = row["rss_ratio"] <= 1.0
+    return row
+
+
+def compare(suite_name: str, suite: dict, model: Path, *, frameworks=("jora", "hf"), cases=None, remats=None,
+            repeats=None, timeout=None, results_path: Path | None = None) -> dict:
+    "Measure every case, alternating the frameworks' order from one repeat to the next; write after each measurement."
+    results = existing_results(results_path, suite_name, suite)
+    for remat in remats or suite["remats"]:
+        for prompt, answer in cases or suite["cases"]:
+            runs = {name: [] for name in frameworks}
+            for repeat in range(repeats or suite["repeats"]):
+                for name in (frameworks if repeat % 2 == 0 else tuple(reversed(frameworks))):
+                    runs[name].append(run_case(name, model, prompt, answer, suite, remat, timeout))
+                    earlier = next((r for r in results["rows"] if (r["remat"], r["prompt"], r["answer"]) ==
+                                    (remat, prompt, answer)), None)
+                    merged = {**(earlier or {}).get("runs", {}), **{k: v for k, v in runs.items() if v}}
+                    row = case_row(suite, remat, prompt, answer, merged)
+                    results["rows"] = [r for r in results["rows"] if r is not earlier] + [row]
+                    if results_path is not None:
+                        save(results, results_path)
             print(summary_line(row), flush=True)
-    return {"suite": suite_name, "date": datetime.date.today().isoformat(), "machine": machine(),
-            "model_shape": suite["model"], "dtype": suite["dtype"], "lora": "q_proj, v_proj, r=16, alpha=16, dropout 0",
-            "optimizer": "AdamW lr 1e-4", "warmup_steps": suite["warmup"], "timed_steps": suite["steps"],
-            "command": f"python bench/run.py {suite_name}", "rows": rows,
-            "paper_one_gpu": PAPER_ONE_GPU if suite_name == "gpu" else None}
+    return results
+
+
+def existing_results(path: Path | None, suite_name: str, suite: dict) -> dict:
+    "The suite's results file as a starting point (its rows are kept and replaced case by case), or a new one."
+    header = {"suite": suite_name, "date": datetime.date.today().isoformat(), "machine": machine(),
+              "model_shape": suite["model"], "dtype": suite["dtype"], "lora": "q_proj, v_proj, r=16, alpha=16, dropout 0",
+              "optimizer": "AdamW lr 1e-4", "warmup_steps": suite["warmup"], "timed_steps": suite["steps"],
+              "repeats": suite["repeats"], "command": f"python bench/run.py {suite_name}",
+              "paper_one_gpu": PAPER_ONE_GPU if suite_name == "gpu" else None, "rows": []}
+    if path is not None and path.exists():
+        header["rows"] = json.loads(path.read_text()).get("rows", [])
+    return header
 
 
 def summary_line(row: dict) -> str:
-    jora, hf = row["jora"], row["hf"]
-    return (f"remat={row['remat']:<5} tokens={row['prompt']}+{row['answer']}: jora {jora['median_step_seconds']:.3f} s "
-            f"({jora['tokens_per_second']:.0f} tok/s, compile {jora['compile_seconds']:.1f} s, "
-            f"RSS {jora['peak_rss_bytes'] / 1e9:.2f} GB) | hf {hf['median_step_seconds']:.3f} s "
-            f"({hf['tokens_per_second']:.0f} tok/s, RSS {hf['peak_rss_bytes'] / 1e9:.2f} GB) | "
-            f"time ratio {row['time_ratio']:.2f}, RSS ratio {row['rss_ratio']:.2f}, "
-            f"first-loss difference {row['first_loss_difference']:.1e}")
+    "One line per case: each framework's median step, and the ratio with the range over the paired runs."
+    parts = [f"remat={row['remat']:<5} tokens={row['prompt']}+{row['answer']}:"]
+    for name in ("jora", "hf"):
+        if name in row and "error" in row[name]:
+            parts.append(f"{name} {row[name]['error']}")
+        elif f"{name}_step_seconds" in row:
+            times = row[f"{name}_step_seconds"]
+            parts.append(f"{name} {times['median']:.3f} s (min {times['min']:.3f}, max {times['max']:.3f}; "
+                         f"{row[name]['tokens_per_second']:.0f} tok/s, RSS {row[name]['peak_rss_bytes'] / 1e9:.2f} GB)")
+    if "time_ratio" in row:
+        ratios = row["time_ratio_runs"]
+        parts.append(f"time ratio {row['time_ratio']:.2f} (runs {ratios['min']:.2f}-{ratios['max']:.2f}), "
+                     f"RSS ratio {row['rss_ratio']:.2f}, first-loss difference {row['first_loss_difference']:.1e}")
+    return " | ".join(parts)
 
 
 def memory_suite(folder: Path = RESULTS) -> dict:
@@ -169,20 +254,58 @@ def save(results: dict, path: Path) -> Path:
     return path
 
 
+def model_folder(suite_name: str, suite: dict) -> Path:
+    "The suite's random checkpoint, written once into build/ (git-ignored) and reused by later commands."
+    folder = BUILD / f"bench-{suite_name}-model"
+    if not (folder / "config.json").exists():
+        write_model(folder, suite["model"], suite["dtype"])
+    return folder
+
+
+def require_gpu() -> None:
+    "Refuse to measure the GPU suite on a machine where JAX or torch sees no GPU (instead of timing a CPU)."
+    done = subprocess.run([sys.executable, "-c", "import jax, torch; print(jax.default_backend(), torch.cuda.is_available())"],
+                          capture_output=True, text=True, env=case_environment(SUITES["gpu"]))
+    backend, torch_cuda = (done.stdout.split() + ["?", "?"])[:2]
+    if backend != "gpu" or torch_cuda != "True":
+        raise SystemExit(f"The gpu suite needs a GPU for both frameworks; JAX's backend is {backend!r} and torch sees "
+                         f"CUDA: {torch_cuda}. Install jax[cuda12] and a CUDA build of torch.")
+
+
+def parse_cases(text: str | None, suite: dict) -> list[tuple[int, int]] | None:
+    "'512,2048+64' -> [(512, 0), (2048, 64)]."
+    if not text:
+        return None
+    return [tuple(int(x) for x in (item.split("+") + ["0"])[:2]) for item in text.split(",")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", choices=[*SUITES, "memory"])
-    parser.add_argument("--model", help="use this checkpoint folder instead of writing a random one")
+    parser.add_argument("--model", help="use this checkpoint folder instead of the suite's random one in build/")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <suite>.json (default: bench/results)")
+    parser.add_argument("--cases", help="prompt[+answer] lengths, comma-separated (default: the suite's)")
+    parser.add_argument("--frameworks", default="jora,hf", help="jora, hf or both (default: jora,hf)")
+    parser.add_argument("--remats", help="none and/or full, comma-separated (default: the suite's)")
+    parser.add_argument("--repeats", type=int, help="measurements per framework and case (default: the suite's)")
+    parser.add_argument("--timeout", type=float, help="seconds allowed to one measurement (default: the suite's)")
+    parser.add_argument("--write-model-only", action="store_true", help="write the suite's checkpoint and stop")
     args = parser.parse_args(argv)
     if args.suite == "memory":
         memory_suite(args.results)
         return
     suite = SUITES[args.suite]
-    with tempfile.TemporaryDirectory(prefix="jora-bench-") as folder:
-        model = Path(args.model) if args.model else write_model(Path(folder) / "model", suite["model"], suite["dtype"])
-        results = compare(args.suite, suite, model)
-    print("wrote", save(results, args.results / f"{args.suite}.json"))
+    if suite["device"] == "gpu":
+        require_gpu()
+    model = Path(args.model) if args.model else model_folder(args.suite, suite)
+    if args.write_model_only:
+        print("wrote", model)
+        return
+    path = args.results / f"{args.suite}.json"
+    compare(args.suite, suite, model, frameworks=tuple(args.frameworks.split(",")), cases=parse_cases(args.cases, suite),
+            remats=args.remats.split(",") if args.remats else None, repeats=args.repeats, timeout=args.timeout,
+            results_path=path)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

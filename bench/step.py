@@ -38,6 +38,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def check_gpu(framework: str) -> None:
+    "Stop with a message when the framework would fall back to the CPU."
+    if framework == "jora":
+        import jax
+        found = jax.default_backend() == "gpu"
+    else:
+        import torch
+        found = torch.cuda.is_available()
+    if not found:
+        raise SystemExit(f"--device gpu: {framework} sees no GPU here; nothing was measured.")
+
+
 def run_jora(args, ids, labels):
     import jax
     import jax.numpy as jnp
@@ -127,10 +139,13 @@ def main(argv=None):
     parser.add_argument("--attention-block", type=int, default=1024, help="jora only (0: one call)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                        help="gpu: refuse to run unless this framework sees a GPU (no silent CPU fallback)")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if args.device == "gpu":
+        check_gpu(args.framework)
     vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     ids, labels = token_batch(vocab_size, args.batch, args.prompt, args.answer)
     runner = run_jora if args.framework == "jora" else run_hf

@@ -21,17 +21,18 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .attention import (MaskParts, attention, constrain, even_block_size, join_sequence_blocks,
+                            make_attention_mask, sequence_axis_size, sequence_blocks)
+
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
            'REMAT_POLICIES', 'IGNORE_INDEX', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'TINY_CORPUS', 'TINY_STYLES',
            'RopeScaling', 'LlamaConfig', 'projection_shape', 'has_bias', 'param_shapes', 'init_params', 'rms_norm',
-           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'make_attention_mask', 'MaskParts',
-           'sequence_blocks', 'even_block_size', 'join_sequence_blocks', 'LoraWeights', 'project', 'constrain',
-           'sequence_axis_size', 'attention', 'key_value_head_axis', 'decoder_layer', 'remat_layer',
-           'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward', 'causal_lm_loss_sum',
-           'causal_lm_loss', 'sample_top_p', 'generate', 'model_axis_sizes', 'check_model_axis',
-           'tensor_parallel_specs', 'hf_weight_names', 'checkpoint_tensor_files', 'load_hf_checkpoint',
-           'save_tiny_tokenizer', 'save_tiny_hf_checkpoint']
+           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'key_value_head_axis',
+           'decoder_layer', 'remat_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states',
+           'forward', 'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate',
+           'model_axis_sizes', 'check_model_axis', 'tensor_parallel_specs', 'hf_weight_names',
+           'checkpoint_tensor_files', 'load_hf_checkpoint', 'save_tiny_tokenizer', 'save_tiny_hf_checkpoint']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -251,55 +252,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated = jnp.concatenate([-second, first], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
-# %% ../nbs/00_model.ipynb #e39b421e
-def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,
-                   query_segments: jax.Array | None = None, key_segments: jax.Array | None = None,
-                   sliding_window: int | None = None) -> jax.Array:
-    "Boolean mask `[batch, 1, queries, keys]`: True where a query may attend a key."
-    mask = (key_slots[:, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :]
-    if query_segments is not None:
-        mask &= query_segments[:, :, None] == key_segments[:, None, :]
-    if sliding_window is not None:
-        mask &= query_slots[:, :, None] - key_slots[:, None, :] < sliding_window
-    mask |= key_slots[:, None, :] == query_slots[:, :, None]
-    return mask[:, None]
-
-
-class MaskParts(NamedTuple):
-    "The vectors a mask is made from (`[batch, queries]` / `[batch, keys]`); the mask is built a block at a time."
-    query_slots: jax.Array
-    key_slots: jax.Array
-    key_valid: jax.Array
-    query_segments: jax.Array | None = None
-    key_segments: jax.Array | None = None
-
-
-def sequence_blocks(x: jax.Array, groups: int, size: int) -> jax.Array:
-    """`[batch, time, ...]` -> `[steps, batch, groups * size, ...]`. The sequence is cut into `groups` equal parts (one
-    per device on the 'seq' axis); step i holds the i-th `size` positions of every part (each part zero-padded at its
-    end), so a scan over the steps keeps every device on its own part of the sequence."""
-    batch, time = x.shape[:2]
-    local = time // groups
-    pad = (-local) % size
-    x = x.reshape(batch, groups, local, *x.shape[2:])
-    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-    x = x.reshape(batch, groups, (local + pad) // size, size, *x.shape[3:])
-    return jnp.moveaxis(x, 2, 0).reshape(-1, batch, groups * size, *x.shape[4:])
-
-
-def even_block_size(length: int, largest: int) -> int:
-    "The block size, at most `largest`, that cuts `length` into the fewest near-equal blocks (2112 by 2048: 1056)."
-    steps = -(-length // max(1, min(largest, length)))
-    return -(-length // steps)
-
-
-def join_sequence_blocks(blocks: jax.Array, groups: int, time: int) -> jax.Array:
-    "The inverse of `sequence_blocks`: `[steps, batch, groups * size, ...]` -> `[batch, time, ...]`."
-    steps, batch, width = blocks.shape[:3]
-    x = blocks.reshape(steps, batch, groups, width // groups, *blocks.shape[3:])
-    x = jnp.moveaxis(x, 0, 2).reshape(batch, groups, -1, *blocks.shape[3:])
-    return x[:, :, :time // groups].reshape(batch, time, *blocks.shape[3:])
-
 # %% ../nbs/00_model.ipynb #b1f8e62c
 @partial(jax.tree_util.register_dataclass, data_fields=["adapters"], meta_fields=["scale", "dropout"])
 @dataclass(frozen=True)
@@ -327,47 +279,6 @@ def project(x: jax.Array, layer: dict, name: str, lora: LoraWeights | None = Non
     return checkpoint_name(y, name)
 
 # %% ../nbs/00_model.ipynb #4e535494
-def constrain(x: jax.Array, mesh, *axes) -> jax.Array:
-    "Pin `x` to `PartitionSpec(*axes)` on `mesh` (axes the mesh lacks are left whole); a no-op without a mesh."
-    if mesh is None:
-        return x
-    spec = P(*(axis if axis in mesh.axis_names else None for axis in axes))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def sequence_axis_size(mesh) -> int:
-    "How many devices share one sequence (the mesh's 'seq' axis; 1 without a mesh)."
-    return 1 if mesh is None else mesh.shape.get("seq", 1)
-
-
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
-              sliding_window: int | None = None, block: int | None = None, mesh=None) -> jax.Array:
-    """`jax.nn.dot_product_attention` of `query` `[batch, time, heads, head_dim]` over all keys. With `block`, the
-    queries go `block` at a time (each 'seq' device takes `block / seq` of its own), every block builds its mask from
-    `parts` and is recomputed in the backward pass, so memory grows with block x keys instead of time x keys."""
-    scale = query.shape[-1] ** -0.5
-
-    def attend(q, query_slots, query_segments, key, value):
-        mask = make_attention_mask(query_slots, parts.key_slots, parts.key_valid, query_segments, parts.key_segments,
-                                   sliding_window)
-        return jax.nn.dot_product_attention(q, key, value, mask=mask, scale=scale)
-
-    batch, time = query.shape[:2]
-    if block is None or block >= time:
-        return attend(query, parts.query_slots, parts.query_segments, key, value)
-    groups = sequence_axis_size(mesh) if time % sequence_axis_size(mesh) == 0 else 1
-    size = even_block_size(time // groups, block // groups)
-    pin = lambda x: constrain(x, mesh, "data", "seq", "model", None)
-    one_block = jax.checkpoint(lambda q, s, g, k, v: pin(attend(pin(q), s, g, k, v)))
-
-    def step(_, inputs):
-        return None, one_block(*inputs, key, value)
-
-    cut = lambda x: None if x is None else sequence_blocks(x, groups, size)
-    _, attended = jax.lax.scan(step, None, (cut(query), cut(parts.query_slots), cut(parts.query_segments)))
-    return join_sequence_blocks(attended, groups, time)
-
-
 def key_value_head_axis(config: LlamaConfig, mesh) -> str | None:
     "'model' when the key/value heads split evenly over the model axis, else None (each device keeps them all)."
     if mesh is None or config.num_key_value_heads % mesh.shape.get("model", 1):
@@ -378,7 +289,7 @@ def key_value_head_axis(config: LlamaConfig, mesh) -> str | None:
 def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask_parts: MaskParts, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
                   cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None, mesh=None,
-                  attention_block: int | None = None):
+                  attention_block: int | None = None, attention_implementation: str = "auto", row_layout: str = "any"):
     "One pre-norm decoder block; returns the new hidden states and the (updated) key/value cache."
     batch, time, _ = hidden.shape
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -395,7 +306,8 @@ def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.
         key, value = cache
     key, value = (constrain(t, mesh, "data", None, kv_axis, None) for t in (key, value))
     attended = attention(query, key, value, mask_parts, sliding_window=config.sliding_window, block=attention_block,
-                         mesh=mesh)
+                         mesh=mesh, implementation=attention_implementation, row_layout=row_layout,
+                         cached=cache is not None)
     attended = constrain(attended.reshape(batch, time, heads * head_dim), mesh, "data", "seq", "model")
     hidden = constrain(hidden + proj(attended, name="o_proj"), mesh, "data", "seq", None)
     x = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_norm_eps)
@@ -437,7 +349,8 @@ def lm_head_logits(params: dict, hidden: jax.Array) -> jax.Array:
 def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
                   positions=None, segment_ids=None, lora: LoraWeights | None = None,
                   dropout_key: jax.Array | None = None, remat: str | None = None, mesh=None,
-                  attention_block: int | None = None) -> jax.Array:
+                  attention_block: int | None = None, attention_implementation: str = "auto",
+                  row_layout: str = "any") -> jax.Array:
     "Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype."
     input_ids = jnp.asarray(input_ids)
     batch, time = input_ids.shape
@@ -453,7 +366,8 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
     def body(hidden, per_layer):
         layer, layer_lora, layer_key = per_layer
         hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, layer_key, mesh=mesh,
-                                  attention_block=attention_block)
+                                  attention_block=attention_block, attention_implementation=attention_implementation,
+                                  row_layout=row_layout)
         return hidden, None
 
     hidden, _ = jax.lax.scan(remat_layer(body, remat), hidden, (params["layers"], lora, layer_keys))
@@ -462,11 +376,13 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
 
 def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
             lora: LoraWeights | None = None, positions=None, segment_ids=None, dropout_key: jax.Array | None = None,
-            remat: str | None = None, mesh=None, attention_block: int | None = None) -> jax.Array:
+            remat: str | None = None, mesh=None, attention_block: int | None = None,
+            attention_implementation: str = "auto", row_layout: str = "any") -> jax.Array:
     "Logits `[batch, time, vocab]` in fp32."
     hidden = hidden_states(config, params, input_ids, attention_mask=attention_mask, positions=positions,
                            segment_ids=segment_ids, lora=lora, dropout_key=dropout_key, remat=remat, mesh=mesh,
-                           attention_block=attention_block)
+                           attention_block=attention_block, attention_implementation=attention_implementation,
+                           row_layout=row_layout)
     return lm_head_logits(params, hidden)
 
 # %% ../nbs/00_model.ipynb #a4a4cd28
@@ -481,20 +397,57 @@ def _summed_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labe
     return jnp.sum(jnp.where(labelled, log_normaliser - picked, 0.0))
 
 
+def _token_loss_and_hidden_grad(weight, hidden, targets, labelled):
+    "The summed loss of one chunk and its gradient with respect to `hidden`, from one pass over the logits."
+    logits = jnp.matmul(hidden, weight, preferred_element_type=jnp.float32)
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(labelled, targets, 0)[..., None], axis=-1)[..., 0]
+    loss = jnp.sum(jnp.where(labelled, log_normaliser - picked, 0.0))
+    logit_grads = (jnp.exp(logits - log_normaliser[..., None])
+                   - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)) * labelled[..., None]
+    return loss, jnp.matmul(logit_grads.astype(weight.dtype), weight.T, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def chunk_token_loss(weight: jax.Array, hidden: jax.Array, targets: jax.Array, labelled: jax.Array) -> jax.Array:
+    """`_summed_token_loss` of one chunk, differentiated the fused way: the forward computes the gradient with respect
+    to `hidden` while the logits are at hand, so the backward needs no second LM-head matmul, and a chunk without
+    labels costs nothing. (The weight's gradient recomputes the logits; a LoRA step never asks for it, so XLA drops it.)"""
+    return _chunk_loss_forward(weight, hidden, targets, labelled)[0]
+
+
+def _chunk_loss_forward(weight, hidden, targets, labelled):
+    loss, hidden_grad = jax.lax.cond(labelled.any(), _token_loss_and_hidden_grad,
+                                     lambda *_: (jnp.float32(0), jnp.zeros(hidden.shape, jnp.float32)),
+                                     weight, hidden, targets, labelled)
+    return loss, (weight, hidden, targets, labelled, hidden_grad.astype(hidden.dtype))
+
+
+def _chunk_loss_backward(residuals, loss_grad):
+    weight, hidden, targets, labelled, hidden_grad = residuals
+    logits = jnp.matmul(hidden, weight, preferred_element_type=jnp.float32)
+    logit_grads = (jax.nn.softmax(logits, axis=-1)
+                   - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)) * labelled[..., None]
+    weight_grad = jnp.einsum("...h,...v->hv", hidden.astype(jnp.float32), logit_grads).astype(weight.dtype)
+    return loss_grad * weight_grad, (loss_grad * hidden_grad).astype(hidden.dtype), None, None
+
+
+chunk_token_loss.defvjp(_chunk_loss_forward, _chunk_loss_backward)
+
+
 def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array, chunk: int,
                         mesh=None) -> jax.Array:
     """As `_summed_token_loss`, `chunk` positions at a time (split evenly over the 'seq' devices, each on its own part),
-    skipping chunks without labels, logits recomputed for the backward."""
+    skipping chunks without labels; only one chunk's logits exist at a time."""
     time = hidden.shape[1]
     groups = sequence_axis_size(mesh) if time % sequence_axis_size(mesh) == 0 else 1
     size = even_block_size(time // groups, chunk // groups)
-    # the skip sits inside the checkpoint: a cond outside it would make the backward keep every chunk's logits
-    piece_loss = jax.checkpoint(lambda h, t, m: jax.lax.cond(
-        m.any(), lambda: _summed_token_loss(params, constrain(h, mesh, "data", "seq", None), t, m),
-        lambda: jnp.float32(0)))
+    weight = lm_head_weight(params)
 
     def body(total, inputs):
-        return total + piece_loss(*inputs), None
+        piece, piece_targets, piece_labelled = inputs
+        piece = constrain(piece, mesh, "data", "seq", None)
+        return total + chunk_token_loss(weight, piece, piece_targets, piece_labelled), None
 
     pieces = tuple(sequence_blocks(x, groups, size) for x in (hidden, targets, labelled))
     total, _ = jax.lax.scan(body, jnp.float32(0), pieces)

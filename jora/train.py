@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .attention import ATTENTION_IMPLEMENTATIONS
 from .model import (LlamaConfig, LoraWeights, causal_lm_loss_sum, generate, load_hf_checkpoint, param_shapes,
                         tensor_parallel_specs, PROJECTIONS)
 from .sharding import batch_spec, compiled_memory, device_memory_stats, make_mesh, named_shardings
@@ -70,7 +71,8 @@ class ParallamaConfig(NamedTuple):
     MESH_SEQ: int = 1
     REMAT: str = "full"
     LOGITS_CHUNK: int = 512
-    ATTENTION_BLOCK: int = 1024
+    ATTENTION_BLOCK: int = 640
+    ATTENTION_IMPLEMENTATION: str = "auto"
     DTYPE: str = "bfloat16"
     WARMUP_STEPS: int = 10
     MIN_LR_RATIO: float = 0.1
@@ -104,7 +106,10 @@ FIELD_HELP = {
     "MESH_DATA": "devices on the data axis", "MESH_MODEL": "devices on the model (tensor-parallel) axis; default: the rest",
     "MESH_SEQ": "devices on the sequence axis", "REMAT": "rematerialisation policy: none, full or projections",
     "LOGITS_CHUNK": "positions per LM-head chunk in the loss; unlabelled chunks are skipped (0: all positions at once)",
-    "ATTENTION_BLOCK": "query positions per attention block, shared by the seq devices; smaller saves memory on long "
+    "ATTENTION_IMPLEMENTATION": "attention kernel: auto (cuDNN or Pallas on an NVIDIA GPU, XLA elsewhere), xla, cudnn or "
+                                "pallas",
+    "ATTENTION_BLOCK": "most query positions per block of the XLA attention path (cut evenly, keys in half blocks), shared "
+                       "by the seq devices; 500-640 is fastest on CPU, smaller saves memory on long "
                        "sequences (0: all at once)",
     "DTYPE": "dtype of the frozen weights: bfloat16 or float32", "WARMUP_STEPS": "linear warmup steps",
     "MIN_LR_RATIO": "final learning rate of the cosine decay, as a fraction of LR",
@@ -126,7 +131,8 @@ def config_to_dict(config: ParallamaConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config._asdict().items()}
 
 
-FIELD_CHOICES = {"DTYPE": ("bfloat16", "float32"), "REMAT": ("none", "full", "projections")}
+FIELD_CHOICES = {"DTYPE": ("bfloat16", "float32"), "REMAT": ("none", "full", "projections"),
+                 "ATTENTION_IMPLEMENTATION": ATTENTION_IMPLEMENTATIONS}
 
 
 def field_type(field: str) -> type:
@@ -447,24 +453,29 @@ def make_optimizer(config: ParallamaConfig, total_steps: int):
 
 
 def _loss_sum(model_config, params, adapters, batch, *, scale, dropout, dropout_key, remat, mesh, logits_chunk=None,
-              attention_block=None):
+              **attention_options):
+    "`attention_options`: `attention_block`, `attention_implementation` and `row_layout`, as `forward` takes them."
     return causal_lm_loss_sum(model_config, params, batch["input_ids"], batch["labels"], logits_chunk=logits_chunk,
-                              attention_block=attention_block,
+                              **attention_options,
                               attention_mask=batch["attention_mask"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"], lora=LoraWeights(adapters, scale, dropout),
                               dropout_key=dropout_key, remat=remat, mesh=mesh)
 
 
 def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfig, remat: str | None, mesh,
-                    logits_chunk: int | None = None, attention_block: int | None = None):
-    "The jitted step `(adapters, optimizer_state, params, micro_batches, key) -> (adapters, optimizer_state, metrics)`."
+                    logits_chunk: int | None = None, attention_block: int | None = None, *,
+                    attention_implementation: str = "auto", row_layout: str = "any"):
+    """The jitted step `(adapters, optimizer_state, params, micro_batches, key) -> (adapters, optimizer_state, metrics)`.
+    `row_layout` says what the batches hold ('packed' or 'right_padded' rows), which decides the GPU attention kernel."""
+    attention_options = dict(attention_block=attention_block, attention_implementation=attention_implementation,
+                             row_layout=row_layout)
     def step(adapters, optimizer_state, params, micro_batches, key):
         def accumulate(carry, inputs):
             batch, index = inputs
             (total, count), grads = jax.value_and_grad(
                 lambda a: _loss_sum(model_config, params, a, batch, scale=lora_config.scale, dropout=lora_config.dropout,
                                     dropout_key=jax.random.fold_in(key, index), remat=remat, mesh=mesh,
-                                    logits_chunk=logits_chunk, attention_block=attention_block),
+                                    logits_chunk=logits_chunk, **attention_options),
                 has_aux=True)(adapters)
             loss_sum, token_count, grad_sum = carry
             return (loss_sum + total, token_count + count, jax.tree.map(jnp.add, grad_sum, grads)), None
@@ -486,11 +497,13 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
 
 
 def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, logits_chunk: int | None = None,
-                   attention_block: int | None = None):
+                   attention_block: int | None = None, *, attention_implementation: str = "auto",
+                   row_layout: str = "any"):
     "The jitted `(adapters, params, batch) -> (summed loss, labelled tokens)`, without dropout."
     def evaluate(adapters, params, batch):
         return _loss_sum(model_config, params, adapters, batch, scale=lora_config.scale, dropout=0.0, dropout_key=None,
-                         remat=None, mesh=mesh, logits_chunk=logits_chunk, attention_block=attention_block)
+                         remat=None, mesh=mesh, logits_chunk=logits_chunk, attention_block=attention_block,
+                         attention_implementation=attention_implementation, row_layout=row_layout)
     return jax.jit(evaluate)
 
 # %% ../nbs/05_train.ipynb #2c60eed5
@@ -621,9 +634,12 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
         optimizer_state = load_optimizer_state(latest, optimizer_state)
         step, epoch, next_batch, history = saved["step"], saved["epoch"], saved["next_batch"], saved["history"]
     chunk, block = config.LOGITS_CHUNK or None, config.ATTENTION_BLOCK or None
+    attention_options = dict(attention_implementation=config.ATTENTION_IMPLEMENTATION,
+                             row_layout="packed" if config.PACK else "right_padded")
     train_step = make_train_step(model_config, optimizer, lora_config, None if config.REMAT == "none" else config.REMAT,
-                                 mesh, chunk, block)
-    eval_step = make_eval_step(model_config, lora_config, mesh, chunk, block) if eval_dataset is not None else None
+                                 mesh, chunk, block, **attention_options)
+    eval_step = (make_eval_step(model_config, lora_config, mesh, chunk, block, **attention_options)
+                 if eval_dataset is not None else None)
     compiled, last_saved = {}, latest
 
     def state_json() -> dict:
