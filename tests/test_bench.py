@@ -39,7 +39,7 @@ def test_smoke_suite_measures_both_frameworks_on_the_same_step(tmp_path):
 
 
 def test_flop_count_matches_the_parameter_count():
-    "4 x the frozen matrices (every projection and the LM head, not the embedding or norms) plus the attention term."
+    "4 x the frozen matrices (every projection and the LM head, not the embedding or norms) plus causal attention."
     import numpy as np
     from jora.model import LlamaConfig, param_shapes
     bench = load_bench()
@@ -48,7 +48,14 @@ def test_flop_count_matches_the_parameter_count():
     frozen = sum(np.prod(s) for name, s in shapes["layers"].items() if name.endswith("_proj")) + np.prod(shapes["lm_head"])
     lora = 32 * 16 * (2 * 4096 + 2 * 4096)
     assert bench.lora_flops_per_token(shape, 0) == 4 * frozen + 6 * lora
-    assert bench.lora_flops_per_token(shape, 4096) - bench.lora_flops_per_token(shape, 0) == 12 * 32 * 4096 * 4096
+    # causal attention: 12 x layers x sequence x hidden (PaLM's count, forward and backward), halved
+    assert bench.lora_flops_per_token(shape, 4096) - bench.lora_flops_per_token(shape, 0) == 6 * 32 * 4096 * 4096
+
+
+def test_peak_flops_tell_an_h200_nvl_from_an_h200_sxm():
+    bench = load_bench()
+    assert bench.peak_flops("NVIDIA H200 NVL") == 835.6e12 and bench.peak_flops("NVIDIA H200") == 989.4e12
+    assert bench.peak_flops("NVIDIA H100 PCIe") == 756.5e12 and bench.peak_flops("Tesla T4") is None
 
 
 def test_memory_suite_writes_the_paper_table_beside_jora(tmp_path):
