@@ -23,7 +23,7 @@ from jora.files import (CheckpointError, CheckpointWarning, UnsafeFolderError, W
                         describe_checkpoints, latest_checkpoint)
 from jora.gui import command_line, panels
 from jora.model import checkpoint_tensor_files, save_tiny_hf_checkpoint
-from jora.train import (ParallamaConfig, config_from_arguments, load_lora, train_argument_parser, train_lora,
+from jora.train import (FIELD_CHOICES, ParallamaConfig, config_from_arguments, load_lora, train_argument_parser, train_lora,
                         train_main)
 from test_train import datasets, losses, small_config  # the same tiny run as the training tests
 
@@ -384,10 +384,8 @@ def non_default_values():
     "A value other than the default for every field, as a user would set it."
     values = {}
     for field, default in ParallamaConfig._field_defaults.items():
-        if field == "REMAT":
-            values[field] = "none"
-        elif field == "DTYPE":
-            values[field] = "float32"
+        if field in FIELD_CHOICES:                      # REMAT, DTYPE, ATTENTION_IMPLEMENTATION: another choice
+            values[field] = next(choice for choice in reversed(FIELD_CHOICES[field]) if choice != default)
         elif isinstance(default, bool):
             values[field] = not default
         elif isinstance(default, tuple):
@@ -438,8 +436,8 @@ def test_remat_none_reaches_the_training_step(setup, tmp_path, monkeypatch):
     used = []
     real = train_module.make_train_step
     monkeypatch.setattr(train_module, "make_train_step",
-                        lambda model_config, optimizer, lora_config, remat, *rest: used.append(remat) or
-                        real(model_config, optimizer, lora_config, remat, *rest))
+                        lambda model_config, optimizer, lora_config, remat, *rest, **options: used.append(remat) or
+                        real(model_config, optimizer, lora_config, remat, *rest, **options))
     common = ["--data", str(data), "--lora-r", "4", "--dtype", "float32", "--max-seq-len", "160", "--num-gpus", "1",
               "--batch-size", "4", "--n-accumulation-steps", "1", "--max-steps", "1", "--split-percentage", "1.0",
               "--llama2-hf-path", str(model)]
