@@ -248,7 +248,7 @@ def test_attention_blocks_match_whole_attention_with_a_sliding_window(setup):
 
 
 def test_sequence_axis_cuts_the_temporaries_of_an_8k_token_step():
-    """seq=4 holds at most 0.45x the per-device temporaries of seq=1 for one training step on 8192 tokens, with the
+    """seq=4 holds at most 0.5x the per-device temporaries of seq=1 for one training step on 8192 tokens, with the
     training defaults (bf16 weights, full remat, LM-head chunks, flash attention blocks), and at most 0.35x with
     attention in one call. (The blocked path is the smaller at seq=1 already: its scores are one block pair, so what
     every seq device keeps whole, the gathered keys and values and their fp32 gradients, weighs more in the ratio.)"""
@@ -261,7 +261,7 @@ def test_sequence_axis_cuts_the_temporaries_of_an_8k_token_step():
         temporaries = {seq: lora_step_memory(config, make_mesh(data=1, seq=seq, model=1, devices=jax.devices()[:seq]),
                                              seq_len=8192, remat=defaults.REMAT, logits_chunk=defaults.LOGITS_CHUNK,
                                              attention_block=block)["temporaries"] for seq in (1, 4)}
-        assert temporaries[4] <= (0.35 if block is None else 0.45) * temporaries[1], (block, temporaries)
+        assert temporaries[4] <= (0.35 if block is None else 0.5) * temporaries[1], (block, temporaries)
 
 
 def test_a_16k_prompt_never_builds_a_16k_by_vocabulary_tensor():
