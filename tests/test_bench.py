@@ -35,7 +35,10 @@ def test_smoke_suite_measures_both_frameworks_on_the_same_step(tmp_path):
         assert measured["tokens_per_step"] == 64 and measured["peak_rss_bytes"] > 0
         assert measured["tokens_per_second"] == pytest.approx(64 / measured["median_step_seconds"])
     assert row["jora"]["compile_seconds"] > 0 and row["hf"]["compile_seconds"] is None
-    assert row["time_ratio"] == pytest.approx(row["jora"]["median_step_seconds"] / row["hf"]["median_step_seconds"])
+    # the ratio of the medians over the repeated runs, and a range over the paired runs around it
+    assert row["time_ratio"] == pytest.approx(row["jora_step_seconds"]["median"] / row["hf_step_seconds"]["median"])
+    assert row["time_ratio_runs"]["min"] <= row["time_ratio_runs"]["max"]
+    assert len(row["runs"]["jora"]) == len(row["runs"]["hf"]) == results["repeats"]
 
 
 def test_flop_count_matches_the_parameter_count():
