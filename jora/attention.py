@@ -18,12 +18,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 # %% auto #0
-__all__ = ['MASKED_SCORE', 'PALLAS_BLOCK', 'ATTENTION_IMPLEMENTATIONS', 'ROW_LAYOUTS', 'make_attention_mask', 'MaskParts',
-           'sequence_blocks', 'even_block_size', 'join_sequence_blocks', 'constrain', 'sequence_axis_size',
-           'reference_attention', 'key_block_range', 'block_scores', 'KeyBlocks', 'block_mask', 'attend_block',
-           'attend_block_backward', 'BlockLayout', 'block_layout', 'blocked_attention', 'row_segments',
-           'pallas_attention', 'cudnn_attention', 'AttentionCase', 'fused_attention_problem', 'choose_attention',
-           'device_platform', 'cudnn_is_available', 'attention']
+__all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'PALLAS_BLOCK', 'ATTENTION_IMPLEMENTATIONS', 'ROW_LAYOUTS',
+           'make_attention_mask', 'MaskParts', 'sequence_blocks', 'even_block_size', 'join_sequence_blocks',
+           'constrain', 'sequence_axis_size', 'reference_attention', 'key_block_range', 'block_scores', 'KeyBlocks',
+           'block_mask', 'attend_block', 'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout',
+           'block_layout', 'blocked_attention', 'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention',
+           'row_segments', 'pallas_attention', 'cudnn_attention', 'AttentionCase', 'fused_attention_problem',
+           'choose_attention', 'device_platform', 'cudnn_is_available', 'attention']
 
 # %% ../nbs/00_attention.ipynb #e39b421e
 def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,
@@ -161,26 +162,38 @@ def attend_block(query, query_slots, query_segments, keys: KeyBlocks, sliding_wi
     return total / running_sum[..., None], running_max + jnp.log(running_sum)
 
 
+def output_row_term(output: jax.Array, output_grad: jax.Array) -> jax.Array:
+    "Each query row's `sum(output * output_grad)`, the term the softmax backward subtracts."
+    return jnp.einsum("...d,...d->...", output_grad.astype(jnp.float32), output.astype(jnp.float32))
+
+
+def tile_gradients(query, log_sum_exp, output_grad, row_term, key, value, mask, scale) -> tuple:
+    """One query tile against one key tile in the backward: the weights recomputed from the saved log-sum-exp, and the
+    tile's fp32 shares of the query, key and value gradients."""
+    weights = jnp.exp(block_scores(query, key, mask, scale) - log_sum_exp[..., None])
+    weight_grads = jnp.einsum("bhqd,bhkd->bhqk", output_grad, value, preferred_element_type=jnp.float32)
+    score_grads = (weights * (weight_grads - row_term[..., None]) * scale).astype(query.dtype)
+    return (jnp.einsum("bhqk,bhkd->bhqd", score_grads, key, preferred_element_type=jnp.float32),
+            jnp.einsum("bhqk,bhqd->bhkd", score_grads, query, preferred_element_type=jnp.float32),
+            jnp.einsum("bhqk,bhqd->bhkd", weights.astype(output_grad.dtype), output_grad,
+                       preferred_element_type=jnp.float32))
+
+
 def attend_block_backward(query, output, log_sum_exp, output_grad, query_slots, query_segments, keys: KeyBlocks,
                           key_grads: tuple, sliding_window, scale) -> tuple:
     """Flash attention's backward for one query block: recompute each visible block's weights from the log-sum-exp,
     return the query block's gradient and add its share to the key and value gradients."""
-    row_term = jnp.einsum("bhqd,bhqd->bhq", output_grad.astype(jnp.float32), output.astype(jnp.float32))
+    row_term = output_row_term(output, output_grad)
 
     def step(index, carry):
         query_grad, key_grad, value_grad = carry
         key, value, key_slots, key_valid, key_segments = keys.block(index)
         mask = block_mask(query_slots, query_segments, key_slots, key_valid, key_segments, sliding_window)
-        weights = jnp.exp(block_scores(query, key, mask, scale) - log_sum_exp[..., None])
-        weight_grads = jnp.einsum("bhqd,bhkd->bhqk", output_grad, value, preferred_element_type=jnp.float32)
-        score_grads = (weights * (weight_grads - row_term[..., None]) * scale).astype(query.dtype)
+        query_share, key_share, value_share = tile_gradients(query, log_sum_exp, output_grad, row_term, key, value,
+                                                             mask, scale)
         add = lambda grads, update: jax.lax.dynamic_update_slice_in_dim(
             grads, jax.lax.dynamic_slice_in_dim(grads, index * keys.size, keys.size, 2) + update, index * keys.size, 2)
-        query_grad += jnp.einsum("bhqk,bhkd->bhqd", score_grads, key, preferred_element_type=jnp.float32)
-        key_grad = add(key_grad, jnp.einsum("bhqk,bhqd->bhkd", score_grads, query, preferred_element_type=jnp.float32))
-        value_grad = add(value_grad, jnp.einsum("bhqk,bhqd->bhkd", weights.astype(output_grad.dtype), output_grad,
-                                                preferred_element_type=jnp.float32))
-        return query_grad, key_grad, value_grad
+        return query_grad + query_share, add(key_grad, key_share), add(value_grad, value_share)
 
     first, last = key_block_range(query_slots, keys.size, sliding_window)
     return jax.lax.fori_loop(first, last, step, (jnp.zeros(query.shape, jnp.float32), *key_grads))
@@ -283,6 +296,93 @@ def _blocked_backward(layout, sliding_window, residuals, output_grad):
 
 blocked_attention.defvjp(_blocked_forward, _blocked_backward)
 
+
+# %% ../nbs/00_attention.ipynb #cbf62ab3
+SHORT_SEQUENCE, SHORT_QUERY_BLOCK = 512, 64   # up to this many positions, query tiles of this size (see above)
+
+
+def visible_key_ranges(time: int, size: int, sliding_window: int | None) -> list[tuple[int, int]]:
+    """For query blocks of `size` positions (the last one padded): the keys `[first, end)` each may see, when query
+    and key slot i are position i."""
+    return [(0 if sliding_window is None else max(0, start - sliding_window + 1), min(start + size, time))
+            for start in range(0, time, size)]
+
+
+def attend_tile(query, key, value, mask, scale) -> tuple:
+    "Attention of a head-major query block over one tile of keys: the fp32 output and the log-sum-exp."
+    scores = block_scores(query, key, mask, scale)
+    peak = scores.max(-1)
+    weights = jnp.exp(scores - peak[..., None])
+    total = weights.sum(-1)
+    output = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32)
+    return output / total[..., None], peak + jnp.log(total)
+
+
+def short_layout(time: int) -> BlockLayout:
+    "The cut for short sequences: query blocks of at most `SHORT_QUERY_BLOCK`, the keys in one piece."
+    return BlockLayout(1, even_block_size(time, SHORT_QUERY_BLOCK), time)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def short_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts,
+                    sliding_window: int | None = None) -> jax.Array:
+    """Self-attention of a short sequence (one device along it): each block of queries against exactly the keys it may
+    see, in one product; the backward recomputes the weights from the saved log-sum-exp."""
+    return _short_forward(query, key, value, parts, sliding_window)[0]
+
+
+def _short_tiles(layout: BlockLayout, query, key, value, parts, sliding_window):
+    "Per query block: the head-major queries, the visible keys and values, and the mask."
+    keys, ranges = layout.keys(key, value, parts), visible_key_ranges(query.shape[1], layout.size, sliding_window)
+    slots, segments = layout.vectors(parts.query_slots), layout.vectors(parts.query_segments)
+    for step, (first, end) in enumerate(ranges):
+        cut = lambda x: None if x is None else x[:, first:end]
+        mask = block_mask(slots[step], None if segments is None else segments[step], cut(keys.slots),
+                          cut(keys.valid), cut(keys.segments), sliding_window)
+        yield step, keys.key[:, :, first:end], keys.value[:, :, first:end], mask, (first, end)
+
+
+def _short_forward(query, key, value, parts, sliding_window):
+    kv_heads, scale, time = key.shape[2], query.shape[-1] ** -0.5, query.shape[1]
+    layout = short_layout(time)
+
+    def tile_attention_forward(query, key, value, parts):     # named, so a test can count the passes
+        blocks = layout.queries(query, kv_heads)
+        results = [attend_tile(blocks[step], key_tile, value_tile, mask, scale)
+                   for step, key_tile, value_tile, mask, _ in _short_tiles(layout, query, key, value, parts,
+                                                                           sliding_window)]
+        output, log_sum_exp = (jnp.stack(pieces) for pieces in zip(*results))
+        return layout.join(output, time).astype(query.dtype), log_sum_exp
+
+    output, log_sum_exp = jax.jit(tile_attention_forward)(query, key, value, parts)
+    return output, (query, key, value, parts, output, log_sum_exp)
+
+
+def _short_backward(sliding_window, residuals, output_grad):
+    query, key, value, parts, output, log_sum_exp = residuals
+    kv_heads, scale, time = key.shape[2], query.shape[-1] ** -0.5, query.shape[1]
+    layout = short_layout(time)
+
+    def tile_attention_backward(query, key, value, parts, output, log_sum_exp, output_grad):
+        blocks, block_grads = layout.queries(query, kv_heads), layout.queries(output_grad, kv_heads)
+        row_terms = output_row_term(layout.queries(output, kv_heads), block_grads)
+        key_grad = value_grad = jnp.zeros((*key.shape[:1], kv_heads, time, key.shape[-1]), jnp.float32)
+        query_grads = []
+        for step, key_tile, value_tile, mask, (first, end) in _short_tiles(layout, query, key, value, parts,
+                                                                             sliding_window):
+            query_share, key_share, value_share = tile_gradients(blocks[step], log_sum_exp[step], block_grads[step],
+                                                                 row_terms[step], key_tile, value_tile, mask, scale)
+            query_grads.append(query_share)
+            key_grad = key_grad.at[:, :, first:end].add(key_share)
+            value_grad = value_grad.at[:, :, first:end].add(value_share)
+        back = lambda x, like: x.transpose(0, 2, 1, 3).astype(like.dtype)
+        return layout.join(jnp.stack(query_grads), time).astype(query.dtype), back(key_grad, key), back(value_grad, value)
+
+    grads = jax.jit(tile_attention_backward)(query, key, value, parts, output, log_sum_exp, output_grad)
+    return (*grads, jax.tree.map(lambda _: None, parts))
+
+
+short_attention.defvjp(_short_forward, _short_backward)
 
 # %% ../nbs/00_attention.ipynb #81af32b7
 PALLAS_BLOCK = 128   # the Pallas kernel's query and key tile; sequences are padded to a multiple of it
@@ -410,8 +510,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskPar
               row_layout: str = "any", cached: bool = False) -> jax.Array:
     """Attention of `query` `[batch, time, heads, head_dim]` over `key`/`value` `[batch, keys, kv_heads, head_dim]`.
     `implementation` 'auto' leaves the choice to lowering (`jax.lax.platform_dependent`): the fused kernel on CUDA,
-    the XLA path elsewhere. The XLA path takes queries `block` at a time (flash attention in XLA) or, without a block
-    or with a cache, in one call."""
+    the XLA path elsewhere. The XLA path takes queries `block` at a time (flash attention in XLA; up to
+    `SHORT_SEQUENCE` positions on one device, `short_attention`'s small tiles) or, without a block or with a cache,
+    in one call."""
     if row_layout not in ROW_LAYOUTS:
         raise ValueError(f"Unknown row layout {row_layout!r}; choose one of {ROW_LAYOUTS}.")
     case = AttentionCase(jnp.dtype(query.dtype).name, query.shape[-1], row_layout, sliding_window,
@@ -424,7 +525,10 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskPar
             return pallas_attention(query, key, value, parts, mesh=mesh)
         if cached or block is None:
             return reference_attention(query, key, value, parts, sliding_window)
-        return blocked_attention(query, key, value, parts, block_layout(query.shape[1], block, mesh), sliding_window)
+        layout = block_layout(query.shape[1], block, mesh)
+        if layout.groups == 1 and query.shape[1] <= SHORT_SEQUENCE:
+            return short_attention(query, key, value, parts, sliding_window)
+        return blocked_attention(query, key, value, parts, layout, sliding_window)
 
     if implementation != "auto":
         return run(choose_attention(implementation, case, platform=device_platform(mesh),

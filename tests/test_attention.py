@@ -3,10 +3,11 @@
 - The Pallas kernel (JAX's Triton flash attention) runs in interpret mode on the CPU: its output and its gradients
   equal `reference_attention` (the whole boolean mask, `jax.nn.dot_product_attention`) at every real position, fp32,
   within 1e-5 (output) and 1e-4 (gradients), for causal, padded, packed, grouped-query rows and uneven lengths.
-- The XLA flash path (`blocked_attention`) equals the same reference in the same cases and with a sliding window.
+- The XLA flash path (`blocked_attention`) and the short-sequence tiles (`short_attention`) equal the same reference
+  in the same cases and with a sliding window.
 - The real training step, lowered for CUDA with `jax.export` on this CPU machine, calls the Triton kernel and holds no
   tensor with two sequence-sized dimensions (no `[time x time]` or `[block x time]` scores); lowered for the CPU, it
-  holds none either.
+  holds none either above `SHORT_SEQUENCE` positions, and below it no `[time x time]` (its tiles are 64 queries wide).
 - Under full rematerialisation attention's forward runs twice per layer (forward, recompute), its backward once.
 """
 import re
@@ -17,8 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from jora.attention import (MaskParts, attention, block_layout, blocked_attention, pallas_attention,
-                            reference_attention)
+from jora.attention import (SHORT_SEQUENCE, MaskParts, attention, block_layout, blocked_attention, pallas_attention,
+                            reference_attention, short_attention)
 from jora.lora import LoraConfig, init_lora
 from jora.model import LlamaConfig, init_params
 from jora.train import make_train_step
@@ -79,6 +80,13 @@ def test_xla_flash_path_equals_the_reference(case, window, block):
                             window)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("window", [None, 7])
+def test_short_sequence_tiles_equal_the_reference(case, window):
+    query, key, value, parts = make_case(*CASES[case])
+    check_against_reference(lambda q, k, v: short_attention(q, k, v, parts, window), query, key, value, parts, window)
+
+
 def test_a_named_kernel_that_cannot_run_says_why():
     query, key, value, parts = make_case(*CASES["causal"])
     for name in ("pallas", "cudnn"):
@@ -86,10 +94,12 @@ def test_a_named_kernel_that_cannot_run_says_why():
             attention(query, key, value, parts, implementation=name)
 
 
-# every size other than the sequence (200, 256 padded for Pallas) and the query block (100) stays under 100
+# every size other than the sequence (640) and the query block (128) stays under 100
 TINY = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=12)
-TIME, BLOCK = 200, 128                     # the XLA path cuts 200 positions into query blocks of 100, keys of 50
+TIME, BLOCK = 640, 128                     # the XLA path cuts 640 positions into query blocks of 128, keys of 64
+SHORT = 200                                # at most SHORT_SEQUENCE: tiles of 50 queries (100 with both heads of a group)
+assert SHORT <= SHORT_SEQUENCE < TIME
 
 
 def training_step_inputs(time=TIME):
@@ -111,9 +121,9 @@ def tensor_shapes(stablehlo: str) -> list[tuple[int, ...]]:
     return [tuple(int(d) for d in found.rstrip("x").split("x")) for found in re.findall(r"tensor<((?:\d+x)+)\w+>", stablehlo)]
 
 
-def sequence_sized(shape) -> int:
-    "How many dimensions of `shape` are as long as a query block (100) or more: a score tensor would have two."
-    return sum(d >= 100 for d in shape)
+def sequence_sized(shape, at_least: int = 100) -> int:
+    "How many dimensions of `shape` are `at_least` long (default: under a query block): a score tensor would have two."
+    return sum(d >= at_least for d in shape)
 
 
 @pytest.mark.parametrize("row_layout", ["right_padded", "packed"])
@@ -127,32 +137,35 @@ def test_training_step_lowered_for_cuda_calls_the_fused_kernel_and_holds_no_scor
     assert "__gpu$xla.gpu.triton" in text                       # the Pallas kernel (fp32 rules cuDNN out)
     assert text.count("mha_forward") >= 2 and "mha_backward" in text   # forward, its recompute, and the backward
     shapes = tensor_shapes(text)
-    assert any(TIME in shape or 256 in shape for shape in shapes)      # the sequence is there ...
+    assert any(TIME in shape for shape in shapes)                      # the sequence is there ...
     assert not [shape for shape in shapes if sequence_sized(shape) >= 2]   # ... but never twice in one tensor
 
 
-def test_training_step_lowered_for_the_cpu_holds_no_scores():
-    lora_config, optimizer, inputs = training_step_inputs()
+@pytest.mark.parametrize("time, at_least", [(TIME, 100), (SHORT, SHORT)])
+def test_training_step_lowered_for_the_cpu_holds_no_scores(time, at_least):
+    "Flash blocks hold no `[block x time]` scores; short-sequence tiles hold `[tile x time]` but no `[time x time]`."
+    lora_config, optimizer, inputs = training_step_inputs(time)
     step = make_train_step(TINY, optimizer, lora_config, "full", None, logits_chunk=32, attention_block=BLOCK)
-    text = step.lower(*inputs).as_text()
-    shapes = tensor_shapes(text)
-    assert any(TIME in shape for shape in shapes)
-    assert not [shape for shape in shapes if sequence_sized(shape) >= 2]
+    shapes = tensor_shapes(step.lower(*inputs).as_text())
+    assert any(time in shape for shape in shapes)
+    assert not [shape for shape in shapes if sequence_sized(shape, at_least) >= 2]
 
 
 def attention_passes(compiled_hlo: str) -> dict:
-    """How many passes of the XLA flash attention one layer runs in a compiled program: each pass is one loop over the
-    query blocks, named after `flash_attention_forward` / `_backward`; only loops inside the layer scan (under jvp or
-    its transpose) count, and XLA has already removed dead code."""
-    loops = set(re.findall(r'op_name="([^"]*jvp\(\)[^"]*jit\(flash_attention_(?:forward|backward)\)(?:/closed_call)?/while)"',
+    """How many passes of the XLA attention one layer runs in a compiled program: each pass is one call of the jitted
+    functions named `flash_attention_forward` / `_backward` (`tile_attention_...` for short sequences), found by the
+    distinct op-name paths that lead to them; only calls inside the layer scan (under jvp or its transpose) count, and
+    XLA has already removed dead code."""
+    calls = set(re.findall(r'op_name="([^"]*jvp\(\)[^"]*?jit\((?:flash|tile)_attention_(?:forward|backward)\))',
                            compiled_hlo))
-    return {kind: sum(f"flash_attention_{kind})" in loop for loop in loops) for kind in ("forward", "backward")}
+    return {kind: sum(call.endswith(f"_attention_{kind})") for call in calls) for kind in ("forward", "backward")}
 
 
+@pytest.mark.parametrize("time", [TIME, SHORT])
 @pytest.mark.parametrize("remat, forwards", [(None, 1), ("full", 2)])
-def test_attention_forward_runs_at_most_twice_per_layer(remat, forwards):
+def test_attention_forward_runs_at_most_twice_per_layer(remat, forwards, time):
     from jora.model import LoraWeights, causal_lm_loss_sum
-    lora_config, optimizer, (adapters, _, params, batch, _) = training_step_inputs()
+    lora_config, optimizer, (adapters, _, params, batch, _) = training_step_inputs(time)
 
     def loss(adapters):
         return causal_lm_loss_sum(TINY, params, batch["input_ids"][0], batch["labels"][0], logits_chunk=32,
