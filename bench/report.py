@@ -28,7 +28,7 @@ def step_table(results: dict) -> pd.DataFrame:
         rows.append({
             "remat": row["remat"], "tokens": f"{row['prompt']} + {row['answer']}" if row["answer"] else str(row["prompt"]),
             "jora s/step": jora["median_step_seconds"], "HF s/step": hf["median_step_seconds"],
-            "time ratio": row["time_ratio"],
+            "time ratio": row["time_ratio"], "runs": row.get("paired_runs", "-"),
             "ratio range": (f"{row['time_ratio_runs']['min']:.2f}-{row['time_ratio_runs']['max']:.2f}"
                             if "time_ratio_runs" in row else "-"),
             "jora tok/s": jora["tokens_per_second"], "HF tok/s": hf["tokens_per_second"],
@@ -90,15 +90,17 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
     parts = []
     cpu, memory, longest, gpu = (load(name, folder) for name in ("cpu", "memory", "longest_sequence", "gpu"))
     if cpu is not None:
-        table = step_table(cpu)[["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "ratio range", "jora tok/s",
+        table = step_table(cpu)[["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "ratio range", "runs",
+                                  "jora tok/s",
                                   "HF tok/s",
                                   "jora compile s", "jora peak RSS GB", "HF peak RSS GB", "target", "met"]]
         machine = cpu["machine"]
         parts.append(f"**CPU step, jora vs transformers {machine['transformers']} + peft {machine['peft']}** "
-                     f"({cpu['date']}, {machine['cpu']}, {machine['cpu_count']} cores; `{cpu['command']}`; "
+                     f"({cpu['date']}, {machine['cpu']}, {machine['cpu_count']} cores; "
+                     f"{', '.join(f'`{c}`' for c in dict.fromkeys(r.get('command', cpu['command']) for r in cpu['rows']))}; "
                      f"{cpu['model_shape']['num_hidden_layers']} layers, hidden {cpu['model_shape']['hidden_size']}, "
                      f"vocabulary {cpu['model_shape']['vocab_size']}, {cpu['dtype']}, {cpu['lora']}, batch 1, "
-                     f"{cpu.get('repeats', 1)} runs per framework and case, the frameworks alternating; each run is "
+                     f"`runs` paired runs per case, the frameworks alternating; each run is "
                      f"the median of {cpu['timed_steps']} steps after {cpu['warmup_steps']} warm-up; the table shows "
                      f"the median run and the range of the paired runs' ratios):\n\n"
                      + table.to_markdown(index=False, floatfmt=".3g"))

@@ -150,6 +150,7 @@ def case_row(suite: dict, remat: str, prompt: int, answer: int, runs: dict) -> d
     row["time_ratio"] = row["jora_step_seconds"]["median"] / row["hf_step_seconds"]["median"]
     pairs = list(zip(measured["jora"], measured["hf"]))
     row["time_ratio_runs"] = spread([j["median_step_seconds"] / h["median_step_seconds"] for j, h in pairs])
+    row["paired_runs"] = len(pairs)
     row["rss_ratio"] = jora["peak_rss_bytes"] / hf["peak_rss_bytes"]
     row["first_loss_difference"] = abs(jora["first_loss"] - hf["first_loss"])
     if jora["peak_device_bytes"] and hf["peak_device_bytes"]:
@@ -168,7 +169,7 @@ def case_row(suite: dict, remat: str, prompt: int, answer: int, runs: dict) -> d
 
 
 def compare(suite_name: str, suite: dict, model: Path, *, frameworks=("jora", "hf"), cases=None, remats=None,
-            repeats=None, timeout=None, results_path: Path | None = None) -> dict:
+            repeats=None, timeout=None, results_path: Path | None = None, command: str | None = None) -> dict:
     "Measure every case, alternating the frameworks' order from one repeat to the next; write after each measurement."
     results = existing_results(results_path, suite_name, suite)
     for remat in remats or suite["remats"]:
@@ -180,8 +181,10 @@ def compare(suite_name: str, suite: dict, model: Path, *, frameworks=("jora", "h
                     earlier = next((r for r in results["rows"] if (r["remat"], r["prompt"], r["answer"]) ==
                                     (remat, prompt, answer)), None)
                     merged = {**(earlier or {}).get("runs", {}), **{k: v for k, v in runs.items() if v}}
-                    row = case_row(suite, remat, prompt, answer, merged)
-                    results["rows"] = [r for r in results["rows"] if r is not earlier] + [row]
+                    row = {**case_row(suite, remat, prompt, answer, merged),
+                           "command": command or f"python bench/run.py {suite_name}"}
+                    results["rows"] = ([row if r is earlier else r for r in results["rows"]] if earlier is not None
+                                       else results["rows"] + [row])
                     if results_path is not None:
                         save(results, results_path)
             print(summary_line(row), flush=True)
@@ -304,7 +307,7 @@ def main(argv=None):
     path = args.results / f"{args.suite}.json"
     compare(args.suite, suite, model, frameworks=tuple(args.frameworks.split(",")), cases=parse_cases(args.cases, suite),
             remats=args.remats.split(",") if args.remats else None, repeats=args.repeats, timeout=args.timeout,
-            results_path=path)
+            results_path=path, command=" ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]))
     print("wrote", path)
 
 
