@@ -26,7 +26,11 @@ def check(style: str = "llama3.1", prompt: str = "Which post does this reply ans
          folder: str | Path | None = None) -> dict:
     "Write a tiny checkpoint, generate with jora, and compare logits and greedy tokens with `transformers`."
     import jax.numpy as jnp
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("jora check compares with transformers' PyTorch model, and torch is not installed: "
+                         "pip install \"jora[torch]\" (on a CPU-only machine a CPU build of torch first).") from None
     import transformers
     transformers.utils.logging.disable_progress_bar()
     folder = Path(folder or tempfile.mkdtemp(prefix="jora-check-"))

@@ -217,7 +217,7 @@ def mix_general_records(train: list[dict], general_path, alpaca_mix: float, seed
 # %% ../nbs/03_data.ipynb #7d3ef910
 try:
     from torch.utils.data import Dataset as _TorchDataset
-except ImportError:  # torch is a dependency, but the data pipeline itself does not need it
+except ImportError:  # torch is optional (`pip install "jora[torch]"`); without it the dataset is a plain sequence
     _TorchDataset = object
 
 

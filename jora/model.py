@@ -32,7 +32,8 @@ __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIO
            'decoder_layer', 'remat_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states',
            'forward', 'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate',
            'model_axis_sizes', 'check_model_axis', 'tensor_parallel_specs', 'hf_weight_names',
-           'checkpoint_tensor_files', 'load_hf_checkpoint', 'save_tiny_tokenizer', 'save_tiny_hf_checkpoint']
+           'checkpoint_tensor_files', 'load_hf_checkpoint', 'save_tiny_tokenizer', 'tiny_hf_tensors', 'save_hf_shards',
+           'save_tiny_hf_checkpoint']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -775,30 +776,71 @@ def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512, corpus: list[st
     return Path(path)
 
 
+def _size_in_bytes(size: str) -> int:
+    "'60KB' -> 60000, as `transformers` reads `max_shard_size` (KB, MB and GB are powers of 1000)."
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+    number, unit = size[:-2], size[-2:].upper()
+    if unit not in units or not number.isdigit():
+        raise ValueError(f"max_shard_size={size!r}: write a whole number with KB, MB or GB, for example '60KB'.")
+    return int(number) * units[unit]
+
+
+def tiny_hf_tensors(config: LlamaConfig, seed: int = 0, std: float = 0.1, dtype: str = "float32") -> dict:
+    """Random weights under their Hugging Face names and layouts: normal(0, std) weights, norm scales in [0.5, 1.5)
+    and biases normal(0, 0.1), so that a weight loaded into the wrong place cannot go unnoticed."""
+    import ml_dtypes
+    rng, shapes = np.random.default_rng(seed), param_shapes(config)
+    numpy_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    tensors = {}
+    for path, (name, transposed) in hf_weight_names(config).items():
+        shape = shapes[path[0]] if len(path) == 1 else shapes["layers"][path[1]][1:]
+        shape = shape[::-1] if transposed else shape
+        for layer in range(config.num_hidden_layers) if path[0] == "layers" else [None]:
+            value = (rng.uniform(0.5, 1.5, shape) if "norm" in name else
+                     rng.normal(0.0, 0.1, shape) if name.endswith("bias") else rng.normal(0.0, std, shape))
+            tensors[name.format(layer=layer)] = value.astype(numpy_dtype)
+    return tensors
+
+
+def save_hf_shards(path: Path, tensors: dict, max_shard_size: str | None = None) -> None:
+    "Write `tensors` as `transformers` does: `model.safetensors`, or shards of at most `max_shard_size` and an index."
+    from safetensors.numpy import save_file
+    limit, shards, size = _size_in_bytes(max_shard_size) if max_shard_size else math.inf, [{}], 0
+    for name, value in tensors.items():
+        if shards[-1] and size + value.nbytes > limit:
+            shards.append({}); size = 0
+        shards[-1][name] = value; size += value.nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for file, shard in zip(files, shards):
+        save_file(shard, str(path / file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(value.nbytes for value in tensors.values())},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: int = 0, dtype: str = "float32",
                             max_shard_size: str | None = None, with_tokenizer: bool = True,
                             corpus: list[str] | None = None, **overrides) -> Path:
-    "Write a small random Hugging Face checkpoint of `style` (see `TINY_STYLES`) with `transformers`."
-    import torch
+    """Write a small random Hugging Face checkpoint of `style` (see `TINY_STYLES`): `transformers`' own config and
+    generation config files, safetensors weights under its names (no torch needed), and a tokenizer trained in place."""
     import transformers
     if style not in TINY_STYLES:
         raise ValueError(f"Unknown tiny style {style!r}; choose one of {list(TINY_STYLES)}.")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"Tiny checkpoints are float32 or bfloat16, not {dtype!r}.")
     settings = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     head_dim=16, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
     settings.update(TINY_STYLES[style]); settings.update(overrides)
-    hf_config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).to(getattr(torch, dtype))
-    with torch.no_grad():  # non-trivial norms and biases, so a misplaced weight changes the outputs
-        for name, parameter in model.named_parameters():
-            if "norm" in name: parameter.uniform_(0.5, 1.5)
-            elif name.endswith("bias"): parameter.normal_(0.0, 0.1)
-    bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        model.save_pretrained(str(path), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    finally:
-        if bars_were_on: transformers.utils.logging.enable_progress_bar()
+    hf_config = transformers.AutoConfig.for_model(settings.pop("model_type"), dtype=dtype, **settings)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(str(path))
+    transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(str(path))
+    config = LlamaConfig.from_hf(hf_config.to_dict())
+    save_hf_shards(path, tiny_hf_tensors(config, seed, settings["initializer_range"], dtype), max_shard_size)
     if with_tokenizer:
         save_tiny_tokenizer(path, vocab_size=settings["vocab_size"], corpus=corpus)
-    return Path(path)
+    return path
+

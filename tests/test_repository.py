@@ -37,3 +37,47 @@ def test_import_touches_no_device():
             "for m in pkgutil.iter_modules(jora.__path__): importlib.import_module('jora.' + m.name)\n"
             "assert not xb._backends, xb._backends\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_papers_imports_work_from_the_top_level_and_import_jora_stays_light():
+    "The paper's snippet imports from `jora` itself; `import jora` alone loads neither JAX nor transformers."
+    code = ("import sys, jora\n"
+            "assert not {'jax', 'transformers', 'torch'} & set(sys.modules), sorted(sys.modules)\n"
+            "from jora import train_lora, ParallamaConfig, generate_alpaca_dataset\n"
+            "from jora.train import train_lora as direct\n"
+            "assert train_lora is direct and ParallamaConfig._fields[0] == 'JAX_PARAMS_PATH'\n"
+            "assert set(jora.__all__) <= set(dir(jora))\n"
+            "try:\n"
+            "    jora.no_such_name\n"
+            "except AttributeError as error:\n"
+            "    assert 'no_such_name' in str(error)\n"
+            "else:\n"
+            "    raise SystemExit('a missing name did not raise')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_pyproject_and_the_main_path_need_no_torch(tmp_path):
+    """`pip install jora` pulls no torch (it is in the `torch` and `dev` extras only), and with torch impossible to
+    import, a tiny checkpoint is written, loaded and run, and the paper's dataset builds (as a plain sequence)."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("torch")]
+    assert any(d.startswith("torch") for d in project["optional-dependencies"]["torch"])
+    assert any(d.startswith("torch") for d in project["optional-dependencies"]["dev"])
+    code = f"""
+import json, sys
+sys.modules["torch"] = None                      # any `import torch` now raises ImportError
+import numpy as np
+from jora import generate_alpaca_dataset, ParallamaConfig
+from jora.model import save_tiny_hf_checkpoint, load_hf_checkpoint, forward
+folder = save_tiny_hf_checkpoint({str(tmp_path / "tiny")!r}, "llama3.1", max_shard_size="60KB")
+config, params = load_hf_checkpoint(folder)
+logits = forward(config, params, np.array([[1, 5, 9]]))
+assert logits.shape == (1, 3, config.vocab_size) and np.isfinite(np.asarray(logits)).all()
+records = [{{"instruction": "Which capital?", "input": "France: Paris", "output": "Paris"}}] * 5
+(folder / "data.json").write_text(json.dumps(records))
+dataset = generate_alpaca_dataset(folder / "data.json", "train", ParallamaConfig(LLAMA2_HF_PATH=str(folder)))
+assert len(dataset) == 4 and type(dataset).__mro__[1] is object
+assert "torch" not in {{name.split(".")[0] for name, module in sys.modules.items() if module is not None}}
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
