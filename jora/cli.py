@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import TINY_STYLES, forward, generate, load_hf_checkpoint, save_tiny_hf_checkpoint
+from .model import forward, generate, load_hf_checkpoint
+from .testing import TINY_STYLES, save_tiny_hf_checkpoint
 from . import train
 from .files import describe_checkpoints, output_folder, run_command
 

@@ -26,14 +26,13 @@ from .attention import (MaskParts, attention, constrain, even_block_size, join_s
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
-           'REMAT_POLICIES', 'IGNORE_INDEX', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'TINY_CORPUS', 'TINY_STYLES',
-           'RopeScaling', 'LlamaConfig', 'projection_shape', 'has_bias', 'param_shapes', 'init_params', 'rms_norm',
-           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'key_value_head_axis',
-           'decoder_layer', 'remat_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states',
-           'forward', 'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate',
-           'model_axis_sizes', 'check_model_axis', 'tensor_parallel_specs', 'hf_weight_names',
-           'checkpoint_tensor_files', 'load_hf_checkpoint', 'save_tiny_tokenizer', 'tiny_hf_tensors', 'save_hf_shards',
-           'save_tiny_hf_checkpoint']
+           'REMAT_POLICIES', 'IGNORE_INDEX', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'RopeScaling', 'LlamaConfig',
+           'projection_shape', 'has_bias', 'param_shapes', 'init_params', 'rms_norm', 'rope_inverse_frequencies',
+           'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'key_value_head_axis', 'decoder_layer',
+           'remat_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward',
+           'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate', 'model_axis_sizes',
+           'check_model_axis', 'tensor_parallel_specs', 'hf_weight_names', 'hf_tensor_shapes',
+           'checkpoint_tensor_files', 'load_hf_checkpoint']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -617,6 +616,16 @@ def hf_weight_names(config: LlamaConfig) -> dict[tuple[str, ...], tuple[str, boo
             names[("layers", f"{name}_bias")] = (f"model.layers.{{layer}}.{module}.{name}.bias", False)
     return names
 
+
+def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    "Every tensor a Hugging Face checkpoint of `config` holds, by name, with its shape as stored there."
+    shapes, stored = param_shapes(config), {}
+    for key_path, (hf_name, transpose) in hf_weight_names(config).items():
+        shape = shapes[key_path[0]] if len(key_path) == 1 else shapes["layers"][key_path[1]][1:]
+        for layer in range(config.num_hidden_layers) if "{layer}" in hf_name else [None]:
+            stored[hf_name.format(layer=layer)] = tuple(shape[::-1] if transpose else shape)
+    return stored
+
 # %% ../nbs/00_model.ipynb #f9f73060
 def _safetensors_keys(file: Path) -> list[str]:
     from safetensors import SafetensorError, safe_open
@@ -669,12 +678,7 @@ _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def _check_tensors(path: Path, config: LlamaConfig, files: dict, handles) -> None:
     "Every expected tensor is present with the shape the config implies, and nothing unexpected is there."
-    expected = {}
-    for key_path, (hf_name, transpose) in hf_weight_names(config).items():
-        shapes = param_shapes(config)
-        shape = shapes[key_path[0]] if len(key_path) == 1 else shapes["layers"][key_path[1]][1:]
-        for layer in range(config.num_hidden_layers) if "{layer}" in hf_name else [None]:
-            expected[hf_name.format(layer=layer)] = tuple(shape[::-1] if transpose else shape)
+    expected = hf_tensor_shapes(config)
     for name, shape in expected.items():
         if name not in files:
             raise ValueError(f"Tensor {name!r} is missing from the checkpoint in {path}. Does config.json match "
@@ -732,115 +736,3 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple
             target = params if len(key_path) == 1 else params["layers"]
             target[key_path[-1]] = jax.make_array_from_callback(shape, sharding, read)
     return config, params
-
-# %% ../nbs/00_model.ipynb #0a0782e8
-TINY_CORPUS = [
-    "Retrieval-augmented fine-tuning teaches a model to answer from the context it is given.",
-    "The table lists each country, its capital and its population in millions.",
-    "Which post does this reply answer? The reply quotes the second post of the thread.",
-    "LoRA trains two small matrices beside each frozen weight, so the base model never changes.",
-    "One long sequence is split across accelerators so that it fits in their memory.",
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.",
-    "### Instruction:\n### Input:\n### Response:",
-] * 4
-
-_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}
-TINY_STYLES = {
-    "llama2": dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0),
-    "llama3.1": dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
-                     rope_scaling=_LLAMA3_SCALING, max_position_embeddings=131072),
-    "llama3.2": dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True,
-                     rope_scaling={**_LLAMA3_SCALING, "factor": 32.0}, max_position_embeddings=131072),
-    "linear-rope": dict(num_attention_heads=4, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "mistral": dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=2, rope_theta=1e6, sliding_window=8),
-    "biased": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
-}
-
-
-def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512, corpus: list[str] | None = None) -> Path:
-    "Train a byte-level BPE tokenizer on `corpus` (default `TINY_CORPUS`) and save it (`<s>`=1, `</s>`=2, BOS added)."
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(TINY_CORPUS if corpus is None else corpus, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                             special_tokens=[("<s>", 1)])
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    wrapped.save_pretrained(str(path))
-    return Path(path)
-
-
-def _size_in_bytes(size: str) -> int:
-    "'60KB' -> 60000, as `transformers` reads `max_shard_size` (KB, MB and GB are powers of 1000)."
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
-    number, unit = size[:-2], size[-2:].upper()
-    if unit not in units or not number.isdigit():
-        raise ValueError(f"max_shard_size={size!r}: write a whole number with KB, MB or GB, for example '60KB'.")
-    return int(number) * units[unit]
-
-
-def tiny_hf_tensors(config: LlamaConfig, seed: int = 0, std: float = 0.1, dtype: str = "float32") -> dict:
-    """Random weights under their Hugging Face names and layouts: normal(0, std) weights, norm scales in [0.5, 1.5)
-    and biases normal(0, 0.1), so that a weight loaded into the wrong place cannot go unnoticed."""
-    import ml_dtypes
-    rng, shapes = np.random.default_rng(seed), param_shapes(config)
-    numpy_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-    tensors = {}
-    for path, (name, transposed) in hf_weight_names(config).items():
-        shape = shapes[path[0]] if len(path) == 1 else shapes["layers"][path[1]][1:]
-        shape = shape[::-1] if transposed else shape
-        for layer in range(config.num_hidden_layers) if path[0] == "layers" else [None]:
-            value = (rng.uniform(0.5, 1.5, shape) if "norm" in name else
-                     rng.normal(0.0, 0.1, shape) if name.endswith("bias") else rng.normal(0.0, std, shape))
-            tensors[name.format(layer=layer)] = value.astype(numpy_dtype)
-    return tensors
-
-
-def save_hf_shards(path: Path, tensors: dict, max_shard_size: str | None = None) -> None:
-    "Write `tensors` as `transformers` does: `model.safetensors`, or shards of at most `max_shard_size` and an index."
-    from safetensors.numpy import save_file
-    limit, shards, size = _size_in_bytes(max_shard_size) if max_shard_size else math.inf, [{}], 0
-    for name, value in tensors.items():
-        if shards[-1] and size + value.nbytes > limit:
-            shards.append({}); size = 0
-        shards[-1][name] = value; size += value.nbytes
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    for file, shard in zip(files, shards):
-        save_file(shard, str(path / file), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(value.nbytes for value in tensors.values())},
-                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: int = 0, dtype: str = "float32",
-                            max_shard_size: str | None = None, with_tokenizer: bool = True,
-                            corpus: list[str] | None = None, **overrides) -> Path:
-    """Write a small random Hugging Face checkpoint of `style` (see `TINY_STYLES`): `transformers`' own config and
-    generation config files, safetensors weights under its names (no torch needed), and a tokenizer trained in place."""
-    import transformers
-    if style not in TINY_STYLES:
-        raise ValueError(f"Unknown tiny style {style!r}; choose one of {list(TINY_STYLES)}.")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"Tiny checkpoints are float32 or bfloat16, not {dtype!r}.")
-    settings = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    head_dim=16, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
-    settings.update(TINY_STYLES[style]); settings.update(overrides)
-    hf_config = transformers.AutoConfig.for_model(settings.pop("model_type"), dtype=dtype, **settings)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    hf_config.save_pretrained(str(path))
-    transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(str(path))
-    config = LlamaConfig.from_hf(hf_config.to_dict())
-    save_hf_shards(path, tiny_hf_tensors(config, seed, settings["initializer_range"], dtype), max_shard_size)
-    if with_tokenizer:
-        save_tiny_tokenizer(path, vocab_size=settings["vocab_size"], corpus=corpus)
-    return path
-

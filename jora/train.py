@@ -771,7 +771,7 @@ def demo(folder=None, *, records: int = 480, progress: bool = True, say=print, o
     fine-tune LoRA on them, and show a generation before and after."""
     import tempfile
     from jora.data import format_prompt, load_tokenizer
-    from jora.model import save_tiny_hf_checkpoint
+    from jora.testing import save_tiny_hf_checkpoint
     folder = Path(folder or tempfile.mkdtemp(prefix="jora-demo-"))
     rows = demo_raft_records(records)
     with output_folder(folder, "demo", overwrite=overwrite) as temporary:

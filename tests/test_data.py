@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 from jora.data import (PROMPT_WITH_INPUT, PROMPT_WITHOUT_INPUT, AlpacaDataset, RecordError, TruncationReport,
                        batches, default_buckets, format_prompt, generate_alpaca_dataset, read_records, split_records,
                        tokenize_record)
-from jora.model import IGNORE_INDEX, LlamaConfig, causal_lm_loss_sum, init_params, save_tiny_tokenizer
+from jora.model import IGNORE_INDEX, LlamaConfig, causal_lm_loss_sum, init_params
+from jora.testing import save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from jora.files import write_manifest
 from jora.export import load_peft_adapter, merge_to_hf, save_peft_adapter
 from jora.lora import LoraConfig, init_lora
-from jora.model import forward, load_hf_checkpoint, save_tiny_hf_checkpoint
+from jora.model import forward, load_hf_checkpoint
+from jora.testing import save_tiny_hf_checkpoint
 from jora.train import save_lora
 
 TOLERANCE = 1e-4

@@ -22,7 +22,8 @@ from jora.export import merge_to_hf, save_peft_adapter
 from jora.files import (CheckpointError, CheckpointWarning, UnsafeFolderError, WriteError, checkpoints,
                         describe_checkpoints, latest_checkpoint)
 from jora.gui import command_line, panels
-from jora.model import checkpoint_tensor_files, save_tiny_hf_checkpoint
+from jora.model import checkpoint_tensor_files
+from jora.testing import save_tiny_hf_checkpoint
 from jora.train import (FIELD_CHOICES, ParallamaConfig, config_from_arguments, load_lora, train_argument_parser, train_lora,
                         train_main)
 from test_train import datasets, losses, small_config  # the same tiny run as the training tests

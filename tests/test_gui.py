@@ -12,7 +12,7 @@ import pytest
 
 from jora.data import format_prompt
 from jora.gui import command_line, panels, write_panel_notebook
-from jora.model import save_tiny_hf_checkpoint
+from jora.testing import save_tiny_hf_checkpoint
 from jora.files import latest_checkpoint
 from jora.train import ParallamaConfig, demo_config, demo_raft_records
 

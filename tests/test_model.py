@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
-from jora.model import (IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, checkpoint_tensor_files, forward, generate, load_hf_checkpoint,
-                        positions_from_mask, save_tiny_hf_checkpoint)
+from jora.model import IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, checkpoint_tensor_files, forward, generate, load_hf_checkpoint, positions_from_mask
+from jora.testing import save_tiny_hf_checkpoint
 
 LOGIT_TOLERANCE = 1e-4
 

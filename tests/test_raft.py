@@ -115,7 +115,7 @@ def test_metrics_on_hand_made_predictions():
 
 def test_two_phase_pipeline_end_to_end(tmp_path):
     "base -> LoRA on WikiTableQuestions -> merge -> LoRA on 4chan -> Table 2, on the samples with a tiny model."
-    from jora.model import save_tiny_hf_checkpoint
+    from jora.testing import save_tiny_hf_checkpoint
     from jora.raft import CaseStudy, case_study_config, evaluate_study, run_phase_one, run_phase_two
     from jora.files import latest_checkpoint
     corpus = [r["instruction"] + "\n" + r["input"] for r in wtq_records(WTQ)[:10]] + \

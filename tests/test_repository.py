@@ -69,7 +69,8 @@ import json, sys
 sys.modules["torch"] = None                      # any `import torch` now raises ImportError
 import numpy as np
 from jora import generate_alpaca_dataset, ParallamaConfig
-from jora.model import save_tiny_hf_checkpoint, load_hf_checkpoint, forward
+from jora.model import load_hf_checkpoint, forward
+from jora.testing import save_tiny_hf_checkpoint
 folder = save_tiny_hf_checkpoint({str(tmp_path / "tiny")!r}, "llama3.1", max_shard_size="60KB")
 config, params = load_hf_checkpoint(folder)
 logits = forward(config, params, np.array([[1, 5, 9]]))
@@ -81,3 +82,20 @@ assert len(dataset) == 4 and type(dataset).__mro__[1] is object
 assert "torch" not in {{name.split(".")[0] for name, module in sys.modules.items() if module is not None}}
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+MODULE_ORDER = ["attention", "model", "testing", "files", "sharding", "lora", "data", "train", "export", "gui", "raft",
+                "cli"]
+
+
+def test_modules_import_one_way():
+    "Each module imports only the jora modules before it in MODULE_ORDER (DESIGN.md's one-way order), lazily or not."
+    import ast
+    modules = {path.stem for path in (ROOT / "jora").glob("*.py")} - {"__init__", "_modidx"}
+    assert modules == set(MODULE_ORDER), modules ^ set(MODULE_ORDER)
+    for name in MODULE_ORDER:
+        tree = ast.parse((ROOT / "jora" / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {node.module.removeprefix("jora.") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module and (node.level == 1 or node.module.startswith("jora."))}
+        later = imported & set(MODULE_ORDER[MODULE_ORDER.index(name):])
+        assert not later, f"jora.{name} imports {sorted(later)}, which come after it"

@@ -14,8 +14,8 @@ import transformers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jora.lora import LoraConfig, init_lora, lora_parameter_count, merge_lora, shard_lora
-from jora.model import (IGNORE_INDEX, LlamaConfig, LoraWeights, causal_lm_loss, forward, init_params,
-                        load_hf_checkpoint, save_tiny_hf_checkpoint)
+from jora.model import IGNORE_INDEX, LlamaConfig, LoraWeights, causal_lm_loss, forward, init_params, load_hf_checkpoint
+from jora.testing import save_tiny_hf_checkpoint
 from jora.sharding import adapter_specs, make_mesh, param_specs, shard_params
 
 MESHES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4)]  # (data, model)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jora.data import AlpacaDataset, format_prompt
-from jora.model import save_tiny_hf_checkpoint
+from jora.testing import save_tiny_hf_checkpoint
 from jora.files import checkpoints, latest_checkpoint
 from jora.train import ParallamaConfig, TrainingDiverged, demo_raft_records, load_lora, load_model, run_mesh, train_lora
 
