@@ -60,16 +60,12 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def write_model(folder: Path, shape: dict, dtype: str) -> Path:
-    "A randomly initialised Llama checkpoint (seed 0) written by transformers: the weights both frameworks load."
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**shape, max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    device = "cuda" if torch.cuda.is_available() and dtype == "bfloat16" else "cpu"
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype))
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    """A random Llama checkpoint of `shape` (seed 0, weights normal(0, 0.02)) in Hugging Face's format, written from
+    numpy by `jora.testing` (no torch needed): the weights both frameworks load."""
+    from jora.testing import save_tiny_hf_checkpoint
+    return save_tiny_hf_checkpoint(folder, "llama2", dtype=dtype, with_tokenizer=False, max_shard_size="5GB",
+                                   initializer_range=0.02, max_position_embeddings=32768,
+                                   head_dim=shape["hidden_size"] // shape["num_attention_heads"], **shape)
 
 
 def lora_flops_per_token(shape: dict, sequence: int, lora_rank: int = 16) -> float:
