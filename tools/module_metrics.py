@@ -1,0 +1,31 @@
+"""Lines, top-level definitions and the largest function of each module in jora/ (or in ROOT/jora/ when given).
+
+    python tools/module_metrics.py            # this checkout
+    python tools/module_metrics.py /tmp/old   # a folder holding an older jora/ (git show ... > /tmp/old/jora/...)
+"""
+import ast
+import sys
+from pathlib import Path
+
+
+def module_metrics(root: Path) -> list[tuple[str, int, int, str, int]]:
+    "(module, lines, top-level definitions, largest function, its lines) for each module, `_modidx` left out."
+    rows = []
+    for path in sorted((root / "jora").glob("*.py")):
+        if path.stem == "_modidx":
+            continue
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        functions = [(node.end_lineno - node.lineno + 1, node.name) for node in ast.walk(tree)
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        largest = max(functions, default=(0, "-"))
+        top_level = sum(isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) for node in tree.body)
+        rows.append((path.stem, len(text.splitlines()), top_level, largest[1], largest[0]))
+    return rows
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1]
+    for name, lines, top_level, function, function_lines in module_metrics(root):
+        print(f"{name:10s} {lines:5d} lines {top_level:3d} top-level definitions, largest function {function} "
+              f"({function_lines} lines)")
