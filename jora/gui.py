@@ -19,24 +19,17 @@ import jax
 
 from .model import PROJECTIONS, LlamaConfig, check_model_axis
 from .files import latest_checkpoint
-from .train import FIELD_CHOICES, FIELD_HELP, ParallamaConfig, _flag, _parse_field, model_path, train_lora
+from .train import (FIELD_HELP, FIELDS, ParallamaConfig, _flag, _parse_field, model_path, train_lora,
+                        value_problem)
 
 # %% auto #0
-__all__ = ['FIELD_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PANEL_NOTEBOOK', 'parse_form', 'validate', 'command_line',
+__all__ = ['TABS', 'FIELD_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PANEL_NOTEBOOK', 'parse_form', 'validate', 'command_line',
            'TrainingPanel', 'ExportPanel', 'TryPanel', 'panels', 'write_panel_notebook', 'gui_main']
 
 # %% ../nbs/07_gui.ipynb #8e50121d
-FIELD_GROUPS = {
-    "Model": ["LLAMA2_HF_PATH", "LLAMA2_META_PATH", "JAX_PARAMS_PATH", "MODEL_SIZE", "DTYPE", "REMAT", "LOGITS_CHUNK",
-              "ATTENTION_IMPLEMENTATION", "ATTENTION_BLOCK"],
-    "Data": ["MAX_SEQ_LEN", "SPLIT_PERCENTAGE", "ALPACA_MIX", "ALPACA_PATH", "PACK", "SEED"],
-    "LoRA": ["LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS", "USE_RSLORA"],
-    "Optimisation": ["LR", "BATCH_SIZE", "N_ACCUMULATION_STEPS", "N_EPOCHS", "WARMUP_STEPS", "MIN_LR_RATIO",
-                     "WEIGHT_DECAY", "MAX_GRAD_NORM", "MAX_STEPS", "EVAL_EVERY", "EVAL_BATCHES", "CHECKPOINT_EVERY",
-                     "KEEP_CHECKPOINTS"],
-    "Devices": ["NUM_GPUS", "MESH_DATA", "MESH_MODEL", "MESH_SEQ"],
-}
-CHOICES = {field: list(choices) for field, choices in FIELD_CHOICES.items()}
+TABS = ("Model", "Data", "LoRA", "Optimisation", "Devices")     # the sub-tabs, in this order; fields say their own
+FIELD_GROUPS = {tab: [name for name, field in FIELDS.items() if field.group == tab] for tab in TABS}
+CHOICES = {name: list(field.choices) for name, field in FIELDS.items() if field.choices}
 OPTIONAL_FIELDS = tuple(f for f, default in ParallamaConfig._field_defaults.items() if default is None)
 
 
@@ -54,22 +47,13 @@ def parse_form(raw: dict) -> tuple[ParallamaConfig | None, dict]:
     return (None if errors else ParallamaConfig(**values)), errors
 
 
-_RANGES = {"LORA_R": (1, None), "LORA_ALPHA": (1e-9, None), "LORA_DROPOUT": (0, 0.999), "LR": (1e-12, 1.0),
-           "BATCH_SIZE": (1, None), "N_ACCUMULATION_STEPS": (1, None), "MAX_SEQ_LEN": (16, None), "N_EPOCHS": (1, None),
-           "SPLIT_PERCENTAGE": (1e-9, 1.0), "ALPACA_MIX": (0, None), "WARMUP_STEPS": (0, None), "MIN_LR_RATIO": (0, 1.0),
-           "WEIGHT_DECAY": (0, None), "MAX_GRAD_NORM": (0, None), "MAX_STEPS": (1, None), "EVAL_EVERY": (0, None),
-           "EVAL_BATCHES": (1, None), "CHECKPOINT_EVERY": (0, None), "KEEP_CHECKPOINTS": (1, None), "NUM_GPUS": (1, None),
-           "MESH_DATA": (1, None), "MESH_MODEL": (1, None), "MESH_SEQ": (1, None), "LOGITS_CHUNK": (0, None),
-           "ATTENTION_BLOCK": (0, None)}
-
-
 def validate(config: ParallamaConfig, data_path: str, checkpoint_path: str, device_count: int) -> dict:
     "An error message per field that would make the run fail: missing paths, numbers out of range, a mesh that does not fit."
     errors = {}
-    for field, (low, high) in _RANGES.items():
-        value = getattr(config, field)
-        if value is not None and (value < low or (high is not None and value > high)):
-            errors[field] = f"must be at least {low}" if high is None else f"must be between {low} and {high}"
+    for field in FIELDS:
+        problem = value_problem(field, getattr(config, field))
+        if problem:
+            errors[field] = problem
     folder = config.LLAMA2_HF_PATH or config.LLAMA2_META_PATH
     if not folder:
         errors["LLAMA2_HF_PATH"] = "give the Hugging Face model folder"

@@ -7,6 +7,7 @@ Docs: https://jora-dev.github.io/jora/nbs/train.html.md"""
 # %% ../nbs/05_train.ipynb #504dfa20
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -38,92 +39,98 @@ from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderEr
                          write_failure, write_json, write_manifest)
 
 # %% auto #0
-__all__ = ['FIELD_HELP', 'FIELD_CHOICES', 'PARAMS_KIND', 'DEMO_COUNTRIES', 'ParallamaConfig', 'config_to_dict', 'field_type',
-           'check_field', 'config_from_dict', 'save_params', 'is_params_folder', 'load_params', 'parameter_count',
-           'check_model_size', 'model_path', 'run_mesh', 'load_model', 'save_lora', 'load_lora', 'save_checkpoint',
-           'load_optimizer_state', 'make_optimizer', 'make_train_step', 'make_eval_step', 'place_batch',
-           'stack_micro_batches', 'TrainingDiverged', 'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate',
-           'checkpoint_bytes', 'prepare_run_folder', 'train_lora', 'demo_raft_records', 'demo_config', 'demo',
-           'train_argument_parser', 'config_from_arguments', 'train_main']
+__all__ = ['FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'PARAMS_KIND', 'DEMO_COUNTRIES', 'Field', 'config_to_dict',
+           'field_type', 'value_problem', 'check_field', 'config_from_dict', 'save_params', 'is_params_folder',
+           'load_params', 'parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'load_model', 'save_lora',
+           'load_lora', 'save_checkpoint', 'load_optimizer_state', 'make_optimizer', 'make_train_step',
+           'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged', 'TrainResult', 'lora_config_of',
+           'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder', 'train_lora', 'demo_raft_records',
+           'demo_config', 'demo', 'train_argument_parser', 'config_from_arguments', 'train_main']
 
 # %% ../nbs/05_train.ipynb #4912111e
-class ParallamaConfig(NamedTuple):
-    "Everything a LoRA fine-tuning run needs. The paper's fields come first."
-    JAX_PARAMS_PATH: str | None = None
-    LLAMA2_HF_PATH: str | None = None
-    LLAMA2_META_PATH: str | None = None
-    MODEL_SIZE: str | None = None
-    NUM_GPUS: int | None = None
-    LORA_R: int = 16
-    LORA_ALPHA: float = 16
-    LORA_DROPOUT: float = 0.05
-    LR: float = 1e-4
-    BATCH_SIZE: int = 1
-    N_ACCUMULATION_STEPS: int = 8
-    MAX_SEQ_LEN: int = 512
-    N_EPOCHS: int = 1
-    SEED: int = 0
+class Field(NamedTuple):
+    """One `ParallamaConfig` field, declared once: its type, default, panel group and help, and the values it allows
+    (an inclusive range for a number, or choices). The class, the flags, TOML reading, the panels and validation are
+    all made from `FIELDS`."""
+    kind: Any
+    default: Any
+    group: str
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+
+
+FIELDS = {
+    # the paper's fields, in its order
+    "JAX_PARAMS_PATH": Field(str | None, None, "Model",
+                             "folder for the converted JAX parameters: written on first use, read from then on"),
+    "LLAMA2_HF_PATH": Field(str | None, None, "Model",
+                            "Hugging Face model folder (config.json + safetensors + tokenizer)"),
+    "LLAMA2_META_PATH": Field(str | None, None, "Model",
+                              "accepted for the paper's code: a Hugging Face folder, as LLAMA2_HF_PATH"),
+    "MODEL_SIZE": Field(str | None, None, "Model",
+                        "expected size, e.g. 7B or 13B; checked against the checkpoint's parameter count"),
+    "NUM_GPUS": Field(int | None, None, "Devices", "how many devices to use (default: all visible)", low=1),
+    "LORA_R": Field(int, 16, "LoRA", "LoRA rank r", low=1),
+    "LORA_ALPHA": Field(float, 16, "LoRA", "LoRA alpha (the update is scaled by alpha / r)", low=1e-09),
+    "LORA_DROPOUT": Field(float, 0.05, "LoRA", "dropout on the LoRA input during training", low=0, high=0.999),
+    "LR": Field(float, 0.0001, "Optimisation", "peak learning rate", low=1e-12, high=1.0),
+    "BATCH_SIZE": Field(int, 1, "Optimisation", "examples (or packed rows) per micro-batch", low=1),
+    "N_ACCUMULATION_STEPS": Field(int, 8, "Optimisation",
+                                  "micro-batches per optimizer step (gradients averaged over their tokens)", low=1),
+    "MAX_SEQ_LEN": Field(int, 512, "Data", "longest example in tokens (longer ones are cut context-first)", low=16),
+    "N_EPOCHS": Field(int, 1, "Optimisation", "passes over the train split", low=1),
+    "SEED": Field(int, 0, "Data", "seed for data order, LoRA initialisation and dropout"),
     # jora's own
-    LORA_TARGETS: tuple = ("q_proj", "v_proj")
-    USE_RSLORA: bool = False
-    MESH_DATA: int = 1
-    MESH_MODEL: int | None = None
-    MESH_SEQ: int = 1
-    REMAT: str = "full"
-    LOGITS_CHUNK: int = 512
-    ATTENTION_BLOCK: int = 640
-    ATTENTION_IMPLEMENTATION: str = "auto"
-    DTYPE: str = "bfloat16"
-    WARMUP_STEPS: int = 10
-    MIN_LR_RATIO: float = 0.1
-    WEIGHT_DECAY: float = 0.0
-    MAX_GRAD_NORM: float = 1.0
-    MAX_STEPS: int | None = None
-    EVAL_EVERY: int = 50
-    EVAL_BATCHES: int | None = None
-    CHECKPOINT_EVERY: int = 100
-    KEEP_CHECKPOINTS: int = 2
-    SPLIT_PERCENTAGE: float = 0.8
-    ALPACA_MIX: float = 0.0
-    ALPACA_PATH: str | None = None
-    PACK: bool = False
-
-
-FIELD_HELP = {
-    "JAX_PARAMS_PATH": "folder for the converted JAX parameters: written on first use, read from then on",
-    "LLAMA2_HF_PATH": "Hugging Face model folder (config.json + safetensors + tokenizer)",
-    "LLAMA2_META_PATH": "accepted for the paper's code: a Hugging Face folder, as LLAMA2_HF_PATH",
-    "MODEL_SIZE": "expected size, e.g. 7B or 13B; checked against the checkpoint's parameter count",
-    "NUM_GPUS": "how many devices to use (default: all visible)",
-    "LORA_R": "LoRA rank r", "LORA_ALPHA": "LoRA alpha (the update is scaled by alpha / r)",
-    "LORA_DROPOUT": "dropout on the LoRA input during training",
-    "LR": "peak learning rate", "BATCH_SIZE": "examples (or packed rows) per micro-batch",
-    "N_ACCUMULATION_STEPS": "micro-batches per optimizer step (gradients averaged over their tokens)",
-    "MAX_SEQ_LEN": "longest example in tokens (longer ones are cut context-first)",
-    "N_EPOCHS": "passes over the train split", "SEED": "seed for data order, LoRA initialisation and dropout",
-    "LORA_TARGETS": "projections that get adapters (any of q/k/v/o/gate/up/down_proj, or all-linear)",
-    "USE_RSLORA": "scale by alpha / sqrt(r) (rank-stabilised LoRA)",
-    "MESH_DATA": "devices on the data axis", "MESH_MODEL": "devices on the model (tensor-parallel) axis; default: the rest",
-    "MESH_SEQ": "devices on the sequence axis", "REMAT": "rematerialisation policy: none, full or projections",
-    "LOGITS_CHUNK": "positions per LM-head chunk in the loss; unlabelled chunks are skipped (0: all positions at once)",
-    "ATTENTION_IMPLEMENTATION": "attention kernel: auto (cuDNN or Pallas on an NVIDIA GPU, XLA elsewhere), xla, cudnn or "
-                                "pallas",
-    "ATTENTION_BLOCK": "most query positions per block of the XLA attention path (cut evenly, keys in half blocks), shared "
-                       "by the seq devices; 500-640 is fastest on CPU, smaller saves memory on long "
-                       "sequences (0: all at once)",
-    "DTYPE": "dtype of the frozen weights: bfloat16 or float32", "WARMUP_STEPS": "linear warmup steps",
-    "MIN_LR_RATIO": "final learning rate of the cosine decay, as a fraction of LR",
-    "WEIGHT_DECAY": "AdamW weight decay on the LoRA matrices", "MAX_GRAD_NORM": "global gradient-norm clip (0: none)",
-    "MAX_STEPS": "stop after this many optimizer steps (default: the epochs decide)",
-    "EVAL_EVERY": "optimizer steps between evaluations on the test split (0: only at the end)",
-    "EVAL_BATCHES": "evaluate on at most this many batches (default: the whole test split)",
-    "CHECKPOINT_EVERY": "optimizer steps between checkpoints (one is always written at the end)",
-    "KEEP_CHECKPOINTS": "how many recent checkpoints to keep",
-    "SPLIT_PERCENTAGE": "share of the records in the train split",
-    "ALPACA_MIX": "general instruction records mixed into the train split, per task record",
-    "ALPACA_PATH": "JSON/JSONL of general instruction records for ALPACA_MIX",
-    "PACK": "pack several short examples into one row",
+    "LORA_TARGETS": Field(tuple, ('q_proj', 'v_proj'), "LoRA",
+                          "projections that get adapters (any of q/k/v/o/gate/up/down_proj, or all-linear)"),
+    "USE_RSLORA": Field(bool, False, "LoRA", "scale by alpha / sqrt(r) (rank-stabilised LoRA)"),
+    "MESH_DATA": Field(int, 1, "Devices", "devices on the data axis", low=1),
+    "MESH_MODEL": Field(int | None, None, "Devices",
+                        "devices on the model (tensor-parallel) axis; default: the rest", low=1),
+    "MESH_SEQ": Field(int, 1, "Devices", "devices on the sequence axis", low=1),
+    "REMAT": Field(str, 'full', "Model",
+                   "rematerialisation policy: none, full or projections", choices=('none', 'full', 'projections')),
+    "LOGITS_CHUNK": Field(int, 512, "Model",
+                          "positions per LM-head chunk in the loss; unlabelled chunks are skipped (0: all positions "
+                          "at once)", low=0),
+    "ATTENTION_BLOCK": Field(int, 640, "Model",
+                             "most query positions per block of the XLA attention path (cut evenly, keys in half "
+                             "blocks), shared by the seq devices; 500-640 is fastest on CPU, smaller saves memory on "
+                             "long sequences (0: all at once)", low=0),
+    "ATTENTION_IMPLEMENTATION": Field(str, 'auto', "Model",
+                                      "attention kernel: auto (cuDNN or Pallas on an NVIDIA GPU, XLA elsewhere), xla,"
+                                      " cudnn or pallas", choices=ATTENTION_IMPLEMENTATIONS),
+    "DTYPE": Field(str, 'bfloat16', "Model",
+                   "dtype of the frozen weights: bfloat16 or float32", choices=('bfloat16', 'float32')),
+    "WARMUP_STEPS": Field(int, 10, "Optimisation", "linear warmup steps", low=0),
+    "MIN_LR_RATIO": Field(float, 0.1, "Optimisation",
+                          "final learning rate of the cosine decay, as a fraction of LR", low=0, high=1.0),
+    "WEIGHT_DECAY": Field(float, 0.0, "Optimisation", "AdamW weight decay on the LoRA matrices", low=0),
+    "MAX_GRAD_NORM": Field(float, 1.0, "Optimisation", "global gradient-norm clip (0: none)", low=0),
+    "MAX_STEPS": Field(int | None, None, "Optimisation",
+                       "stop after this many optimizer steps (default: the epochs decide)", low=1),
+    "EVAL_EVERY": Field(int, 50, "Optimisation",
+                        "optimizer steps between evaluations on the test split (0: only at the end)", low=0),
+    "EVAL_BATCHES": Field(int | None, None, "Optimisation",
+                          "evaluate on at most this many batches (default: the whole test split)", low=1),
+    "CHECKPOINT_EVERY": Field(int, 100, "Optimisation",
+                              "optimizer steps between checkpoints (one is always written at the end)", low=0),
+    "KEEP_CHECKPOINTS": Field(int, 2, "Optimisation", "how many recent checkpoints to keep", low=1),
+    "SPLIT_PERCENTAGE": Field(float, 0.8, "Data", "share of the records in the train split", low=1e-09, high=1.0),
+    "ALPACA_MIX": Field(float, 0.0, "Data",
+                        "general instruction records mixed into the train split, per task record", low=0),
+    "ALPACA_PATH": Field(str | None, None, "Data", "JSON/JSONL of general instruction records for ALPACA_MIX"),
+    "PACK": Field(bool, False, "Data", "pack several short examples into one row"),
 }
+
+ParallamaConfig = collections.namedtuple("ParallamaConfig", FIELDS, defaults=[f.default for f in FIELDS.values()],
+                                         module=__name__)
+ParallamaConfig.__annotations__ = {name: field.kind for name, field in FIELDS.items()}
+ParallamaConfig.__doc__ = "Everything a LoRA fine-tuning run needs, as `FIELDS` declares it; the paper's fields first."
+FIELD_HELP = {name: field.help for name, field in FIELDS.items()}
+FIELD_CHOICES = {name: field.choices for name, field in FIELDS.items() if field.choices}
 
 
 def config_to_dict(config: ParallamaConfig) -> dict:
@@ -131,14 +138,23 @@ def config_to_dict(config: ParallamaConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config._asdict().items()}
 
 
-FIELD_CHOICES = {"DTYPE": ("bfloat16", "float32"), "REMAT": ("none", "full", "projections"),
-                 "ATTENTION_IMPLEMENTATION": ATTENTION_IMPLEMENTATIONS}
-
-
 def field_type(field: str) -> type:
     "The value type of a config field (int, float, bool, str or tuple); None is also allowed where it is the default."
     hint = typing.get_type_hints(ParallamaConfig)[field]
     return next((kind for kind in typing.get_args(hint) if kind is not type(None)), hint)
+
+
+def value_problem(field: str, value) -> str | None:
+    "What is wrong with a well-typed `value` for `field` (out of its range, not one of its choices), or None."
+    declared = FIELDS[field]
+    if declared.choices and value not in declared.choices:
+        return f"takes one of {', '.join(declared.choices)}"
+    if value is None or isinstance(value, (str, tuple, bool)):
+        return None
+    if (declared.low is not None and value < declared.low) or (declared.high is not None and value > declared.high):
+        return (f"must be at least {declared.low}" if declared.high is None else
+                f"must be between {declared.low} and {declared.high}")
+    return None
 
 
 def check_field(field: str, value):
@@ -154,8 +170,9 @@ def check_field(field: str, value):
         expected = {tuple: "a list of names", bool: "true or false", int: "a whole number", float: "a number",
                     str: "text"}[kind]
         raise ValueError(f"{field}={value!r} is not {expected}" + (" (or none)" if optional else "") + ".")
-    if field in FIELD_CHOICES and value not in FIELD_CHOICES[field]:
-        raise ValueError(f"{field}={value!r} is not one of {', '.join(FIELD_CHOICES[field])}.")
+    problem = value_problem(field, value)
+    if problem:
+        raise ValueError(f"{field} {problem}; got {value!r}.")
     return value
 
 
@@ -823,8 +840,9 @@ def _parse_field(field: str, text: str):
         optional = " (or none)" if ParallamaConfig._field_defaults[field] is None else ""
         raise ValueError(f"{_flag(field)} takes {'a whole number' if kind is int else 'a number'}{optional}, "
                          f"not {text!r}") from None
-    if field in FIELD_CHOICES and value not in FIELD_CHOICES[field]:
-        raise ValueError(f"{_flag(field)} takes one of {', '.join(FIELD_CHOICES[field])}, not {text!r}")
+    problem = value_problem(field, value)
+    if problem:
+        raise ValueError(f"{_flag(field)} {problem}, not {text!r}")
     return value
 
 
