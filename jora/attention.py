@@ -332,7 +332,7 @@ def short_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: M
 
 
 def _short_tiles(layout: BlockLayout, query, key, value, parts, sliding_window):
-    "Per query block: the head-major queries, the visible keys and values, and the mask."
+    "Per query block: its index, the keys and values it may see (head-major), its mask, and that key range."
     keys, ranges = layout.keys(key, value, parts), visible_key_ranges(query.shape[1], layout.size, sliding_window)
     slots, segments = layout.vectors(parts.query_slots), layout.vectors(parts.query_segments)
     for step, (first, end) in enumerate(ranges):
@@ -366,7 +366,7 @@ def _short_backward(sliding_window, residuals, output_grad):
     def tile_attention_backward(query, key, value, parts, output, log_sum_exp, output_grad):
         blocks, block_grads = layout.queries(query, kv_heads), layout.queries(output_grad, kv_heads)
         row_terms = output_row_term(layout.queries(output, kv_heads), block_grads)
-        key_grad = value_grad = jnp.zeros((*key.shape[:1], kv_heads, time, key.shape[-1]), jnp.float32)
+        key_grad = value_grad = jnp.zeros((key.shape[0], kv_heads, time, key.shape[-1]), jnp.float32)
         query_grads = []
         for step, key_tile, value_tile, mask, (first, end) in _short_tiles(layout, query, key, value, parts,
                                                                              sliding_window):

@@ -69,3 +69,12 @@ def test_memory_suite_writes_the_paper_table_beside_jora(tmp_path):
     assert [row["devices"] for row in rows] == [1, 2, 4, 8]
     assert [row["paper_gb"] for row in rows] == [23.1, 16.1, 11.4, None]
     assert all(later["total_bytes"] < earlier["total_bytes"] for earlier, later in zip(rows, rows[1:]))
+
+
+def test_attention_microbenchmark_runs_every_path(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--lengths", "80", "--repeats", "2",
+                           "--heads", "2", "--head-dim", "16"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row["path"] for row in rows] == ["short", "flash", "torch"]
+    assert all(row["length"] == 80 and 0 < row["min_ms"] <= row["median_ms"] for row in rows)
