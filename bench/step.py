@@ -55,16 +55,15 @@ def run_jora(args, ids, labels):
     import jax.numpy as jnp
     import optax
     from jora.lora import LoraConfig, init_lora
-    from jora.model import load_hf_checkpoint
+    from jora.formats import load_hf_checkpoint
     from jora.sharding import make_mesh
-    from jora.train import make_train_step, place_batch
+    from jora.train import TrainState, make_train_step, place_batch
 
     mesh = make_mesh(data=1, seq=1, model=1, devices=jax.devices()[:1])
     config, params = load_hf_checkpoint(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
     lora_config = LoraConfig(r=16, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
     adapters = init_lora(config, lora_config, jax.random.key(0), mesh=mesh).adapters
     optimizer = optax.adamw(1e-4)
-    optimizer_state = optimizer.init(adapters)
     remat = None if args.remat == "none" else args.remat
     step = make_train_step(config, optimizer, lora_config, remat, mesh, args.logits_chunk or None,
                            args.attention_block or None)
@@ -73,15 +72,15 @@ def run_jora(args, ids, labels):
              "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy(),
              "segment_ids": np.ones(ids.shape, np.int32)}
     micro_batches = place_batch({name: value[None] for name, value in batch.items()}, mesh, leading=1)
-    key = jax.random.key(1)
+    state = TrainState(adapters, optimizer.init(adapters), jnp.int32(0), jax.random.key(1))
     rss_before = peak_rss_bytes()
     started = time.perf_counter()
-    compiled = step.lower(adapters, optimizer_state, params, micro_batches, key).compile()
+    compiled = step.lower(state, params, micro_batches).compile()
     compile_seconds = time.perf_counter() - started
 
     def one_step():
-        nonlocal adapters, optimizer_state
-        adapters, optimizer_state, metrics = compiled(adapters, optimizer_state, params, micro_batches, key)
+        nonlocal state
+        state, metrics = compiled(state, params, micro_batches)
         return float(metrics["loss"])        # waits for the step to finish
 
     device = jax.devices()[0]

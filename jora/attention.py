@@ -8,23 +8,26 @@ Docs: https://jora-dev.github.io/jora/nbs/attention.html.md"""
 # %% ../nbs/00_attention.ipynb #2493fca9
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache, partial
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 # %% auto #0
 __all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'PALLAS_BLOCK', 'ATTENTION_IMPLEMENTATIONS', 'ROW_LAYOUTS',
            'make_attention_mask', 'MaskParts', 'sequence_blocks', 'even_block_size', 'join_sequence_blocks',
-           'constrain', 'sequence_axis_size', 'reference_attention', 'key_block_range', 'block_scores', 'KeyBlocks',
-           'block_mask', 'attend_block', 'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout',
-           'block_layout', 'blocked_attention', 'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention',
-           'row_segments', 'pallas_attention', 'cudnn_attention', 'AttentionCase', 'fused_attention_problem',
-           'choose_attention', 'device_platform', 'cudnn_is_available', 'attention']
+           'Placement', 'use_placement', 'current_mesh', 'rule_axis', 'dimension_axis', 'constrain',
+           'sequence_axis_size', 'reference_attention', 'key_block_range', 'block_scores', 'KeyBlocks', 'block_mask',
+           'attend_block', 'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout',
+           'blocked_attention', 'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention', 'row_segments',
+           'pallas_attention', 'cudnn_attention', 'AttentionCase', 'fused_attention_problem', 'choose_attention',
+           'device_platform', 'cudnn_is_available', 'attention']
 
 # %% ../nbs/00_attention.ipynb #e39b421e
 def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,
@@ -76,20 +79,66 @@ def join_sequence_blocks(blocks: jax.Array, groups: int, time: int) -> jax.Array
     return x[:, :, :time // groups].reshape(batch, time, *blocks.shape[3:])
 
 # %% ../nbs/00_attention.ipynb #dc9d0c07
-def constrain(x: jax.Array, mesh, *axes) -> jax.Array:
-    "Pin `x` to `PartitionSpec(*axes)` on `mesh` (axes the mesh lacks are left whole); a no-op without a mesh."
+class Placement(NamedTuple):
+    "A device mesh and the mesh axis (or None) each named dimension is split over."
+    mesh: Mesh
+    rules: Mapping[str, str | None]
+
+
+_PLACEMENT: ContextVar[Placement | None] = ContextVar("jora_placement", default=None)
+
+
+@contextmanager
+def use_placement(mesh: Mesh | None, rules: Mapping[str, str | None]):
+    "Run the enclosed code with arrays placed on `mesh` by `rules` (no placement when `mesh` is None)."
+    token = _PLACEMENT.set(None if mesh is None else Placement(mesh, dict(rules)))
+    try:
+        yield
+    finally:
+        _PLACEMENT.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+    "The mesh of the placement in force, or None."
+    placement = _PLACEMENT.get()
+    return None if placement is None else placement.mesh
+
+
+def rule_axis(rules: Mapping[str, str | None], axis_sizes: Mapping[str, int], dimension: str | None,
+              count: int | None = None) -> str | None:
+    "The mesh axis `rules` split `dimension` over, on a mesh of `axis_sizes`; None for none, or when `count` does not divide."
+    if dimension is None:
+        return None
+    if dimension not in rules:
+        raise KeyError(f"No placement rule for the dimension {dimension!r}; the rules name {sorted(rules)}.")
+    axis = rules[dimension]
+    if axis is None or axis not in axis_sizes:
+        return None
+    return axis if count is None or count % axis_sizes[axis] == 0 else None
+
+
+def dimension_axis(dimension: str | None, count: int | None = None) -> str | None:
+    "The mesh axis `dimension` is split over in the current placement (None outside one)."
+    placement = _PLACEMENT.get()
+    return None if placement is None else rule_axis(placement.rules, placement.mesh.shape, dimension, count)
+
+
+def constrain(x: jax.Array, *dimensions: str | None) -> jax.Array:
+    "Pin each dimension of `x` to the mesh axis its name maps to in the current placement (a no-op outside one)."
+    mesh = current_mesh()
     if mesh is None:
         return x
-    spec = P(*(axis if axis in mesh.axis_names else None for axis in axes))
+    spec = P(*(dimension_axis(name, size) for name, size in zip(dimensions, x.shape)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def sequence_axis_size(mesh) -> int:
-    "How many devices share one sequence (the mesh's 'seq' axis; 1 without a mesh)."
-    return 1 if mesh is None else mesh.shape.get("seq", 1)
+def sequence_axis_size() -> int:
+    "How many devices share one sequence in the current placement (1 without one)."
+    axis = dimension_axis("length")
+    return 1 if axis is None else current_mesh().shape[axis]
 
 
-#| export
+# %% ../nbs/00_attention.ipynb #5d680a79
 def reference_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts,
                         sliding_window: int | None = None) -> jax.Array:
     "`jax.nn.dot_product_attention` with the whole mask: the definition the other paths are tested against."
@@ -205,13 +254,12 @@ class BlockLayout(NamedTuple):
     groups: int
     size: int
     key_size: int
-    mesh: object = None
 
     def queries(self, x: jax.Array, kv_heads: int) -> jax.Array:
         """`[batch, time, heads, head_dim]` -> head-major query blocks `[steps, batch, kv_heads, groups * width, head_dim]`:
         the query heads of one key/value head stacked on the block's positions."""
         blocks = sequence_blocks(x, self.groups, self.size)
-        blocks = constrain(blocks, self.mesh, None, "data", "seq", "model", None)
+        blocks = constrain(blocks, None, "batch", "length", "heads", None)
         steps, batch, width, heads, head_dim = blocks.shape
         blocks = blocks.reshape(steps, batch, width, kv_heads, heads // kv_heads, head_dim).transpose(0, 1, 3, 4, 2, 5)
         return blocks.reshape(steps, batch, kv_heads, -1, head_dim)
@@ -221,7 +269,7 @@ class BlockLayout(NamedTuple):
         steps, batch, kv_heads, _, head_dim = blocks.shape
         blocks = blocks.reshape(steps, batch, kv_heads, -1, self.groups * self.size, head_dim)
         blocks = blocks.transpose(0, 1, 4, 2, 3, 5).reshape(steps, batch, self.groups * self.size, -1, head_dim)
-        return join_sequence_blocks(constrain(blocks, self.mesh, None, "data", "seq", "model", None), self.groups, time)
+        return join_sequence_blocks(constrain(blocks, None, "batch", "length", "heads", None), self.groups, time)
 
     def vectors(self, x: jax.Array | None) -> jax.Array | None:
         "Per-position vectors `[batch, time]` cut like the queries; padding gets -1."
@@ -237,13 +285,13 @@ class BlockLayout(NamedTuple):
 
 
 #| export
-def block_layout(time: int, block: int, mesh=None) -> BlockLayout:
+def block_layout(time: int, block: int) -> BlockLayout:
     """Query blocks of at most `block` positions shared by the 'seq' devices, cut evenly (2112 by 640: 528), and key
     blocks of half that. Blocks of 500-600 queries were the fastest on a CPU: smaller ones multiply the loop steps,
     larger ones fall out of cache."""
-    groups = sequence_axis_size(mesh) if time % sequence_axis_size(mesh) == 0 else 1
+    groups = sequence_axis_size() if time % sequence_axis_size() == 0 else 1
     size = even_block_size(time // groups, max(1, block // groups))
-    return BlockLayout(groups, size, even_block_size(time, max(1, size // 2)), mesh)
+    return BlockLayout(groups, size, even_block_size(time, max(1, size // 2)))
 
 
 # %% ../nbs/00_attention.ipynb #03e7f03d
@@ -394,21 +442,21 @@ def row_segments(parts: MaskParts) -> jax.Array:
     return jnp.where(parts.key_valid, segments + 1, 0).astype(jnp.int32)
 
 
-def pallas_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *, mesh=None,
+def pallas_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
                      interpret: bool = False) -> jax.Array:
     """JAX's Pallas flash kernel (`jax.experimental.pallas.ops.gpu.attention.mha`, Triton on GPU): causal, with
     segment ids for packed rows and padding. The kernel wants as many key/value heads as query heads and whole tiles,
-    so heads are repeated and the sequence padded; on a mesh it runs per device under `shard_map`."""
+    so heads are repeated and the sequence padded; in a placement it runs per device under `shard_map`."""
     from jax.experimental.pallas.ops.gpu.attention import mha
     groups, time = query.shape[2] // key.shape[2], query.shape[1]
     key, value = (jnp.repeat(t, groups, axis=2) for t in (key, value))
     pad = (-time) % PALLAS_BLOCK
     tiles = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=-1 if x.ndim == 2 else 0)
     kernel = partial(mha, sm_scale=query.shape[-1] ** -0.5, causal=True, interpret=interpret)
-    if mesh is not None:
-        heads, rows = P(*(a if a in mesh.axis_names else None for a in ("data", None, "model", None))), \
-            P("data" if "data" in mesh.axis_names else None, None)
-        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, rows), out_specs=heads,
+    if current_mesh() is not None:
+        rows = P(dimension_axis("batch", query.shape[0]), None)
+        heads = P(rows[0], None, dimension_axis("heads", query.shape[2]), None)
+        kernel = jax.shard_map(kernel, mesh=current_mesh(), in_specs=(heads, heads, heads, rows), out_specs=heads,
                                check_vma=False)
     return kernel(tiles(query), tiles(key), tiles(value), tiles(row_segments(parts)))[:, :time]
 
@@ -484,9 +532,9 @@ def choose_attention(requested: str, case: AttentionCase, *, platform: str, cudn
 
 
 # %% ../nbs/00_attention.ipynb #fc125d4c
-def device_platform(mesh=None) -> str:
-    "'cuda' for NVIDIA GPUs, else the platform name of the mesh's (or the default) devices."
-    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+def device_platform() -> str:
+    "'cuda' for NVIDIA GPUs, else the platform name of the current placement's (or the default) devices."
+    device = current_mesh().devices.flat[0] if current_mesh() is not None else jax.devices()[0]
     kind = device.client.platform_version.lower() if device.platform == "gpu" else ""
     return "cuda" if device.platform == "gpu" and "rocm" not in kind else device.platform
 
@@ -506,7 +554,7 @@ def cudnn_is_available() -> bool:
 
 # %% ../nbs/00_attention.ipynb #f2cc7186
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
-              sliding_window: int | None = None, block: int | None = None, mesh=None, implementation: str = "auto",
+              sliding_window: int | None = None, block: int | None = None, implementation: str = "auto",
               row_layout: str = "any", cached: bool = False) -> jax.Array:
     """Attention of `query` `[batch, time, heads, head_dim]` over `key`/`value` `[batch, keys, kv_heads, head_dim]`.
     `implementation` 'auto' leaves the choice to lowering (`jax.lax.platform_dependent`): the fused kernel on CUDA,
@@ -516,22 +564,22 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskPar
     if row_layout not in ROW_LAYOUTS:
         raise ValueError(f"Unknown row layout {row_layout!r}; choose one of {ROW_LAYOUTS}.")
     case = AttentionCase(jnp.dtype(query.dtype).name, query.shape[-1], row_layout, sliding_window,
-                         sequence_axis_size(mesh), cached)
+                         sequence_axis_size(), cached)
 
     def run(kernel):
         if kernel == "cudnn":
             return cudnn_attention(query, key, value, parts, sliding_window)
         if kernel == "pallas":
-            return pallas_attention(query, key, value, parts, mesh=mesh)
+            return pallas_attention(query, key, value, parts)
         if cached or block is None:
             return reference_attention(query, key, value, parts, sliding_window)
-        layout = block_layout(query.shape[1], block, mesh)
+        layout = block_layout(query.shape[1], block)
         if layout.groups == 1 and query.shape[1] <= SHORT_SEQUENCE:
             return short_attention(query, key, value, parts, sliding_window)
         return blocked_attention(query, key, value, parts, layout, sliding_window)
 
     if implementation != "auto":
-        return run(choose_attention(implementation, case, platform=device_platform(mesh),
+        return run(choose_attention(implementation, case, platform=device_platform(),
                                     cudnn_available=cudnn_is_available()))
     on_cuda = choose_attention("auto", case, platform="cuda", cudnn_available=cudnn_is_available())
     if on_cuda == "xla":

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import forward, generate, load_hf_checkpoint
+from .model import forward, generate
+from .formats import load_hf_checkpoint
 from .testing import TINY_STYLES, save_tiny_hf_checkpoint
 from . import train
 from .files import describe_checkpoints, output_folder, run_command

@@ -21,7 +21,8 @@ from .model import IGNORE_INDEX
 # %% auto #0
 __all__ = ['PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'RecordError', 'read_records', 'format_prompt', 'prompt_parts',
            'TruncationReport', 'tokenize_record', 'split_records', 'mix_general_records', 'load_tokenizer',
-           'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets', 'pack_examples', 'epoch_rows', 'batches']
+           'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets', 'empty_rows', 'pack_examples', 'epoch_rows',
+           'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
 class RecordError(ValueError):
@@ -294,7 +295,8 @@ def default_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
     return tuple(sizes) + (max_len,)
 
 
-def _empty_rows(count: int, length: int, pad_id: int) -> dict:
+def empty_rows(count: int, length: int, pad_id: int = 0) -> dict:
+    "A batch of `count` empty rows of `length`: the five arrays every batch has, all padding and no labels."
     return {"input_ids": np.full((count, length), pad_id, np.int32),
             "labels": np.full((count, length), IGNORE_INDEX, np.int32),
             "attention_mask": np.zeros((count, length), np.int32), "positions": np.zeros((count, length), np.int32),
@@ -356,7 +358,7 @@ def batches(dataset, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle:
         chunk = rows[first:first + batch_size]
         needed = max(sum(len(examples[i]["input_ids"]) for i in row) for row in chunk)
         length = next(b for b in buckets if b >= needed)
-        batch = _empty_rows(batch_size, length, pad_id)
+        batch = empty_rows(batch_size, length, pad_id)
         for row_number, row in enumerate(chunk):
             start = 0
             for segment, index in enumerate(row, start=1):

@@ -1,4 +1,4 @@
-"""`save_peft_adapter`, `load_peft_adapter`, `merge_to_hf` and the paper's `huggingface_merger` command.
+"""`merge_to_hf` and the paper's `huggingface_merger` command; checked, with the PEFT adapters of the formats chapter, against `peft` and `transformers`.
 
 Docs: https://jora-dev.github.io/jora/nbs/export.html.md"""
 
@@ -7,139 +7,20 @@ Docs: https://jora-dev.github.io/jora/nbs/export.html.md"""
 # %% ../nbs/06_export.ipynb #f2a48ed9
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-import jax.numpy as jnp
 
-from .model import ATTENTION_PROJECTIONS, LlamaConfig, LoraWeights, PROJECTIONS, projection_shape
-from .lora import LoraConfig
-from .files import checkpoint_step, latest_checkpoint, output_folder, run_command
-from .train import load_lora
+from .model import LlamaConfig, projection_shape
+from .files import check_output_folder, checkpoint_step, output_folder, run_command
+from .formats import checkpoint_tensor_files, hf_weight_names, load_any_adapter
 
 # %% auto #0
-__all__ = ['peft_key', 'save_peft_adapter', 'load_peft_adapter', 'load_any_adapter', 'merge_to_hf', 'huggingface_merger']
-
-# %% ../nbs/06_export.ipynb #a85bc1d0
-def peft_key(layer: int, name: str, part: str) -> str:
-    "PEFT's tensor name for `part` ('lora_A' or 'lora_B') of projection `name` in decoder layer `layer`."
-    group = "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
-    return f"base_model.model.model.layers.{layer}.{group}.{name}.{part}.weight"
-
-# %% ../nbs/06_export.ipynb #10481e59
-def save_peft_adapter(path, lora: LoraWeights, lora_config: LoraConfig, base_model_name_or_path: str | None = None,
-                      *, overwrite: bool = False, protected=()) -> Path:
-    """Write `lora` as a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors): a new or empty
-    folder, or an earlier jora adapter with `overwrite`; never the base model or the `protected` folders."""
-    from safetensors.numpy import save_file
-    tensors = {}
-    for name in lora_config.targets:
-        stacked_a, stacked_b = (np.asarray(lora.adapters[name][part], np.float32) for part in ("lora_A", "lora_B"))
-        for layer in range(stacked_a.shape[0]):
-            tensors[peft_key(layer, name, "lora_A")] = np.ascontiguousarray(stacked_a[layer].T)
-            tensors[peft_key(layer, name, "lora_B")] = np.ascontiguousarray(stacked_b[layer].T)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_config.r, "lora_alpha": lora_config.alpha,
-              "lora_dropout": lora_config.dropout, "target_modules": list(lora_config.targets),
-              "use_rslora": lora_config.use_rslora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-              "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path)}
-    local_base = [base_model_name_or_path] if base_model_name_or_path and Path(base_model_name_or_path).exists() else []
-    with output_folder(path, "PEFT adapter", overwrite=overwrite, protected=[*local_base, *protected]) as temporary:
-        save_file(tensors, str(temporary / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (temporary / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return Path(path)
-
-
-# %% ../nbs/06_export.ipynb #445150d0
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-                "modules_to_save": None, "fan_in_fan_out": False}
-
-
-def _adapter_settings(path: Path) -> dict:
-    file = path / "adapter_config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"No PEFT adapter at {path}: adapter_config.json is missing.")
-    settings = json.loads(file.read_text())
-    if settings.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{file}: peft_type {settings.get('peft_type')!r} is not LoRA; jora reads LoRA adapters only.")
-    for key, supported in _UNSUPPORTED.items():
-        if settings.get(key) not in (supported, None) and settings.get(key) != supported:
-            raise ValueError(f"{file}: {key}={settings.get(key)!r} is not supported by jora (only {supported!r}).")
-    return settings
-
-
-def _adapter_targets(settings: dict, file: Path) -> tuple[str, ...]:
-    targets = settings.get("target_modules")
-    if targets == "all-linear":
-        return PROJECTIONS
-    if isinstance(targets, str) or not targets:
-        raise ValueError(f"{file}: target_modules={targets!r}; jora needs a list of projection names.")
-    unknown = sorted(set(targets) - set(PROJECTIONS))
-    if unknown:
-        raise ValueError(f"{file}: target modules {unknown} are not Llama projections ({list(PROJECTIONS)}).")
-    return tuple(t for t in PROJECTIONS if t in targets)
-
-
-def load_peft_adapter(path, model_config: LlamaConfig | None = None) -> tuple[LoraWeights, LoraConfig]:
-    "A PEFT LoRA adapter folder as jora `LoraWeights` and `LoraConfig`, checked against `model_config` when given."
-    from safetensors.numpy import load_file
-    path = Path(path)
-    settings = _adapter_settings(path)
-    weights_file = path / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        pickled = path / "adapter_model.bin"
-        raise FileNotFoundError(f"{weights_file} is missing" + (" (jora does not read the pickled adapter_model.bin; "
-                                "re-save it with safe_serialization=True)" if pickled.exists() else "") + ".")
-    lora_config = LoraConfig(r=int(settings["r"]), alpha=float(settings["lora_alpha"]),
-                             dropout=float(settings.get("lora_dropout", 0.0)), targets=_adapter_targets(settings, path),
-                             use_rslora=bool(settings.get("use_rslora", False)))
-    tensors = {key.replace(".default.weight", ".weight"): value for key, value in load_file(str(weights_file)).items()}
-    layers = model_config.num_hidden_layers if model_config is not None else 1 + max(
-        int(key.split(".layers.")[1].split(".")[0]) for key in tensors)
-    adapters, used = {}, set()
-    for name in lora_config.targets:
-        parts = {"lora_A": [], "lora_B": []}
-        for layer in range(layers):
-            for part in parts:
-                key = peft_key(layer, name, part)
-                if key not in tensors:
-                    raise ValueError(f"{weights_file}: {key} is missing; the adapter must cover every layer of every target.")
-                tensor = tensors[key].astype(np.float32)
-                rank_axis = 0 if part == "lora_A" else 1
-                if tensor.ndim != 2 or tensor.shape[rank_axis] != lora_config.r:
-                    raise ValueError(f"{weights_file}: {key} has shape {tensor.shape}, which does not have rank "
-                                     f"r={lora_config.r} from adapter_config.json.")
-                if model_config is not None:
-                    fan_in, fan_out = projection_shape(model_config, name)
-                    expected = (lora_config.r, fan_in) if part == "lora_A" else (fan_out, lora_config.r)
-                    if tensor.shape != expected:
-                        raise ValueError(f"{weights_file}: {key} has shape {tensor.shape} but this model's {name} needs "
-                                         f"{expected}. Was the adapter trained on another base model?")
-                parts[part].append(tensor.T)
-                used.add(key)
-        adapters[name] = {part: jnp.asarray(np.stack(stack)) for part, stack in parts.items()}
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise ValueError(f"{weights_file} holds tensors outside the configured targets {list(lora_config.targets)}: "
-                         f"{extra[:3]}{' ...' if len(extra) > 3 else ''}; fix target_modules in adapter_config.json.")
-    return LoraWeights(adapters, scale=lora_config.scale, dropout=lora_config.dropout), lora_config
+__all__ = ['merge_to_hf', 'huggingface_merger']
 
 # %% ../nbs/06_export.ipynb #7b04012b
-def load_any_adapter(lora_path, model_config: LlamaConfig | None = None) -> tuple[LoraWeights, LoraConfig]:
-    "Adapters from a PEFT folder, a jora checkpoint (or folder of checkpoints), or a jora lora.safetensors file."
-    path = Path(lora_path)
-    if (path / "adapter_config.json").is_file():
-        return load_peft_adapter(path, model_config)
-    if path.is_dir() and not (path / "lora.safetensors").is_file():
-        newest = latest_checkpoint(path)
-        if newest is None:
-            raise FileNotFoundError(f"{path} holds no PEFT adapter, no lora.safetensors and no jora checkpoint.")
-        path = newest
-    return load_lora(path)
-
-
 def _merge_tensor(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scale: float) -> np.ndarray:
     "HF weight `[out, in]` plus scale * (A @ B)^T, in fp32, back in the weight's dtype."
     update = (lora_a.astype(np.float32) @ lora_b.astype(np.float32)).T
@@ -158,8 +39,6 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
     or the adapters; it is written beside itself first and moved into place when complete."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
-    from jora.files import check_output_folder
-    from jora.model import checkpoint_tensor_files
     protected = [hf_path, _adapter_folder(Path(lora_path))]
     check_output_folder(save_path, "merged model", overwrite=overwrite, protected=protected)  # before any reading
     hf_path, save_path = Path(hf_path), Path(save_path)
@@ -172,11 +51,11 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
                              f"but {hf_path} needs {expected}. Were they trained on another base model?")
     files = checkpoint_tensor_files(hf_path)
     updates = {}
+    names = hf_weight_names(model_config)
     for name in lora_config.targets:
-        group = "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
         stacked_a, stacked_b = (np.asarray(lora.adapters[name][part]) for part in ("lora_A", "lora_B"))
         for layer in range(model_config.num_hidden_layers):
-            updates[f"model.layers.{layer}.{group}.{name}.weight"] = (stacked_a[layer], stacked_b[layer])
+            updates[names[("layers", name)][0].format(layer=layer)] = (stacked_a[layer], stacked_b[layer])
     missing = sorted(set(updates) - set(files))
     if missing:
         raise ValueError(f"{hf_path} lacks the weights the adapters modify: {missing[:3]}.")

@@ -17,7 +17,8 @@ from pathlib import Path
 import ipywidgets as widgets
 import jax
 
-from .model import PROJECTIONS, LlamaConfig, check_model_axis
+from .model import PROJECTIONS, LlamaConfig
+from .sharding import check_model_axis
 from .files import latest_checkpoint
 from .train import (FIELD_HELP, FIELDS, ParallamaConfig, _flag, _parse_field, model_path, train_lora,
                         value_problem)
@@ -301,8 +302,8 @@ class ExportPanel:
             self.status.value = f"<span style='color:#b00020'>{error}</span>"
 
     def save_adapter(self):
-        from jora.export import save_peft_adapter
-        from jora.train import load_lora
+        from jora.formats import save_peft_adapter
+        from jora.formats import load_lora
         def action():
             base = model_path(self.training.checked_config())
             lora, lora_config = load_lora(self._checkpoint())
@@ -338,7 +339,8 @@ class TryPanel:
         from jora.data import load_tokenizer
         from jora.data import format_prompt
         from jora.model import generate
-        from jora.train import load_lora, load_model, run_mesh
+        from jora.train import load_model, run_mesh
+        from jora.formats import load_lora
         try:
             one_device = self.training.checked_config()._replace(MESH_MODEL=1, MESH_DATA=1, MESH_SEQ=1, NUM_GPUS=1)
             path = model_path(one_device)

@@ -1,4 +1,4 @@
-"""Configuration, parameters, the forward pass, KV-cache generation and Hugging Face checkpoint loading, exact against `transformers`.
+"""Configuration, parameters with named dimensions, the forward pass, the training loss and KV-cache generation, exact against `transformers`.
 
 Docs: https://jora-dev.github.io/jora/nbs/model.html.md"""
 
@@ -9,30 +9,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .attention import (MaskParts, attention, constrain, even_block_size, join_sequence_blocks,
-                            make_attention_mask, sequence_axis_size, sequence_blocks)
+from .attention import (MaskParts, attention, constrain, even_block_size, join_sequence_blocks, sequence_axis_size,
+                            sequence_blocks)
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
-           'REMAT_POLICIES', 'IGNORE_INDEX', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'RopeScaling', 'LlamaConfig',
-           'projection_shape', 'has_bias', 'param_shapes', 'init_params', 'rms_norm', 'rope_inverse_frequencies',
-           'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'key_value_head_axis', 'decoder_layer',
+           'PROJECTION_DIMENSIONS', 'REMAT_POLICIES', 'IGNORE_INDEX', 'RopeScaling', 'LlamaConfig', 'dimension_sizes',
+           'projection_shape', 'has_bias', 'param_dimensions', 'param_shapes', 'init_params', 'rms_norm',
+           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'decoder_layer',
            'remat_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward',
-           'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate', 'model_axis_sizes',
-           'check_model_axis', 'tensor_parallel_specs', 'hf_weight_names', 'hf_tensor_shapes',
-           'checkpoint_tensor_files', 'load_hf_checkpoint']
+           'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -164,14 +160,21 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 
+PROJECTION_DIMENSIONS = {"q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
+                         "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
+                         "down_proj": ("mlp", "embed")}
+
+
+def dimension_sizes(config: LlamaConfig) -> dict[str, int]:
+    "How many features each named dimension has (`heads`: every query head's features together)."
+    return {"layers": config.num_hidden_layers, "embed": config.hidden_size, "mlp": config.intermediate_size,
+            "heads": config.num_attention_heads * config.head_dim, "vocab": config.vocab_size,
+            "kv_heads": config.num_key_value_heads * config.head_dim}
+
+
 def projection_shape(config: LlamaConfig, name: str) -> tuple[int, int]:
     "The `[in, out]` shape of one layer's projection `name`."
-    hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
-                                         config.num_key_value_heads, config.head_dim)
-    return {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
-            "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
-            "gate_proj": (hidden, config.intermediate_size), "up_proj": (hidden, config.intermediate_size),
-            "down_proj": (config.intermediate_size, hidden)}[name]
+    return tuple(dimension_sizes(config)[dimension] for dimension in PROJECTION_DIMENSIONS[name])
 
 
 def has_bias(config: LlamaConfig, name: str) -> bool:
@@ -179,21 +182,24 @@ def has_bias(config: LlamaConfig, name: str) -> bool:
     return config.attention_bias if name in ATTENTION_PROJECTIONS else config.mlp_bias
 
 
+def param_dimensions(config: LlamaConfig) -> dict:
+    "The named dimensions of every parameter, nested as `init_params` returns them."
+    layers = {"input_layernorm": ("layers", "embed"), "post_attention_layernorm": ("layers", "embed")}
+    for name in PROJECTIONS:
+        layers[name] = ("layers", *PROJECTION_DIMENSIONS[name])
+        if has_bias(config, name):
+            layers[f"{name}_bias"] = ("layers", PROJECTION_DIMENSIONS[name][1])
+    dimensions = {"embed_tokens": ("vocab", "embed"), "layers": layers, "norm": ("embed",)}
+    if not config.tie_word_embeddings:
+        dimensions["lm_head"] = ("embed", "vocab")
+    return dimensions
+
+
 def param_shapes(config: LlamaConfig) -> dict:
     "The shape of every parameter, as the same nested dictionary `init_params` returns."
-    layers_count = config.num_hidden_layers
-    layers = {"input_layernorm": (layers_count, config.hidden_size),
-              "post_attention_layernorm": (layers_count, config.hidden_size)}
-    for name in PROJECTIONS:
-        fan_in, fan_out = projection_shape(config, name)
-        layers[name] = (layers_count, fan_in, fan_out)
-        if has_bias(config, name):
-            layers[f"{name}_bias"] = (layers_count, fan_out)
-    shapes = {"embed_tokens": (config.vocab_size, config.hidden_size), "layers": layers,
-              "norm": (config.hidden_size,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (config.hidden_size, config.vocab_size)
-    return shapes
+    sizes = dimension_sizes(config)
+    return jax.tree.map(lambda dimensions: tuple(sizes[name] for name in dimensions), param_dimensions(config),
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
@@ -279,24 +285,16 @@ def project(x: jax.Array, layer: dict, name: str, lora: LoraWeights | None = Non
     return checkpoint_name(y, name)
 
 # %% ../nbs/00_model.ipynb #4e535494
-def key_value_head_axis(config: LlamaConfig, mesh) -> str | None:
-    "'model' when the key/value heads split evenly over the model axis, else None (each device keeps them all)."
-    if mesh is None or config.num_key_value_heads % mesh.shape.get("model", 1):
-        return None
-    return "model"
-
-
 def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask_parts: MaskParts, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
-                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None, mesh=None,
+                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None,
                   attention_block: int | None = None, attention_implementation: str = "auto", row_layout: str = "any"):
     "One pre-norm decoder block; returns the new hidden states and the (updated) key/value cache."
     batch, time, _ = hidden.shape
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    kv_axis = key_value_head_axis(config, mesh)
     proj = partial(project, layer=layer, lora=lora, dropout_key=dropout_key)
     x = rms_norm(hidden, layer["input_layernorm"], config.rms_norm_eps)
-    query = constrain(proj(x, name="q_proj").reshape(batch, time, heads, head_dim), mesh, "data", "seq", "model", None)
+    query = constrain(proj(x, name="q_proj").reshape(batch, time, heads, head_dim), "batch", "length", "heads", None)
     key = proj(x, name="k_proj").reshape(batch, time, kv_heads, head_dim)
     value = proj(x, name="v_proj").reshape(batch, time, kv_heads, head_dim)
     query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
@@ -304,15 +302,14 @@ def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.
         cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, cache_index, 0, 0))
                       for c, new in zip(cache, (key, value)))
         key, value = cache
-    key, value = (constrain(t, mesh, "data", None, kv_axis, None) for t in (key, value))
+    key, value = (constrain(t, "batch", "key_length", "kv_heads", None) for t in (key, value))
     attended = attention(query, key, value, mask_parts, sliding_window=config.sliding_window, block=attention_block,
-                         mesh=mesh, implementation=attention_implementation, row_layout=row_layout,
-                         cached=cache is not None)
-    attended = constrain(attended.reshape(batch, time, heads * head_dim), mesh, "data", "seq", "model")
-    hidden = constrain(hidden + proj(attended, name="o_proj"), mesh, "data", "seq", None)
+                         implementation=attention_implementation, row_layout=row_layout, cached=cache is not None)
+    attended = constrain(attended.reshape(batch, time, heads * head_dim), "batch", "length", "heads")
+    hidden = constrain(hidden + proj(attended, name="o_proj"), "batch", "length", "embed")
     x = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_norm_eps)
-    gated = constrain(jax.nn.silu(proj(x, name="gate_proj")) * proj(x, name="up_proj"), mesh, "data", "seq", "model")
-    return constrain(hidden + proj(gated, name="down_proj"), mesh, "data", "seq", None), cache
+    gated = constrain(jax.nn.silu(proj(x, name="gate_proj")) * proj(x, name="up_proj"), "batch", "length", "mlp")
+    return constrain(hidden + proj(gated, name="down_proj"), "batch", "length", "embed"), cache
 
 # %% ../nbs/00_model.ipynb #f98cad56
 REMAT_POLICIES = {
@@ -348,7 +345,7 @@ def lm_head_logits(params: dict, hidden: jax.Array) -> jax.Array:
 
 def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
                   positions=None, segment_ids=None, lora: LoraWeights | None = None,
-                  dropout_key: jax.Array | None = None, remat: str | None = None, mesh=None,
+                  dropout_key: jax.Array | None = None, remat: str | None = None,
                   attention_block: int | None = None, attention_implementation: str = "auto",
                   row_layout: str = "any") -> jax.Array:
     "Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype."
@@ -359,13 +356,13 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
         positions = positions_from_mask(valid)
     slots = jnp.broadcast_to(jnp.arange(time), (batch, time))
     mask_parts = MaskParts(slots, slots, valid, segment_ids, segment_ids)
-    hidden = constrain(params["embed_tokens"][input_ids], mesh, "data", "seq", None)
-    cos, sin = (constrain(t, mesh, "data", "seq", None) for t in rope_cos_sin(config, positions, hidden.dtype))
+    hidden = constrain(params["embed_tokens"][input_ids], "batch", "length", "embed")
+    cos, sin = (constrain(t, "batch", "length", None) for t in rope_cos_sin(config, positions, hidden.dtype))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, config.num_hidden_layers)
 
     def body(hidden, per_layer):
         layer, layer_lora, layer_key = per_layer
-        hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, layer_key, mesh=mesh,
+        hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, layer_key,
                                   attention_block=attention_block, attention_implementation=attention_implementation,
                                   row_layout=row_layout)
         return hidden, None
@@ -376,11 +373,11 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
 
 def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
             lora: LoraWeights | None = None, positions=None, segment_ids=None, dropout_key: jax.Array | None = None,
-            remat: str | None = None, mesh=None, attention_block: int | None = None,
+            remat: str | None = None, attention_block: int | None = None,
             attention_implementation: str = "auto", row_layout: str = "any") -> jax.Array:
     "Logits `[batch, time, vocab]` in fp32."
     hidden = hidden_states(config, params, input_ids, attention_mask=attention_mask, positions=positions,
-                           segment_ids=segment_ids, lora=lora, dropout_key=dropout_key, remat=remat, mesh=mesh,
+                           segment_ids=segment_ids, lora=lora, dropout_key=dropout_key, remat=remat,
                            attention_block=attention_block, attention_implementation=attention_implementation,
                            row_layout=row_layout)
     return lm_head_logits(params, hidden)
@@ -435,18 +432,18 @@ def _chunk_loss_backward(residuals, loss_grad):
 chunk_token_loss.defvjp(_chunk_loss_forward, _chunk_loss_backward)
 
 
-def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array, chunk: int,
-                        mesh=None) -> jax.Array:
+def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array,
+                        chunk: int) -> jax.Array:
     """As `_summed_token_loss`, `chunk` positions at a time (split evenly over the 'seq' devices, each on its own part),
     skipping chunks without labels; only one chunk's logits exist at a time."""
     time = hidden.shape[1]
-    groups = sequence_axis_size(mesh) if time % sequence_axis_size(mesh) == 0 else 1
+    groups = sequence_axis_size() if time % sequence_axis_size() == 0 else 1
     size = even_block_size(time // groups, chunk // groups)
     weight = lm_head_weight(params)
 
     def body(total, inputs):
         piece, piece_targets, piece_labelled = inputs
-        piece = constrain(piece, mesh, "data", "seq", None)
+        piece = constrain(piece, "batch", "length", "embed")
         return total + chunk_token_loss(weight, piece, piece_targets, piece_labelled), None
 
     pieces = tuple(sequence_blocks(x, groups, size) for x in (hidden, targets, labelled))
@@ -464,7 +461,7 @@ def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, 
     if logits_chunk is None:
         total = _summed_token_loss(params, hidden, targets, labelled)
     else:
-        total = _chunked_token_loss(params, hidden, targets, labelled, logits_chunk, forward_options.get("mesh"))
+        total = _chunked_token_loss(params, hidden, targets, labelled, logits_chunk)
     return total, jnp.sum(labelled)
 
 
@@ -564,175 +561,3 @@ def generate(config: LlamaConfig, params: dict, input_ids, *, max_new_tokens: in
         jnp.asarray(eos_ids, jnp.int32).reshape(-1), jnp.int32(pad_id),
         max_new_tokens=int(max_new_tokens), greedy=temperature == 0)
     return np.concatenate([input_ids, np.asarray(generated)[:, :int(steps)]], axis=1)
-
-# %% ../nbs/00_model.ipynb #5bbac5d7
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
-
-
-def model_axis_sizes(config: LlamaConfig, largest: int = 64) -> list[int]:
-    "Model-axis sizes (up to `largest`) that split this model evenly: they divide the heads and the MLP width."
-    return [size for size in range(1, largest + 1)
-            if config.num_attention_heads % size == 0 and config.intermediate_size % size == 0]
-
-
-def check_model_axis(config: LlamaConfig, model_axis_size: int) -> None:
-    "Raise a clear error when `model_axis_size` devices cannot split the model."
-    if model_axis_size < 1 or model_axis_size not in model_axis_sizes(config, max(model_axis_size, 64)):
-        raise ValueError(
-            f"A model axis of {model_axis_size} devices cannot split this model: its {config.num_attention_heads} "
-            f"attention heads and MLP width {config.intermediate_size} must both divide evenly. Model-axis sizes "
-            f"that work: {model_axis_sizes(config)}.")
-
-
-def tensor_parallel_specs(config: LlamaConfig, model_axis_size: int = 1) -> dict:
-    "The `PartitionSpec` of every parameter (same nesting as the params) for a model axis of this size."
-    check_model_axis(config, model_axis_size)
-    kv_axis = "model" if config.num_key_value_heads % model_axis_size == 0 else None
-    vocab_axis = "model" if config.vocab_size % model_axis_size == 0 else None
-    output_axis = {"q_proj": "model", "k_proj": kv_axis, "v_proj": kv_axis, "gate_proj": "model", "up_proj": "model"}
-    layers = {"input_layernorm": P(), "post_attention_layernorm": P()}
-    for name in PROJECTIONS:
-        layers[name] = P(None, None, output_axis[name]) if name in COLUMN_PARALLEL else P(None, "model", None)
-        if has_bias(config, name):
-            layers[f"{name}_bias"] = P(None, output_axis[name]) if name in COLUMN_PARALLEL else P()
-    specs = {"embed_tokens": P(vocab_axis, None), "layers": layers, "norm": P()}
-    if not config.tie_word_embeddings:
-        specs["lm_head"] = P(None, vocab_axis)
-    return specs
-
-# %% ../nbs/00_model.ipynb #2d2376d6
-def hf_weight_names(config: LlamaConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
-    "Each parameter path -> (Hugging Face tensor name, with `{layer}` for stacked weights; transposed?)."
-    names = {("embed_tokens",): ("model.embed_tokens.weight", False), ("norm",): ("model.norm.weight", False)}
-    if not config.tie_word_embeddings:
-        names[("lm_head",)] = ("lm_head.weight", True)
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        names[("layers", norm)] = (f"model.layers.{{layer}}.{norm}.weight", False)
-    for name in PROJECTIONS:
-        module = "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
-        names[("layers", name)] = (f"model.layers.{{layer}}.{module}.{name}.weight", True)
-        if has_bias(config, name):
-            names[("layers", f"{name}_bias")] = (f"model.layers.{{layer}}.{module}.{name}.bias", False)
-    return names
-
-
-def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    "Every tensor a Hugging Face checkpoint of `config` holds, by name, with its shape as stored there."
-    shapes, stored = param_shapes(config), {}
-    for key_path, (hf_name, transpose) in hf_weight_names(config).items():
-        shape = shapes[key_path[0]] if len(key_path) == 1 else shapes["layers"][key_path[1]][1:]
-        for layer in range(config.num_hidden_layers) if "{layer}" in hf_name else [None]:
-            stored[hf_name.format(layer=layer)] = tuple(shape[::-1] if transpose else shape)
-    return stored
-
-# %% ../nbs/00_model.ipynb #f9f73060
-def _safetensors_keys(file: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(file), framework="numpy") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{file} is not a readable safetensors file ({error}). It may be truncated or corrupt: "
-                         f"download or save it again.") from None
-
-
-def _shard_in(folder: Path, shard, index: Path) -> Path:
-    "A shard named in an index, refused when its name leads outside the model folder (`../`, an absolute path)."
-    name = os.path.normpath(str(shard))
-    if os.path.isabs(name) or name == ".." or name.startswith(".." + os.sep):
-        raise ValueError(f"{index} names the shard {shard!r}, which lies outside {folder}; jora reads only shards "
-                         f"inside the model folder. Fix the index's weight_map.")
-    return folder / name
-
-
-def checkpoint_tensor_files(path: str | Path) -> dict[str, Path]:
-    "Tensor name -> the safetensors file that holds it, for a Hugging Face model folder."
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"No model folder at {path}: pass the folder written by `save_pretrained` "
-                                f"(config.json + model.safetensors or its shards).")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as error:
-            raise ValueError(f"{index} is not a valid safetensors index ({error!r}); it needs a 'weight_map'.") from None
-        files = {name: _shard_in(path, shard, index) for name, shard in weight_map.items()}
-        for shard in sorted(set(files.values())):
-            if not shard.is_file():
-                raise FileNotFoundError(f"{shard} is listed in {index} but missing: download the complete checkpoint.")
-            _safetensors_keys(shard)
-        return files
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
-        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        hint = (f" It has {pickled}: jora does not read pickled weights (loading a pickle can run code); convert them "
-                f"with `transformers` (`save_pretrained(..., safe_serialization=True)`)." if pickled else "")
-        raise FileNotFoundError(f"No *.safetensors weights in {path}.{hint}")
-    return {name: shard for shard in shards for name in _safetensors_keys(shard)}
-
-# %% ../nbs/00_model.ipynb #9ba4dbcb
-_IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def _check_tensors(path: Path, config: LlamaConfig, files: dict, handles) -> None:
-    "Every expected tensor is present with the shape the config implies, and nothing unexpected is there."
-    expected = hf_tensor_shapes(config)
-    for name, shape in expected.items():
-        if name not in files:
-            raise ValueError(f"Tensor {name!r} is missing from the checkpoint in {path}. Does config.json match "
-                             f"these weights?")
-        stored = tuple(handles(files[name]).get_slice(name).get_shape())
-        if stored != shape:
-            raise ValueError(f"Tensor {name!r} in {files[name]} has shape {stored} but config.json implies {shape}.")
-    allowed = set(expected) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    unexpected = sorted(n for n in files if n not in allowed and not n.endswith(_IGNORED_TENSOR_SUFFIXES))
-    if unexpected:
-        raise ValueError(f"{path} holds tensors a {config.model_type} model with this config does not use: "
-                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. Is config.json the right one?")
-
-
-def _read_slice(handles, files: dict, hf_name: str, transpose: bool, dtype, stacked: bool, shape: tuple, index):
-    "The part `index` of one parameter, read from its safetensors tensor(s)."
-    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
-
-    def read(name, within):
-        view = handles(files[name]).get_slice(name)
-        part = view[tuple(within[::-1]) if transpose else tuple(within)]
-        return (part.T if transpose else part).astype(dtype, copy=False)
-
-    if not stacked:
-        return read(hf_name, index)
-    return np.stack([read(hf_name.format(layer=layer), index[1:]) for layer in range(shape[0])[index[0]]])
-
-
-def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple[LlamaConfig, dict]:
-    """Read a Hugging Face Llama-family folder into `(config, params)`, weights cast to `dtype`. With a `mesh`,
-    every tensor goes straight to its tensor-parallel sharding (see `tensor_parallel_specs`)."""
-    from contextlib import ExitStack
-    from safetensors import safe_open
-    path = Path(path)
-    config = LlamaConfig.from_hf(path)
-    files = checkpoint_tensor_files(path)
-    specs = tensor_parallel_specs(config, mesh.shape.get("model", 1) if mesh is not None else 1)
-    shapes = param_shapes(config)
-    params: dict = {"layers": {}}
-    with ExitStack() as stack:
-        opened = {}
-
-        def handles(file):
-            if file not in opened:
-                opened[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
-            return opened[file]
-
-        _check_tensors(path, config, files, handles)
-        for key_path, (hf_name, transpose) in hf_weight_names(config).items():
-            shape = shapes[key_path[0]] if len(key_path) == 1 else shapes["layers"][key_path[1]]
-            spec = specs[key_path[0]] if len(key_path) == 1 else specs["layers"][key_path[1]]
-            sharding = (NamedSharding(mesh, spec) if mesh is not None
-                        else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-            read = partial(_read_slice, handles, files, hf_name, transpose, np.dtype(dtype), "{layer}" in hf_name, shape)
-            target = params if len(key_path) == 1 else params["layers"]
-            target[key_path[-1]] = jax.make_array_from_callback(shape, sharding, read)
-    return config, params

@@ -387,7 +387,8 @@ def answer_questions(model_path, examples: list[dict], lora=None, max_len: int =
     import jax.numpy as jnp
     from jora.data import load_tokenizer
     from jora.data import tokenize_record, IGNORE_INDEX
-    from jora.model import generate, load_hf_checkpoint
+    from jora.model import generate
+    from jora.formats import load_hf_checkpoint
     tokenizer = load_tokenizer(model_path)
     config, params = load_hf_checkpoint(model_path, dtype=jnp.float32)
     answers = []
@@ -410,7 +411,7 @@ def evaluate_study(study: CaseStudy) -> "pd.DataFrame":
     "Table 2: Target Post, Reply Post and p(Reply|Target) for the base and RAFT models and the baselines."
     import pandas as pd
     from jora.files import latest_checkpoint
-    from jora.train import load_lora
+    from jora.formats import load_lora
     config = case_study_config(study, 2)
     examples = fourchan_records(study.fourchan, "test", seed=config.SEED)[:study.max_test_questions]
     rows = {}

@@ -1,4 +1,4 @@
-"""Device meshes, tensor-parallel placement of parameters and LoRA adapters, and per-device memory.
+"""Device meshes, the one rule table that places every named dimension, parameters and LoRA adapters on a mesh, and per-device memory.
 
 Docs: https://jora-dev.github.io/jora/nbs/sharding.html.md"""
 
@@ -12,13 +12,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .model import (COLUMN_PARALLEL, LlamaConfig, LoraWeights, causal_lm_loss, check_model_axis, projection_shape,
-                        param_shapes, tensor_parallel_specs)
+from .attention import rule_axis, use_placement
+from .model import PROJECTION_DIMENSIONS, LlamaConfig, dimension_sizes, param_dimensions, param_shapes
 
 # %% auto #0
-__all__ = ['MESH_AXES', 'CPU_MEMORY_ESTIMATE_OPTIONS', 'make_mesh', 'param_specs', 'named_shardings', 'shard_params',
-           'batch_spec', 'adapter_specs', 'compiled_memory', 'device_memory_stats', 'abstract_lora_step_inputs',
-           'abstract_optimizer_state', 'compile_for_memory_estimate', 'lora_step_memory', 'longest_trainable_sequence']
+__all__ = ['MESH_AXES', 'LOGICAL_AXIS_RULES', 'CPU_MEMORY_ESTIMATE_OPTIONS', 'make_mesh', 'placement', 'dimension_units',
+           'axis_sizes', 'specs_from_dimensions', 'model_axis_sizes', 'check_model_axis', 'param_specs',
+           'named_shardings', 'shard_params', 'batch_spec', 'adapter_dimensions', 'adapter_shapes', 'adapter_specs',
+           'compiled_memory', 'device_memory_stats', 'abstract_lora_step_inputs', 'abstract_optimizer_state',
+           'compile_for_memory_estimate', 'longest_length_within']
 
 # %% ../nbs/01_sharding.ipynb #16790a1d
 MESH_AXES = ("data", "seq", "model")
@@ -39,19 +41,67 @@ def make_mesh(data: int = 1, model: int | None = None, seq: int = 1, devices=Non
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 # %% ../nbs/01_sharding.ipynb #477adeb0
-def _mesh_model_size(mesh) -> int:
-    return 1 if mesh is None else mesh.shape.get("model", 1)
+LOGICAL_AXIS_RULES = {
+    "batch": "data",        # rows of a batch
+    "length": "seq",        # positions of a row: context parallelism
+    "key_length": None,     # keys and values at attention: every seq device sees the whole row (all-gather)
+    "embed": None,          # the residual stream, whole on every device
+    "heads": "model",       # query heads: q_proj's output, o_proj's input
+    "kv_heads": "model",    # key/value heads: k_proj's and v_proj's output
+    "mlp": "model",         # MLP width: gate_proj's and up_proj's output, down_proj's input
+    "vocab": "model",       # embedding rows, LM-head columns
+    "layers": None,         # the stacked layer axis
+    "lora_rank": None,      # an adapter's rank
+}
+
+
+def placement(mesh: Mesh | None):
+    "Put `LOGICAL_AXIS_RULES` on `mesh` in force for the enclosed code: the activations the model names go there."
+    return use_placement(mesh, LOGICAL_AXIS_RULES)
+
+
+def dimension_units(config: LlamaConfig, lora_rank: int = 1) -> dict[str, int]:
+    "How many indivisible units each named dimension has: whole heads for `heads` and `kv_heads`, else features."
+    return {**dimension_sizes(config), "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "lora_rank": lora_rank}
+
+
+def axis_sizes(mesh: Mesh | None) -> dict[str, int]:
+    "Each mesh axis's size; without a mesh, axes of one device (the layout every mesh aims at)."
+    return {axis: 1 for axis in MESH_AXES} if mesh is None else dict(mesh.shape)
+
+
+def specs_from_dimensions(dimensions, units: dict, mesh: Mesh | None = None):
+    "A pytree of named-dimension tuples -> the `PartitionSpec`s the rule table gives them on `mesh`."
+    sizes = axis_sizes(mesh)
+    return jax.tree.map(lambda names: P(*(rule_axis(LOGICAL_AXIS_RULES, sizes, name, units[name]) for name in names)),
+                        dimensions, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def model_axis_sizes(config: LlamaConfig, largest: int = 64) -> list[int]:
+    "Model-axis sizes (up to `largest`) that split this model evenly: they divide the heads and the MLP width."
+    return [size for size in range(1, largest + 1)
+            if config.num_attention_heads % size == 0 and config.intermediate_size % size == 0]
+
+
+def check_model_axis(config: LlamaConfig, model_axis_size: int) -> None:
+    "Raise a clear error when `model_axis_size` devices cannot split the model."
+    if model_axis_size < 1 or model_axis_size not in model_axis_sizes(config, max(model_axis_size, 64)):
+        raise ValueError(
+            f"A model axis of {model_axis_size} devices cannot split this model: its {config.num_attention_heads} "
+            f"attention heads and MLP width {config.intermediate_size} must both divide evenly. Model-axis sizes "
+            f"that work: {model_axis_sizes(config)}.")
 
 
 def param_specs(config: LlamaConfig, params: dict | None = None, mesh: Mesh | None = None) -> dict:
-    "`PartitionSpec` of every parameter (for `mesh`'s model axis; without a mesh, the layout every axis size aims at)."
-    specs = tensor_parallel_specs(config, _mesh_model_size(mesh))
+    "`PartitionSpec` of every parameter (for `mesh`; without a mesh, the layout every axis size aims at)."
+    check_model_axis(config, axis_sizes(mesh).get("model", 1))
     if params is not None:
         expected = jax.tree.structure(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
         if jax.tree.structure(params) != expected:
             raise ValueError(f"These params do not have the layout of this config: got {jax.tree.structure(params)}, "
                              f"expected {expected}. Were they made for another model?")
-    return specs
+    return specs_from_dimensions(param_dimensions(config), dimension_units(config), mesh)
 
 
 def named_shardings(mesh: Mesh, specs):
@@ -66,17 +116,28 @@ def shard_params(config: LlamaConfig, params: dict, mesh: Mesh) -> dict:
 
 def batch_spec() -> P:
     "Token arrays `[batch, time]`: rows over `data`, positions over `seq`."
-    return P("data", "seq")
+    return P(LOGICAL_AXIS_RULES["batch"], LOGICAL_AXIS_RULES["length"])
+
 
 # %% ../nbs/01_sharding.ipynb #4baea693
+def adapter_dimensions(targets) -> dict:
+    "Named dimensions of LoRA `lora_A` `[layers, in, r]` and `lora_B` `[layers, r, out]` for each target projection."
+    return {name: {"lora_A": ("layers", PROJECTION_DIMENSIONS[name][0], "lora_rank"),
+                   "lora_B": ("layers", "lora_rank", PROJECTION_DIMENSIONS[name][1])} for name in targets}
+
+
+def adapter_shapes(config: LlamaConfig, targets, rank: int) -> dict:
+    "The shapes of each target's `lora_A` and `lora_B`."
+    sizes = {**dimension_sizes(config), "lora_rank": rank}
+    return jax.tree.map(lambda names: tuple(sizes[name] for name in names), adapter_dimensions(targets),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
 def adapter_specs(config: LlamaConfig, targets, mesh: Mesh | None = None) -> dict:
-    "`PartitionSpec`s of LoRA `lora_A` `[layers, in, r]` and `lora_B` `[layers, r, out]` for each target projection."
-    base = tensor_parallel_specs(config, _mesh_model_size(mesh))["layers"]
-    specs = {}
-    for name in targets:
-        _, input_axis, output_axis = base[name]
-        specs[name] = {"lora_A": P(None, input_axis, None), "lora_B": P(None, None, output_axis)}
-    return specs
+    "`PartitionSpec`s of each target's `lora_A` and `lora_B`, from the rule table: they follow their base weight."
+    check_model_axis(config, axis_sizes(mesh).get("model", 1))
+    return specs_from_dimensions(adapter_dimensions(targets), dimension_units(config), mesh)
+
 
 # %% ../nbs/01_sharding.ipynb #9775e559
 def compiled_memory(compiled) -> dict:
@@ -109,10 +170,7 @@ def abstract_lora_step_inputs(config: LlamaConfig, mesh: Mesh, *, batch_size: in
     specs = param_specs(config, mesh=mesh)
     params = jax.tree.map(lambda shape, spec: abstract(shape, param_dtype, spec), param_shapes(config), specs,
                           is_leaf=lambda x: isinstance(x, tuple))
-    layers = config.num_hidden_layers
-    shapes = {name: {"lora_A": (layers, projection_shape(config, name)[0], rank),
-                     "lora_B": (layers, rank, projection_shape(config, name)[1])} for name in targets}
-    adapters = jax.tree.map(lambda shape, spec: abstract(shape, jnp.float32, spec), shapes,
+    adapters = jax.tree.map(lambda shape, spec: abstract(shape, jnp.float32, spec), adapter_shapes(config, targets, rank),
                             adapter_specs(config, targets, mesh), is_leaf=lambda x: isinstance(x, tuple))
     tokens = abstract((batch_size, seq_len), jnp.int32, batch_spec())
     return params, adapters, tokens
@@ -141,41 +199,15 @@ def compile_for_memory_estimate(lowered, mesh: Mesh):
     return lowered.compile(compiler_options=CPU_MEMORY_ESTIMATE_OPTIONS if on_cpu else None)
 
 
-def lora_step_memory(config: LlamaConfig, mesh: Mesh, *, batch_size: int = 1, seq_len: int = 512,
-                     targets=("q_proj", "v_proj"), rank: int = 16, param_dtype=jnp.bfloat16,
-                     remat: str | None = "full", logits_chunk: int | None = None,
-                     attention_block: int | None = None) -> dict:
-    """Per-device bytes of one compiled LoRA + AdamW training step, from lowering alone (nothing is allocated).
-    `logits_chunk` and `attention_block` are the training step's options of the same names."""
-    import optax
-    params, adapters, tokens = abstract_lora_step_inputs(config, mesh, batch_size=batch_size, seq_len=seq_len,
-                                                         targets=targets, rank=rank, param_dtype=param_dtype)
-    optimizer = optax.adamw(1e-4)
-    optimizer_state = abstract_optimizer_state(optimizer, adapters, mesh)
-
-    def step(params, adapters, optimizer_state, tokens):
-        def loss(adapters):
-            lora = LoraWeights(adapters, scale=1.0, dropout=0.0)
-            return causal_lm_loss(config, params, tokens, tokens, lora=lora, remat=remat, mesh=mesh,
-                                  logits_chunk=logits_chunk, attention_block=attention_block)
-        value, grads = jax.value_and_grad(loss)(adapters)
-        updates, optimizer_state = optimizer.update(grads, optimizer_state, adapters)
-        return optax.apply_updates(adapters, updates), optimizer_state, value
-
-    lowered = jax.jit(step, donate_argnums=(1, 2)).lower(params, adapters, optimizer_state, tokens)
-    return compiled_memory(compile_for_memory_estimate(lowered, mesh))
-
-
-def longest_trainable_sequence(config: LlamaConfig, mesh: Mesh, budget_bytes: float, *, granularity: int = 1024,
-                               **step_options) -> tuple[int, dict]:
-    """The longest sequence, a multiple of `granularity`, whose LoRA step (`lora_step_memory` with `step_options`)
-    fits in `budget_bytes` per device, and its memory report; (0, report at `granularity`) when none fits.
-    Memory grows steadily with length, so a line through two lowerings gives a first guess and bisection finishes."""
+def longest_length_within(memory_of, budget_bytes: float, granularity: int = 1024) -> tuple[int, dict]:
+    """The longest length, a multiple of `granularity`, whose memory report `memory_of(length)` totals at most
+    `budget_bytes` per device, and that report; (0, the report at `granularity`) when none fits. Memory grows steadily
+    with length, so a line through two lowerings gives a first guess and bisection finishes."""
     reports = {}
 
     def report(length):
         if length not in reports:
-            reports[length] = lora_step_memory(config, mesh, seq_len=length, **step_options)
+            reports[length] = memory_of(length)
         return reports[length]
 
     fits = lambda length: report(length)["total"] <= budget_bytes

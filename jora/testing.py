@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import LlamaConfig, hf_tensor_shapes
+from .model import LlamaConfig
+from .formats import hf_tensor_shapes
 
 # %% auto #0
 __all__ = ['TINY_CORPUS', 'TINY_STYLES', 'tiny_config', 'save_tiny_tokenizer', 'tiny_hf_tensors', 'save_hf_shards',

@@ -12,13 +12,12 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import threading
 import time
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import jax
@@ -27,25 +26,27 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .attention import ATTENTION_IMPLEMENTATIONS
-from .model import (LlamaConfig, LoraWeights, causal_lm_loss_sum, generate, load_hf_checkpoint, param_shapes,
-                        tensor_parallel_specs, PROJECTIONS)
-from .sharding import batch_spec, compiled_memory, device_memory_stats, make_mesh, named_shardings
+from .model import LlamaConfig, LoraWeights, causal_lm_loss_sum, generate, PROJECTIONS
+from .sharding import (abstract_lora_step_inputs, abstract_optimizer_state, batch_spec, compile_for_memory_estimate,
+                           compiled_memory, device_memory_stats, longest_length_within, make_mesh, placement)
 from .lora import LoraConfig, init_lora, shard_lora
-from .data import AlpacaDataset, batches, generate_alpaca_dataset
-from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderError, WriteError, checkpoint_problems,
-                         check_free_space, check_output_folder, checkpoint_name, checkpoint_step,
-                         delete_checkpoint, fsync_tree, latest_checkpoint, output_folder, prepare_checkpoint_folder,
-                         read_marker, rotate_checkpoints, set_aside, step_folders, temporary_checkpoint_name,
-                         write_failure, write_json, write_manifest)
+from .data import batches, empty_rows, generate_alpaca_dataset
+from .formats import (PARAMS_KIND, is_params_folder, load_hf_checkpoint, load_lora, load_optimizer_state,
+                          load_params, save_checkpoint, save_params)
+from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderError, check_free_space,
+                        check_output_folder, checkpoint_step, delete_checkpoint, latest_checkpoint, output_folder,
+                        prepare_checkpoint_folder, step_folders)
 
 # %% auto #0
-__all__ = ['FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'PARAMS_KIND', 'DEMO_COUNTRIES', 'Field', 'config_to_dict',
-           'field_type', 'value_problem', 'check_field', 'config_from_dict', 'save_params', 'is_params_folder',
-           'load_params', 'parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'load_model', 'save_lora',
-           'load_lora', 'save_checkpoint', 'load_optimizer_state', 'make_optimizer', 'make_train_step',
-           'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged', 'TrainResult', 'lora_config_of',
-           'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder', 'train_lora', 'demo_raft_records',
-           'demo_config', 'demo', 'train_argument_parser', 'config_from_arguments', 'train_main']
+__all__ = ['FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'DEMO_COUNTRIES', 'Field', 'config_to_dict', 'field_type',
+           'value_problem', 'check_field', 'config_from_dict', 'parameter_count', 'check_model_size', 'model_path',
+           'run_mesh', 'load_model', 'make_optimizer', 'TrainState', 'make_train_step', 'make_eval_step', 'place_batch',
+           'stack_micro_batches', 'TrainingDiverged', 'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate',
+           'checkpoint_bytes', 'prepare_run_folder', 'step_options', 'run_train_step', 'Run', 'prepare_run',
+           'fresh_state', 'restore_state', 'micro_batch_groups', 'ctrl_c_sets', 'compiled_step', 'step_record',
+           'check_finite', 'write_checkpoint', 'train_lora', 'abstract_train_inputs', 'step_memory',
+           'longest_trainable_sequence', 'demo_raft_records', 'demo_config', 'demo', 'train_argument_parser',
+           'config_from_arguments', 'train_main']
 
 # %% ../nbs/05_train.ipynb #4912111e
 class Field(NamedTuple):
@@ -184,112 +185,6 @@ def config_from_dict(values: dict) -> ParallamaConfig:
     return ParallamaConfig(**{field: check_field(field, value) for field, value in values.items()})
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
-def _llama_config_to_json(config: LlamaConfig) -> dict:
-    import dataclasses
-    values = dataclasses.asdict(config)
-    values["eos_token_id"] = list(config.eos_token_id)
-    return values
-
-
-def _llama_config_from_json(values: dict) -> LlamaConfig:
-    from jora.model import RopeScaling
-    values = dict(values)
-    values["rope_scaling"] = RopeScaling(**values["rope_scaling"]) if values.get("rope_scaling") else None
-    values["eos_token_id"] = tuple(values["eos_token_id"])
-    return LlamaConfig(**values)
-
-
-def _host(array) -> np.ndarray:
-    "A full host copy of a (possibly sharded, possibly multi-host) array."
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(array)
-
-
-def _leaf_names(tree) -> list[tuple[str, Any]]:
-    return [(".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-PARAMS_KIND = "converted parameters"
-
-
-def save_params(folder, model_config: LlamaConfig, params: dict, *, overwrite: bool = False, protected=()) -> Path:
-    """Write params in jora's layout (one safetensors file per parameter + config.json) as a new folder, atomically.
-    Every process takes part in gathering each parameter; the first one writes."""
-    from safetensors.numpy import save_file
-    writer = output_folder(folder, PARAMS_KIND, overwrite=overwrite, protected=protected) \
-        if jax.process_index() == 0 else contextlib.nullcontext(None)
-    with writer as temporary:
-        for name, leaf in _leaf_names(params):
-            host = _host(leaf)  # one parameter on the host at a time
-            if temporary is not None:
-                save_file({name: host}, str(temporary / f"{name}.safetensors"))
-        if temporary is not None:
-            (temporary / "config.json").write_text(json.dumps(_llama_config_to_json(model_config), indent=1))
-    return Path(folder)
-
-
-def _read_json(file: Path, what: str) -> dict:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file} is missing: {what}.") from None
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{file} cannot be read as JSON ({error}): {what}.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{file} does not hold a JSON object: {what}.")
-    return value
-
-
-def is_params_folder(folder) -> bool:
-    "Whether `folder` holds parameters converted by jora (a marker, or the layout of a jora from before markers)."
-    folder = Path(folder)
-    marker = read_marker(folder)
-    if marker is not None:
-        return marker.get("kind") == PARAMS_KIND
-    if not (folder / "config.json").is_file() or not (folder / "embed_tokens.safetensors").is_file():
-        return False
-    try:
-        return "model_type" not in json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        return False
-
-
-def load_params(folder, dtype=jnp.bfloat16, mesh=None) -> tuple[LlamaConfig, dict]:
-    "Read params written by `save_params`, each device reading only its slice when a mesh is given."
-    from safetensors import safe_open, SafetensorError
-    folder = Path(folder)
-    if not is_params_folder(folder):
-        raise ValueError(f"{folder} does not hold parameters converted by jora (a Hugging Face folder goes in "
-                         f"LLAMA2_HF_PATH). Point JAX_PARAMS_PATH at a new folder, or leave it unset.")
-    model_config = _llama_config_from_json(_read_json(folder / "config.json", f"remove {folder} to convert again"))
-    specs = tensor_parallel_specs(model_config, mesh.shape.get("model", 1) if mesh is not None else 1)
-    shapes = param_shapes(model_config)
-
-    def load_leaf(name, shape, spec):
-        file = folder / f"{name}.safetensors"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing: remove {folder} to convert the checkpoint again.")
-        try:
-            with safe_open(str(file), framework="numpy") as handle:
-                view = handle.get_slice(name)
-                if tuple(view.get_shape()) != tuple(shape):
-                    raise ValueError(f"{file} holds shape {tuple(view.get_shape())}, but its config implies {shape}.")
-                sharding = NamedSharding(mesh, spec) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-                return jax.make_array_from_callback(tuple(shape), sharding,
-                                                    lambda index: view[index].astype(np.dtype(dtype), copy=False))
-        except SafetensorError as error:
-            raise ValueError(f"{file} is damaged ({error}); remove {folder} to convert the checkpoint again.") from None
-
-    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
-    flat_shapes, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
-    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    leaves = [load_leaf(".".join(k.key for k in path), shape, spec) for (path, shape), spec in zip(flat_shapes, flat_specs)]
-    return model_config, jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def parameter_count(params: dict) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
@@ -348,117 +243,6 @@ def load_model(config: ParallamaConfig, mesh) -> tuple[LlamaConfig, dict]:
     return model_config, params
 
 
-# %% ../nbs/05_train.ipynb #a91387eb
-def _write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.numpy import save_file
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def _lora_tensors(lora: LoraWeights) -> dict:
-    "Host copies of the LoRA matrices under their file names (every process takes part in the gathers)."
-    return {f"{name}.{part}": _host(array) for name, adapter in lora.adapters.items() for part, array in adapter.items()}
-
-
-def _lora_metadata(lora_config: LoraConfig) -> dict:
-    return {"format": "jora-lora", "r": str(lora_config.r), "alpha": str(lora_config.alpha),
-            "dropout": str(lora_config.dropout), "targets": json.dumps(list(lora_config.targets)),
-            "use_rslora": json.dumps(lora_config.use_rslora)}
-
-
-def save_lora(path, lora: LoraWeights, lora_config: LoraConfig) -> Path:
-    "LoRA matrices as safetensors (`{name}.lora_A` `[layers, in, r]`, `{name}.lora_B`), settings in the metadata."
-    _write_safetensors(Path(path), _lora_tensors(lora), _lora_metadata(lora_config))
-    return Path(path)
-
-
-@contextlib.contextmanager
-def _reading(file: Path):
-    "Turn safetensors' unnamed errors about a damaged file into a `CheckpointError` naming it."
-    from safetensors import SafetensorError
-    try:
-        yield
-    except SafetensorError as error:
-        raise CheckpointError(f"{file} cannot be read ({error}): it is truncated or damaged. Run `jora check "
-                              f"--checkpoint {file.parent}`; resume skips damaged checkpoints.") from None
-
-
-def load_lora(path) -> tuple[LoraWeights, LoraConfig]:
-    "LoRA matrices and settings written by `save_lora` (a file, or a checkpoint folder, whose manifest is checked)."
-    from safetensors import safe_open
-    path = Path(path)
-    if path.is_dir() and (path / MANIFEST).is_file():
-        problems = checkpoint_problems(path)
-        if problems:
-            raise CheckpointError(f"{path} is damaged: {'; '.join(problems)}. Use an earlier checkpoint.")
-    path = path / "lora.safetensors" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"No LoRA weights at {path}.")
-    with _reading(path), safe_open(str(path), framework="numpy") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != "jora-lora":
-            raise ValueError(f"{path} is not a jora LoRA file (no 'jora-lora' format in its metadata). For a PEFT "
-                             f"adapter use jora.export.load_peft_adapter.")
-        lora_config = LoraConfig(r=int(metadata["r"]), alpha=float(metadata["alpha"]), dropout=float(metadata["dropout"]),
-                                 targets=tuple(json.loads(metadata["targets"])),
-                                 use_rslora=json.loads(metadata["use_rslora"]))
-        adapters = {name: {part: jnp.asarray(handle.get_tensor(f"{name}.{part}")) for part in ("lora_A", "lora_B")}
-                    for name in lora_config.targets}
-    return LoraWeights(adapters, scale=lora_config.scale, dropout=lora_config.dropout), lora_config
-
-
-def save_checkpoint(checkpoint_path, step: int, lora: LoraWeights, lora_config: LoraConfig, optimizer_state,
-                    state: dict, keep: int = 2) -> Path:
-    """Write a checkpoint atomically (a temporary folder, the manifest last, fsync, rename) and keep the `keep` newest
-    verified ones. A failed write raises `WriteError` naming the folder and leaves the earlier checkpoints as they were."""
-    root = Path(checkpoint_path)
-    final = root / checkpoint_name(step)
-    lora_tensors = _lora_tensors(lora)
-    optimizer_tensors = {name: _host(leaf) for name, leaf in _leaf_names(optimizer_state)}
-    if jax.process_index() != 0:
-        return final
-    temporary = root / temporary_checkpoint_name(step)
-    try:
-        temporary.mkdir()
-        _write_safetensors(temporary / "lora.safetensors", lora_tensors, _lora_metadata(lora_config))
-        _write_safetensors(temporary / "optimizer.safetensors", optimizer_tensors)
-        write_json(temporary / "state.json", state)
-        write_manifest(temporary, step)
-        fsync_tree(temporary)
-        if final.exists():  # a damaged checkpoint of the same step (a good one would have been resumed from)
-            warnings.warn(f"{final} was damaged; it is kept as {set_aside(final).name}.", CheckpointWarning)
-        os.replace(temporary, final)
-    except BaseException as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        reason = write_failure(error)
-        if reason is None:
-            raise
-        previous = latest_checkpoint(root, warn=False)
-        raise WriteError(f"Could not write checkpoint {final}: {reason}. The earlier checkpoints are untouched "
-                         f"(newest: {previous.name if previous else 'none'}); free some space or fix the permissions, "
-                         f"then run again to resume.", getattr(error, "errno", None)) from error
-    rotate_checkpoints(root, keep)
-    return final
-
-
-def load_optimizer_state(folder, like):
-    "Optimizer state from a checkpoint folder, placed like the live state `like` (names and shapes checked)."
-    from safetensors.numpy import load_file
-    file = Path(folder) / "optimizer.safetensors"
-    with _reading(file):
-        saved = load_file(str(file))
-    names = _leaf_names(like)
-    if set(saved) != {name for name, _ in names}:
-        raise ValueError(f"{folder}: the saved optimizer state does not match this run's optimizer "
-                         f"(saved {sorted(saved)[:4]}..., expected {[n for n, _ in names][:4]}...). "
-                         f"Was the run's configuration changed?")
-    leaves = []
-    for name, live in names:
-        if saved[name].shape != live.shape:
-            raise ValueError(f"{folder}: optimizer entry {name} has shape {saved[name].shape}, expected {live.shape}.")
-        leaves.append(jax.device_put(saved[name], live.sharding))
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
-
 # %% ../nbs/05_train.ipynb #58c1ec8b
 def make_optimizer(config: ParallamaConfig, total_steps: int):
     "AdamW with global-norm clipping and a linear-warmup, cosine-decay learning rate; returns (optimizer, schedule)."
@@ -469,48 +253,64 @@ def make_optimizer(config: ParallamaConfig, total_steps: int):
     return optax.chain(*parts, optax.adamw(schedule, weight_decay=config.WEIGHT_DECAY)), schedule
 
 
-def _loss_sum(model_config, params, adapters, batch, *, scale, dropout, dropout_key, remat, mesh, logits_chunk=None,
+def _loss_sum(model_config, params, adapters, batch, *, scale, dropout, dropout_key, remat, logits_chunk=None,
               **attention_options):
     "`attention_options`: `attention_block`, `attention_implementation` and `row_layout`, as `forward` takes them."
     return causal_lm_loss_sum(model_config, params, batch["input_ids"], batch["labels"], logits_chunk=logits_chunk,
                               **attention_options,
                               attention_mask=batch["attention_mask"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"], lora=LoraWeights(adapters, scale, dropout),
-                              dropout_key=dropout_key, remat=remat, mesh=mesh)
+                              dropout_key=dropout_key, remat=remat)
+
+
+class TrainState(NamedTuple):
+    """What one optimizer step changes: the adapters, the optimizer state, the number of steps taken and the run's
+    random key (step `s` draws its dropout from `fold_in(key, s)`, so a resumed run draws what an unbroken one would)."""
+    adapters: dict
+    optimizer_state: Any
+    step: jax.Array
+    key: jax.Array
 
 
 def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfig, remat: str | None, mesh,
                     logits_chunk: int | None = None, attention_block: int | None = None, *,
                     attention_implementation: str = "auto", row_layout: str = "any"):
-    """The jitted step `(adapters, optimizer_state, params, micro_batches, key) -> (adapters, optimizer_state, metrics)`.
-    `row_layout` says what the batches hold ('packed' or 'right_padded' rows), which decides the GPU attention kernel."""
+    """The jitted step `(state, params, micro_batches) -> (state, metrics)`, its state donated. `row_layout` says what
+    the batches hold ('packed' or 'right_padded' rows), which decides the GPU attention kernel."""
     attention_options = dict(attention_block=attention_block, attention_implementation=attention_implementation,
                              row_layout=row_layout)
-    def step(adapters, optimizer_state, params, micro_batches, key):
+
+    def step(state: TrainState, params, micro_batches):
+        with placement(mesh):
+            return placed_step(state, params, micro_batches)
+
+    def placed_step(state: TrainState, params, micro_batches):
+        key = jax.random.fold_in(state.key, state.step)
+
         def accumulate(carry, inputs):
             batch, index = inputs
             (total, count), grads = jax.value_and_grad(
                 lambda a: _loss_sum(model_config, params, a, batch, scale=lora_config.scale, dropout=lora_config.dropout,
-                                    dropout_key=jax.random.fold_in(key, index), remat=remat, mesh=mesh,
+                                    dropout_key=jax.random.fold_in(key, index), remat=remat,
                                     logits_chunk=logits_chunk, **attention_options),
-                has_aux=True)(adapters)
+                has_aux=True)(state.adapters)
             loss_sum, token_count, grad_sum = carry
             return (loss_sum + total, token_count + count, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         count = micro_batches["input_ids"].shape[0]
-        start = (jnp.float32(0), jnp.int32(0), jax.tree.map(jnp.zeros_like, adapters))
+        start = (jnp.float32(0), jnp.int32(0), jax.tree.map(jnp.zeros_like, state.adapters))
         (loss_sum, tokens, grad_sum), _ = jax.lax.scan(accumulate, start, (micro_batches, jnp.arange(count)))
         denominator = jnp.maximum(tokens, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         loss, grad_norm = loss_sum / denominator, optax.tree.norm(grads)
-        updates, new_state = optimizer.update(grads, optimizer_state, adapters)
-        new_adapters = optax.apply_updates(adapters, updates)
+        updates, new_optimizer_state = optimizer.update(grads, state.optimizer_state, state.adapters)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jnp.where(finite, new, old)
-        new_adapters, new_state = jax.tree.map(keep, new_adapters, adapters), jax.tree.map(keep, new_state, optimizer_state)
-        return new_adapters, new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "finite": finite}
+        new_state = TrainState(jax.tree.map(keep, optax.apply_updates(state.adapters, updates), state.adapters),
+                               jax.tree.map(keep, new_optimizer_state, state.optimizer_state), state.step + 1, state.key)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "finite": finite}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, logits_chunk: int | None = None,
@@ -518,9 +318,10 @@ def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, log
                    row_layout: str = "any"):
     "The jitted `(adapters, params, batch) -> (summed loss, labelled tokens)`, without dropout."
     def evaluate(adapters, params, batch):
-        return _loss_sum(model_config, params, adapters, batch, scale=lora_config.scale, dropout=0.0, dropout_key=None,
-                         remat=None, mesh=mesh, logits_chunk=logits_chunk, attention_block=attention_block,
-                         attention_implementation=attention_implementation, row_layout=row_layout)
+        with placement(mesh):
+            return _loss_sum(model_config, params, adapters, batch, scale=lora_config.scale, dropout=0.0,
+                             dropout_key=None, remat=None, logits_chunk=logits_chunk, attention_block=attention_block,
+                             attention_implementation=attention_implementation, row_layout=row_layout)
     return jax.jit(evaluate)
 
 # %% ../nbs/05_train.ipynb #2c60eed5
@@ -536,9 +337,7 @@ def stack_micro_batches(micro_batches: list[dict], count: int) -> dict:
     rows = micro_batches[0]["input_ids"].shape[0]
     filled = []
     for batch in micro_batches + [None] * (count - len(micro_batches)):
-        out = {"input_ids": np.zeros((rows, length), np.int32), "labels": np.full((rows, length), -100, np.int32),
-               "attention_mask": np.zeros((rows, length), np.int32), "positions": np.zeros((rows, length), np.int32),
-               "segment_ids": np.zeros((rows, length), np.int32)}
+        out = empty_rows(rows, length)
         if batch is not None:
             for key, value in batch.items():
                 out[key][:, :value.shape[1]] = value
@@ -573,7 +372,8 @@ def steps_per_epoch(dataset, config: ParallamaConfig, epoch: int) -> int:
     return math.ceil(math.ceil(rows / config.BATCH_SIZE) / config.N_ACCUMULATION_STEPS)
 
 
-def evaluate(eval_step, adapters, params, dataset, config: ParallamaConfig, mesh, max_batches: int | None = None) -> float:
+def evaluate(eval_step, adapters, params, dataset, config: ParallamaConfig, mesh,
+             max_batches: int | None = None) -> float:
     "Token-weighted mean loss over (at most `max_batches` of) a dataset."
     total, tokens = 0.0, 0
     for number, batch in enumerate(batches(dataset, config.BATCH_SIZE, shuffle=False, pack=config.PACK)):
@@ -613,6 +413,151 @@ def prepare_run_folder(config: ParallamaConfig, checkpoint_path, *, resume: bool
         delete_checkpoint(folder)
 
 
+def step_options(config: ParallamaConfig) -> dict:
+    "The step's options a config sets: LM-head chunks, attention blocks, the attention kernel and the row layout."
+    return dict(logits_chunk=config.LOGITS_CHUNK or None, attention_block=config.ATTENTION_BLOCK or None,
+                attention_implementation=config.ATTENTION_IMPLEMENTATION,
+                row_layout="packed" if config.PACK else "right_padded")
+
+
+def run_train_step(config: ParallamaConfig, model_config: LlamaConfig, optimizer, mesh):
+    "The step `train_lora` compiles for `config`: its LoRA settings, remat policy and options, on `mesh`."
+    return make_train_step(model_config, optimizer, lora_config_of(config),
+                           None if config.REMAT == "none" else config.REMAT, mesh, **step_options(config))
+
+
+class Run(NamedTuple):
+    "What stays fixed while a run trains: its settings, mesh, frozen model, LoRA settings, optimizer, steps and programs."
+    config: ParallamaConfig
+    mesh: Any
+    model_config: LlamaConfig
+    params: dict
+    lora_config: LoraConfig
+    optimizer: Any
+    schedule: Any
+    total_steps: int
+    train_step: Any
+    eval_step: Any
+
+
+def prepare_run(config: ParallamaConfig, dataset, checkpoint_path, *, resume: bool, overwrite: bool, with_eval: bool,
+                model=None) -> Run:
+    "Check the mesh and the checkpoint folder, load the model (unless given), and build the optimizer and the steps."
+    mesh = run_mesh(config)
+    if config.BATCH_SIZE % mesh.shape["data"]:
+        raise ValueError(f"BATCH_SIZE={config.BATCH_SIZE} must be divisible by MESH_DATA={mesh.shape['data']}.")
+    if jax.process_index() == 0:
+        prepare_run_folder(config, checkpoint_path, resume=resume, overwrite=overwrite)
+    model_config, params = model if model is not None else load_model(config, mesh)
+    epoch_steps = sum(steps_per_epoch(dataset, config, epoch) for epoch in range(config.N_EPOCHS))
+    total_steps = epoch_steps if config.MAX_STEPS is None else min(epoch_steps, config.MAX_STEPS)
+    if total_steps == 0:
+        raise ValueError("The train split is empty: there is nothing to train on.")
+    optimizer, schedule = make_optimizer(config, total_steps)
+    lora_config = lora_config_of(config)
+    eval_step = make_eval_step(model_config, lora_config, mesh, **step_options(config)) if with_eval else None
+    return Run(config, mesh, model_config, params, lora_config, optimizer, schedule, total_steps,
+               run_train_step(config, model_config, optimizer, mesh), eval_step)
+
+
+def fresh_state(run: Run) -> TrainState:
+    "Step 0: fresh adapters on the run's mesh, their optimizer state, and the run's random key."
+    lora = init_lora(run.model_config, run.lora_config, jax.random.key(run.config.SEED), mesh=run.mesh)
+    step, key = jax.device_put((jnp.int32(0), jax.random.key(run.config.SEED + 1)), NamedSharding(run.mesh, P()))
+    return TrainState(lora.adapters, jax.jit(run.optimizer.init)(lora.adapters), step, key)
+
+
+def restore_state(run: Run, state: TrainState, folder: Path) -> tuple[TrainState, dict]:
+    "The state saved in checkpoint `folder`, placed like `state`, and what `state.json` says of the run."
+    saved = json.loads((folder / "state.json").read_text())
+    if not {"step", "epoch", "next_batch", "history"} <= set(saved):
+        raise CheckpointError(f"{folder / 'state.json'} lacks the step, epoch, next_batch or history of the run.")
+    restored, saved_lora_config = load_lora(folder)
+    if saved_lora_config != run.lora_config:
+        raise ValueError(f"{folder} was trained with {saved_lora_config}, but this run asks for {run.lora_config}. "
+                         f"Use another checkpoint_path, or resume=False to start over.")
+    adapters = shard_lora(run.model_config, restored, run.mesh).adapters
+    optimizer_state = load_optimizer_state(folder, state.optimizer_state)
+    step = jax.device_put(jnp.int32(saved["step"]), state.step.sharding)
+    return state._replace(adapters=adapters, optimizer_state=optimizer_state, step=step), saved
+
+
+def micro_batch_groups(dataset, config: ParallamaConfig, epoch: int, next_batch: int):
+    "Groups of N_ACCUMULATION_STEPS micro-batches from `(epoch, next_batch)` on, each with the position after it."
+    while epoch < config.N_EPOCHS:
+        group = []
+        for batch in batches(dataset, config.BATCH_SIZE, seed=config.SEED, epoch=epoch, pack=config.PACK,
+                             first_batch=next_batch):
+            group.append(batch)
+            next_batch += 1
+            if len(group) == config.N_ACCUMULATION_STEPS:
+                yield group, epoch, next_batch
+                group = []
+        if group:
+            yield group, epoch + 1, 0
+        epoch, next_batch = epoch + 1, 0
+
+
+@contextlib.contextmanager
+def ctrl_c_sets(interrupted: threading.Event):
+    """While inside, a first Ctrl-C sets `interrupted` (the loop saves and stops after its step) and a second one
+    interrupts; the previous SIGINT handler is back on exit. Off the main thread (a panel's run) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import signal
+
+    def on_interrupt(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        print("\nInterrupted: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort).")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def compiled_step(cache: dict, train_step, inputs) -> tuple[Any, dict]:
+    "The step compiled for these inputs' batch shape (once per shape), and, when new, the compile's time and bytes."
+    shape = inputs[2]["input_ids"].shape
+    if shape in cache:
+        return cache[shape], {}
+    started = time.perf_counter()
+    cache[shape] = train_step.lower(*inputs).compile()
+    return cache[shape], {"compile_time": time.perf_counter() - started, "compiled_shape": list(shape),
+                          "compiled_bytes_per_device": compiled_memory(cache[shape])["total"]}
+
+
+def step_record(run: Run, metrics: dict, stacked: dict, seconds: float, step: int, epoch: int) -> dict:
+    "One history entry: the step's loss, learning rate, gradient norm, tokens, speed and device memory."
+    return {"step": step, "epoch": epoch, "loss": float(metrics["loss"]), "lr": float(run.schedule(step - 1)),
+            "grad_norm": float(metrics["grad_norm"]), "tokens": int(metrics["tokens"]),
+            "tokens_per_second": float(stacked["attention_mask"].sum()) / seconds, "step_time": seconds,
+            **_device_memory_fields()}
+
+
+def check_finite(metrics: dict, step: int, last_saved: Path | None) -> None:
+    "Raise `TrainingDiverged` when step `step`'s loss or gradient norm was not finite (the step kept the old state)."
+    if not metrics["finite"]:
+        raise TrainingDiverged(
+            f"The loss became {float(metrics['loss'])} (gradient norm {float(metrics['grad_norm'])}) at step {step}; "
+            f"that update was not applied and nothing was saved over the last good checkpoint "
+            f"({last_saved or 'none yet'}). Lower LR, check the data, or resume from that checkpoint.")
+
+
+def write_checkpoint(run: Run, checkpoint_path, state: TrainState, position: dict, callbacks) -> Path:
+    "Save `state` with the run's position (`step`, `epoch`, `next_batch`, `history`) and tell the callbacks."
+    step = position["step"]
+    saved = save_checkpoint(checkpoint_path, step, LoraWeights(state.adapters), run.lora_config, state.optimizer_state,
+                            {**position, "total_steps": run.total_steps, "config": config_to_dict(run.config)},
+                            keep=run.config.KEEP_CHECKPOINTS)
+    for callback in callbacks: callback("checkpoint", {"step": step, "path": str(saved)})
+    return saved
+
+
 def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_dataset=None, callbacks=(),
                stop: threading.Event | None = None, progress: bool = True, resume: bool = True,
                stop_after: int | None = None, model=None, overwrite: bool = False) -> TrainResult:
@@ -621,135 +566,86 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
     schedule (for tests and trials); `model` is an already loaded `(model_config, params)` on the run's mesh;
     `resume=False` on a folder with checkpoints needs `overwrite=True`, and then replaces them."""
     from tqdm.auto import tqdm
-    mesh = run_mesh(config)
-    if config.BATCH_SIZE % mesh.shape["data"]:
-        raise ValueError(f"BATCH_SIZE={config.BATCH_SIZE} must be divisible by MESH_DATA={mesh.shape['data']}.")
+    run = prepare_run(config, dataset, checkpoint_path, resume=resume, overwrite=overwrite,
+                      with_eval=eval_dataset is not None, model=model)
+    state = fresh_state(run)
     if jax.process_index() == 0:
-        prepare_run_folder(config, checkpoint_path, resume=resume, overwrite=overwrite)
-    model_config, params = model if model is not None else load_model(config, mesh)
-    lora_config = lora_config_of(config)
-    epoch_steps = [steps_per_epoch(dataset, config, epoch) for epoch in range(config.N_EPOCHS)]
-    total_steps = sum(epoch_steps) if config.MAX_STEPS is None else min(sum(epoch_steps), config.MAX_STEPS)
-    if total_steps == 0:
-        raise ValueError("The train split is empty: there is nothing to train on.")
-    optimizer, schedule = make_optimizer(config, total_steps)
-    lora = init_lora(model_config, lora_config, jax.random.key(config.SEED), mesh=mesh)
-    optimizer_state = jax.jit(optimizer.init)(lora.adapters)
-    if jax.process_index() == 0:
-        check_free_space(checkpoint_path, checkpoint_bytes(lora.adapters, optimizer_state))
-    step, epoch, next_batch, history = 0, 0, 0, []
-    latest = latest_checkpoint(checkpoint_path) if resume else None
-    if latest is not None:
-        saved = json.loads((latest / "state.json").read_text())
-        if not {"step", "epoch", "next_batch", "history"} <= set(saved):
-            raise CheckpointError(f"{latest / 'state.json'} lacks the step, epoch, next_batch or history of the run.")
-        restored, saved_lora_config = load_lora(latest)
-        if saved_lora_config != lora_config:
-            raise ValueError(f"{latest} was trained with {saved_lora_config}, but this run asks for {lora_config}. "
-                             f"Use another checkpoint_path, or resume=False to start over.")
-        lora = shard_lora(model_config, restored, mesh)
-        optimizer_state = load_optimizer_state(latest, optimizer_state)
-        step, epoch, next_batch, history = saved["step"], saved["epoch"], saved["next_batch"], saved["history"]
-    chunk, block = config.LOGITS_CHUNK or None, config.ATTENTION_BLOCK or None
-    attention_options = dict(attention_implementation=config.ATTENTION_IMPLEMENTATION,
-                             row_layout="packed" if config.PACK else "right_padded")
-    train_step = make_train_step(model_config, optimizer, lora_config, None if config.REMAT == "none" else config.REMAT,
-                                 mesh, chunk, block, **attention_options)
-    eval_step = (make_eval_step(model_config, lora_config, mesh, chunk, block, **attention_options)
-                 if eval_dataset is not None else None)
-    compiled, last_saved = {}, latest
-
-    def state_json() -> dict:
-        return {"step": step, "epoch": epoch, "next_batch": next_batch, "total_steps": total_steps,
-                "config": config_to_dict(config), "history": history}
-
-    def checkpoint() -> Path:
-        nonlocal last_saved
-        last_saved = save_checkpoint(checkpoint_path, step, lora, lora_config, optimizer_state, state_json(),
-                                     keep=config.KEEP_CHECKPOINTS)
-        for callback in callbacks: callback("checkpoint", {"step": step, "path": str(last_saved)})
-        return last_saved
-
-    def micro_batch_groups():
-        "Groups of N_ACCUMULATION_STEPS micro-batches from the saved position on, with the position after each."
-        nonlocal_epoch, batch_number = epoch, next_batch
-        while nonlocal_epoch < config.N_EPOCHS:
-            group = []
-            for batch in batches(dataset, config.BATCH_SIZE, seed=config.SEED, epoch=nonlocal_epoch, pack=config.PACK,
-                                 first_batch=batch_number):
-                group.append(batch); batch_number += 1
-                if len(group) == config.N_ACCUMULATION_STEPS:
-                    yield group, nonlocal_epoch, batch_number
-                    group = []
-            if group:
-                yield group, nonlocal_epoch + 1, 0
-            nonlocal_epoch, batch_number = nonlocal_epoch + 1, 0
-
-    interrupted = threading.Event()
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        import signal
-        def on_interrupt(signum, frame):
-            if interrupted.is_set():
-                raise KeyboardInterrupt
-            interrupted.set()
-            print("\nInterrupted: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort).")
-        previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-    for callback in callbacks: callback("start", {"total_steps": total_steps, "step": step, "config": config})
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="LoRA", unit="step", dynamic_ncols=True)
-    stopped_early = False
-    try:
-        for group, group_epoch, group_next in micro_batch_groups():
-            if step >= total_steps:
+        check_free_space(checkpoint_path, checkpoint_bytes(state.adapters, state.optimizer_state))
+    last_saved, position = latest_checkpoint(checkpoint_path) if resume else None, {"epoch": 0, "next_batch": 0}
+    if last_saved is not None:
+        state, position = restore_state(run, state, last_saved)
+    step, epoch, next_batch, history = int(state.step), position["epoch"], position["next_batch"], position.get("history", [])
+    interrupted, compiled, stopped_early = threading.Event(), {}, False
+    for callback in callbacks: callback("start", {"total_steps": run.total_steps, "step": step, "config": config})
+    bar = tqdm(total=run.total_steps, initial=step, disable=not progress, desc="LoRA", unit="step", dynamic_ncols=True)
+    with ctrl_c_sets(interrupted), contextlib.closing(bar):
+        for group, group_epoch, group_next in micro_batch_groups(dataset, config, epoch, next_batch):
+            if step >= run.total_steps:
                 break
             if (stop is not None and stop.is_set()) or interrupted.is_set() or (stop_after is not None and step >= stop_after):
                 stopped_early = True
                 break
             stacked = stack_micro_batches(group, config.N_ACCUMULATION_STEPS)
-            inputs = (lora.adapters, optimizer_state, params, place_batch(stacked, mesh, leading=1),
-                      jax.random.fold_in(jax.random.key(config.SEED + 1), step))
-            shape = stacked["input_ids"].shape
-            record = {}
-            if shape not in compiled:
-                started = time.perf_counter()
-                compiled[shape] = train_step.lower(*inputs).compile()
-                record["compile_time"] = time.perf_counter() - started
-                record["compiled_bytes_per_device"] = compiled_memory(compiled[shape])["total"]
+            inputs = (state, run.params, place_batch(stacked, run.mesh, leading=1))
+            program, record = compiled_step(compiled, run.train_step, inputs)
             started = time.perf_counter()
-            adapters, optimizer_state, metrics = compiled[shape](*inputs)
+            state, metrics = program(*inputs)
             metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - started
-            lora = LoraWeights(adapters, lora_config.scale, lora_config.dropout)
-            if not metrics["finite"]:
-                raise TrainingDiverged(
-                    f"The loss became {float(metrics['loss'])} (gradient norm {float(metrics['grad_norm'])}) at step "
-                    f"{step + 1}; that update was not applied and nothing was saved over the last good checkpoint "
-                    f"({last_saved or 'none yet'}). Lower LR, check the data, or resume from that checkpoint.")
+            record.update(step_record(run, metrics, stacked, time.perf_counter() - started, step + 1, group_epoch))
+            check_finite(metrics, step + 1, last_saved)
             step, epoch, next_batch = step + 1, group_epoch, group_next
-            record.update({"step": step, "epoch": epoch, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
-                           "grad_norm": float(metrics["grad_norm"]), "tokens": int(metrics["tokens"]),
-                           "tokens_per_second": float(stacked["attention_mask"].sum()) / elapsed, "step_time": elapsed,
-                           **_device_memory_fields()})
-            if eval_dataset is not None and ((config.EVAL_EVERY and step % config.EVAL_EVERY == 0) or step == total_steps):
-                record["eval_loss"] = evaluate(eval_step, lora.adapters, params, eval_dataset, config, mesh,
+            if eval_dataset is not None and ((config.EVAL_EVERY and step % config.EVAL_EVERY == 0) or step == run.total_steps):
+                record["eval_loss"] = evaluate(run.eval_step, state.adapters, run.params, eval_dataset, config, run.mesh,
                                                config.EVAL_BATCHES)
                 for callback in callbacks: callback("eval", record)
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
             for callback in callbacks: callback("step", record)
-            if config.CHECKPOINT_EVERY and step % config.CHECKPOINT_EVERY == 0 and step < total_steps:
-                checkpoint()
+            if config.CHECKPOINT_EVERY and step % config.CHECKPOINT_EVERY == 0 and step < run.total_steps:
+                last_saved = write_checkpoint(run, checkpoint_path, state, dict(step=step, epoch=epoch,
+                                              next_batch=next_batch, history=history), callbacks)
         if step > 0 and (last_saved is None or checkpoint_step(last_saved) != step):
-            checkpoint()
-    finally:
-        bar.close()
-        if previous_handler is not None:
-            import signal
-            signal.signal(signal.SIGINT, previous_handler)
-    result = TrainResult(lora, lora_config, model_config, history, last_saved, stopped_early)
+            last_saved = write_checkpoint(run, checkpoint_path, state, dict(step=step, epoch=epoch,
+                                          next_batch=next_batch, history=history), callbacks)
     for callback in callbacks: callback("end", {"step": step, "checkpoint": str(last_saved), "stopped_early": stopped_early})
-    return result
+    return TrainResult(LoraWeights(state.adapters, run.lora_config.scale, run.lora_config.dropout), run.lora_config,
+                       run.model_config, history, last_saved, stopped_early)
+
+
+# %% ../nbs/05_train.ipynb #a6bf8c81
+def abstract_train_inputs(config: ParallamaConfig, model_config: LlamaConfig, mesh, optimizer, seq_len: int) -> tuple:
+    "ShapeDtypeStructs, with the run's shardings, of what the step takes: the state, the frozen params, the micro-batches."
+    lora_config = lora_config_of(config)
+    params, adapters, _ = abstract_lora_step_inputs(model_config, mesh, batch_size=config.BATCH_SIZE, seq_len=seq_len,
+                                                    targets=lora_config.targets, rank=lora_config.r,
+                                                    param_dtype=jnp.dtype(config.DTYPE))
+    replicated = NamedSharding(mesh, P())
+    state = TrainState(adapters, abstract_optimizer_state(optimizer, adapters, mesh),
+                       jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                       jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
+    tokens = jax.ShapeDtypeStruct((config.N_ACCUMULATION_STEPS, config.BATCH_SIZE, seq_len), jnp.int32,
+                                  sharding=NamedSharding(mesh, P(None, *batch_spec())))
+    return state, params, {name: tokens for name in empty_rows(0, 0)}
+
+
+def step_memory(config: ParallamaConfig, model_config: LlamaConfig, *, seq_len: int, mesh=None,
+                total_steps: int = 1000, estimate: bool = True) -> dict:
+    """Per-device bytes of the step `train_lora` compiles for `config` and `model_config`, with micro-batches of
+    `seq_len` tokens, on `mesh` (default: the config's), from lowering alone."""
+    mesh = run_mesh(config) if mesh is None else mesh
+    optimizer, _ = make_optimizer(config, total_steps)
+    lowered = run_train_step(config, model_config, optimizer, mesh).lower(
+        *abstract_train_inputs(config, model_config, mesh, optimizer, seq_len))
+    return compiled_memory(compile_for_memory_estimate(lowered, mesh) if estimate else lowered.compile())
+
+
+def longest_trainable_sequence(config: ParallamaConfig, model_config: LlamaConfig, mesh, budget_bytes: float, *,
+                               granularity: int = 1024) -> tuple[int, dict]:
+    """The longest micro-batch length, a multiple of `granularity`, whose step (`step_memory`) fits in `budget_bytes`
+    per device, and its memory report; (0, report at `granularity`) when none fits."""
+    return longest_length_within(lambda length: step_memory(config, model_config, seq_len=length, mesh=mesh),
+                                 budget_bytes, granularity)
 
 # %% ../nbs/05_train.ipynb #dc83c58f
 DEMO_COUNTRIES = [("France", "Paris", 68), ("Japan", "Tokyo", 125), ("Peru", "Lima", 34), ("Kenya", "Nairobi", 55),

@@ -22,7 +22,7 @@ from jora.attention import (SHORT_SEQUENCE, MaskParts, attention, block_layout, 
                             reference_attention, short_attention)
 from jora.lora import LoraConfig, init_lora
 from jora.model import LlamaConfig, init_params
-from jora.train import make_train_step
+from jora.train import TrainState, make_train_step
 
 CASES = {
     # name: (time, heads, kv_heads, valid lengths per row, segment boundaries inside a row)
@@ -113,7 +113,8 @@ def training_step_inputs(time=TIME):
     batch = {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids),
              "positions": np.broadcast_to(np.arange(time, dtype=np.int32), ids.shape).copy(),
              "segment_ids": np.ones_like(ids)}
-    return lora_config, optimizer, (adapters, optimizer.init(adapters), params, batch, jax.random.key(2))
+    state = TrainState(adapters, optimizer.init(adapters), jnp.int32(0), jax.random.key(2))
+    return lora_config, optimizer, (state, params, batch)
 
 
 def tensor_shapes(stablehlo: str) -> list[tuple[int, ...]]:

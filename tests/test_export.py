@@ -15,11 +15,13 @@ import transformers
 from safetensors import safe_open
 
 from jora.files import write_manifest
-from jora.export import load_peft_adapter, merge_to_hf, save_peft_adapter
+from jora.export import merge_to_hf
+from jora.formats import load_peft_adapter, save_peft_adapter
 from jora.lora import LoraConfig, init_lora
-from jora.model import forward, load_hf_checkpoint
+from jora.model import forward
+from jora.formats import load_hf_checkpoint
 from jora.testing import save_tiny_hf_checkpoint
-from jora.train import save_lora
+from jora.formats import save_lora
 
 TOLERANCE = 1e-4
 CASES = {

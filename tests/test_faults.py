@@ -18,14 +18,15 @@ import numpy as np
 import pytest
 
 from jora.data import RecordError, load_tokenizer, read_records
-from jora.export import merge_to_hf, save_peft_adapter
+from jora.export import merge_to_hf
+from jora.formats import save_peft_adapter
 from jora.files import (CheckpointError, CheckpointWarning, UnsafeFolderError, WriteError, checkpoints,
                         describe_checkpoints, latest_checkpoint)
 from jora.gui import command_line, panels
-from jora.model import checkpoint_tensor_files
+from jora.formats import checkpoint_tensor_files
 from jora.testing import save_tiny_hf_checkpoint
-from jora.train import (FIELD_CHOICES, ParallamaConfig, config_from_arguments, load_lora, train_argument_parser, train_lora,
-                        train_main)
+from jora.train import FIELD_CHOICES, ParallamaConfig, config_from_arguments, train_argument_parser, train_lora, train_main
+from jora.formats import load_lora
 from test_train import datasets, losses, small_config  # the same tiny run as the training tests
 
 JORA = [sys.executable, "-c", "import sys, jora.cli; sys.exit(jora.cli.main())"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 import transformers
 
-from jora.model import IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, checkpoint_tensor_files, forward, generate, load_hf_checkpoint, positions_from_mask
+from jora.model import IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, forward, generate, positions_from_mask
+from jora.formats import checkpoint_tensor_files, load_hf_checkpoint
 from jora.testing import save_tiny_hf_checkpoint
 
 LOGIT_TOLERANCE = 1e-4

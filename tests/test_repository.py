@@ -69,7 +69,8 @@ import json, sys
 sys.modules["torch"] = None                      # any `import torch` now raises ImportError
 import numpy as np
 from jora import generate_alpaca_dataset, ParallamaConfig
-from jora.model import load_hf_checkpoint, forward
+from jora.model import forward
+from jora.formats import load_hf_checkpoint
 from jora.testing import save_tiny_hf_checkpoint
 folder = save_tiny_hf_checkpoint({str(tmp_path / "tiny")!r}, "llama3.1", max_shard_size="60KB")
 config, params = load_hf_checkpoint(folder)
@@ -84,8 +85,8 @@ assert "torch" not in {{name.split(".")[0] for name, module in sys.modules.items
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-MODULE_ORDER = ["attention", "model", "testing", "files", "sharding", "lora", "data", "train", "export", "gui", "raft",
-                "cli"]
+MODULE_ORDER = ["attention", "model", "sharding", "lora", "data", "files", "formats", "testing", "train", "export", "gui",
+                "raft", "cli"]
 
 
 def test_modules_import_one_way():

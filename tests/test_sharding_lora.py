@@ -14,9 +14,10 @@ import transformers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jora.lora import LoraConfig, init_lora, lora_parameter_count, merge_lora, shard_lora
-from jora.model import IGNORE_INDEX, LlamaConfig, LoraWeights, causal_lm_loss, forward, init_params, load_hf_checkpoint
+from jora.model import IGNORE_INDEX, LlamaConfig, LoraWeights, causal_lm_loss, forward, init_params
+from jora.formats import load_hf_checkpoint
 from jora.testing import save_tiny_hf_checkpoint
-from jora.sharding import adapter_specs, make_mesh, param_specs, shard_params
+from jora.sharding import adapter_specs, make_mesh, param_specs, placement, shard_params
 
 MESHES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4)]  # (data, model)
 TINY_GQA = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,8 +48,9 @@ def setup():
 
 def loss_and_grads(params, lora, ids, labels, mask, mesh=None, dropout_key=None):
     def loss(adapters):
-        return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=mask, mesh=mesh, dropout_key=dropout_key,
-                              lora=LoraWeights(adapters, lora.scale, lora.dropout))
+        with placement(mesh):
+            return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=mask, dropout_key=dropout_key,
+                                  lora=LoraWeights(adapters, lora.scale, lora.dropout))
     return jax.jit(jax.value_and_grad(loss))(lora.adapters)
 
 
@@ -92,7 +94,7 @@ def test_every_leaf_has_its_intended_sharding(setup, data, model):
     assert layers["gate_proj"].sharding.spec == P(None, None, "model")
     assert layers["o_proj"].sharding.spec == P(None, "model", None)
     assert layers["down_proj"].sharding.spec == P(None, "model", None)
-    assert layers["input_layernorm"].sharding.spec == P()
+    assert layers["input_layernorm"].sharding.is_fully_replicated   # whole on every device
     assert sharded["embed_tokens"].sharding.spec == P("model", None)
     assert sharded["lm_head"].sharding.spec == P(None, "model")
     kv_split = TINY_GQA.num_key_value_heads % model == 0  # 2 key/value heads: split over 1 or 2, whole over 4 or 8
@@ -111,9 +113,10 @@ def test_merged_equals_unmerged(setup, data, model):
     params, lora, ids, _, mask = setup
     mesh = make_mesh(data=data, model=model)
     sharded, sharded_lora = shard_params(TINY_GQA, params, mesh), shard_lora(TINY_GQA, lora, mesh)
-    unmerged = jax.jit(lambda p, l: forward(TINY_GQA, p, ids, attention_mask=mask, lora=l, mesh=mesh))(sharded, sharded_lora)
-    merged_params = merge_lora(TINY_GQA, sharded, sharded_lora, ALL_TARGETS)
-    merged = jax.jit(lambda p: forward(TINY_GQA, p, ids, attention_mask=mask, mesh=mesh))(merged_params)
+    with placement(mesh):
+        unmerged = jax.jit(lambda p, l: forward(TINY_GQA, p, ids, attention_mask=mask, lora=l))(sharded, sharded_lora)
+        merged_params = merge_lora(TINY_GQA, sharded, sharded_lora, ALL_TARGETS)
+        merged = jax.jit(lambda p: forward(TINY_GQA, p, ids, attention_mask=mask))(merged_params)
     assert float(jnp.abs(merged - unmerged).max()) <= 1e-5
     assert float(jnp.abs(merged - forward(TINY_GQA, params, ids, attention_mask=mask)).max()) > 1e-3  # LoRA did something
     assert merged_params["layers"]["q_proj"].sharding.spec == P(None, None, "model")
@@ -209,9 +212,10 @@ def packed_rows():
 def long_loss_and_grads(params, lora, rows, mesh=None, remat=None, block=None, chunk=None):
     ids, labels, valid, segments, positions = rows
     def loss(adapters):
-        return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
-                              positions=positions, lora=LoraWeights(adapters, lora.scale), mesh=mesh, remat=remat,
-                              attention_block=block, logits_chunk=chunk)
+        with placement(mesh):
+            return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
+                                  positions=positions, lora=LoraWeights(adapters, lora.scale), remat=remat,
+                                  attention_block=block, logits_chunk=chunk)
     if mesh is not None:
         ids, labels, valid, segments, positions = (jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
                                                    for x in rows)
@@ -252,37 +256,38 @@ def test_sequence_axis_cuts_the_temporaries_of_an_8k_token_step():
     training defaults (bf16 weights, full remat, LM-head chunks, flash attention blocks), and at most 0.35x with
     attention in one call. (The blocked path is the smaller at seq=1 already: its scores are one block pair, so what
     every seq device keeps whole, the gathered keys and values and their fp32 gradients, weighs more in the ratio.)"""
-    from jora.sharding import lora_step_memory
-    from jora.train import ParallamaConfig
-    defaults = ParallamaConfig()
+    from jora.train import ParallamaConfig, step_memory
+    defaults = ParallamaConfig(N_ACCUMULATION_STEPS=1)
     config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192)
     for block in (defaults.ATTENTION_BLOCK, None):
-        temporaries = {seq: lora_step_memory(config, make_mesh(data=1, seq=seq, model=1, devices=jax.devices()[:seq]),
-                                             seq_len=8192, remat=defaults.REMAT, logits_chunk=defaults.LOGITS_CHUNK,
-                                             attention_block=block)["temporaries"] for seq in (1, 4)}
+        run = defaults._replace(ATTENTION_BLOCK=block or 0)
+        temporaries = {seq: step_memory(run, config, seq_len=8192, mesh=make_mesh(data=1, seq=seq, model=1,
+                                                                                  devices=jax.devices()[:seq]))
+                       ["temporaries"] for seq in (1, 4)}
         assert temporaries[4] <= (0.35 if block is None else 0.5) * temporaries[1], (block, temporaries)
 
 
 def test_a_16k_prompt_never_builds_a_16k_by_vocabulary_tensor():
     "The whole step's temporaries stay under a fifth of one 16k x 32000 fp32 logits tensor (2.1 GB)."
-    from jora.sharding import lora_step_memory
+    from jora.train import ParallamaConfig, step_memory
     config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16384)
     one_device = make_mesh(data=1, seq=1, model=1, devices=jax.devices()[:1])
-    options = dict(seq_len=16384, param_dtype=jnp.float32, remat="full", attention_block=256)
+    run = ParallamaConfig(N_ACCUMULATION_STEPS=1, DTYPE="float32", REMAT="full", ATTENTION_BLOCK=256)
     logits_bytes = 16384 * config.vocab_size * 4
-    assert lora_step_memory(config, one_device, logits_chunk=512, **options)["temporaries"] < 0.2 * logits_bytes
-    assert lora_step_memory(config, one_device, logits_chunk=None, **options)["temporaries"] > logits_bytes
+    memory = lambda chunk: step_memory(run._replace(LOGITS_CHUNK=chunk), config, seq_len=16384, mesh=one_device)
+    assert memory(512)["temporaries"] < 0.2 * logits_bytes
+    assert memory(0)["temporaries"] > logits_bytes
 
 
 def test_longest_trainable_sequence_is_on_the_budget_boundary():
     "The returned length fits the budget and one granule more does not (checked by lowering again)."
-    from jora.sharding import longest_trainable_sequence, lora_step_memory
+    from jora.train import ParallamaConfig, longest_trainable_sequence, step_memory
     mesh = make_mesh(data=1, seq=2, model=1, devices=jax.devices()[:2])
-    options = dict(remat="full", logits_chunk=256, attention_block=256, param_dtype=jnp.float32)
+    run = ParallamaConfig(N_ACCUMULATION_STEPS=1, DTYPE="float32", REMAT="full", LOGITS_CHUNK=256, ATTENTION_BLOCK=256)
     budget = 60e6
-    length, report = longest_trainable_sequence(TINY_GQA, mesh, budget, granularity=256, **options)
+    length, report = longest_trainable_sequence(run, TINY_GQA, mesh, budget, granularity=256)
     assert length >= 256 and report["total"] <= budget
-    assert lora_step_memory(TINY_GQA, mesh, seq_len=length + 256, **options)["total"] > budget
-    assert longest_trainable_sequence(TINY_GQA, mesh, 1e3, granularity=256, **options)[0] == 0
+    assert step_memory(run, TINY_GQA, seq_len=length + 256, mesh=mesh)["total"] > budget
+    assert longest_trainable_sequence(run, TINY_GQA, mesh, 1e3, granularity=256)[0] == 0

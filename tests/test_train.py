@@ -14,7 +14,8 @@ import pytest
 from jora.data import AlpacaDataset, format_prompt
 from jora.testing import save_tiny_hf_checkpoint
 from jora.files import checkpoints, latest_checkpoint
-from jora.train import ParallamaConfig, TrainingDiverged, demo_raft_records, load_lora, load_model, run_mesh, train_lora
+from jora.train import ParallamaConfig, TrainingDiverged, demo_raft_records, load_model, run_mesh, train_lora
+from jora.formats import load_lora
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,21 @@ def test_loss_falls_and_the_history_is_complete(setup, tmp_path):
     for name in lora_config.targets:
         np.testing.assert_array_equal(np.asarray(restored.adapters[name]["lora_B"]),
                                       np.asarray(result.lora.adapters[name]["lora_B"]))
+
+
+def test_the_memory_planner_lowers_the_step_train_lora_compiles(setup, tmp_path):
+    "`step_memory`, from abstract inputs alone, reports exactly the per-device bytes of the step a run compiled."
+    from jora.train import step_memory
+    _, data, model = setup
+    config = small_config(model, MAX_STEPS=1, LORA_DROPOUT=0.1, MAX_GRAD_NORM=1.0)
+    train, _ = datasets(data, config)
+    result = train_lora(config, train, tmp_path / "run", progress=False)
+    count, rows, length = result.history[0]["compiled_shape"]
+    assert (count, rows) == (config.N_ACCUMULATION_STEPS, config.BATCH_SIZE)
+    planned = step_memory(config, result.model_config, seq_len=length, total_steps=1, estimate=False)
+    assert planned["total"] == result.history[0]["compiled_bytes_per_device"]
+    other = step_memory(config._replace(REMAT="full"), result.model_config, seq_len=length, total_steps=1, estimate=False)
+    assert other["total"] != planned["total"]           # the figure depends on the step: this check can fail
 
 
 def test_same_seed_same_history(setup, tmp_path):
@@ -135,19 +151,19 @@ def test_a_checkpoint_write_killed_halfway_leaves_the_previous_one(setup, tmp_pa
     _, data, model = setup
     run = tmp_path / "run"
     script = textwrap.dedent(f"""
-        import os, signal, jora.train as train
+        import os, signal, jora.train as train, jora.formats as formats
         from jora.data import AlpacaDataset, format_prompt
         config = train.ParallamaConfig(**{small_config(model, CHECKPOINT_EVERY=2)._asdict()!r})
         dataset = AlpacaDataset(path={str(data)!r}, split="train", tokenizer=config.LLAMA2_HF_PATH,
                                 max_len=config.MAX_SEQ_LEN, alpaca_mix=0)
         writes = []
-        original = train._write_safetensors
+        original = formats._write_safetensors
         def dying_write(path, tensors, metadata=None):
             original(path, tensors, metadata)
             writes.append(path)
             if len(writes) == 3:  # the second checkpoint's LoRA file is on disk, its optimizer file is not
                 os.kill(os.getpid(), signal.SIGKILL)
-        train._write_safetensors = dying_write
+        formats._write_safetensors = dying_write
         train.train_lora(config, dataset, {str(run)!r}, progress=False)
     """)
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
