@@ -109,10 +109,10 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
                      f"{memory['what']}):\n\n" + memory_table(memory).to_markdown(floatfmt=".3g"))
     if longest is not None:
         published = "; ".join(f"{name}: {tokens:,}" for name, tokens in PUBLISHED_LONGEST.items())
-        parts.append(f"**Longest trainable sequence at 80 GB per device** ({longest['date']}, lowering only, "
-                     f"`nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16, LM head chunks of 512 and attention blocks of "
-                     f"{longest.get('attention_block', 512)}, searched before attention became flash blocks, so each length "
-                     f"is a lower bound; "
+        parts.append(f"**Longest trainable sequence at 80 GB per device** ({longest['date']}, lowering only the step "
+                     f"`train_lora` compiles, `nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16 with dropout 0.05, LM head "
+                     f"chunks of {longest['options']['logits_chunk']} and attention blocks of "
+                     f"{longest['options']['attention_block']}, the training defaults otherwise; "
                      f"published for comparison, one 80 GB GPU: {published}):\n\n"
                      + longest_table(longest).reset_index().to_markdown(index=False))
     if gpu is not None:

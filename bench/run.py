@@ -229,7 +229,8 @@ def memory_suite(folder: Path = RESULTS) -> dict:
     import jax
     from jora.model import LlamaConfig
     from jora.sharding import make_mesh
-    from jora.train import ParallamaConfig, step_memory
+    from jora.train import step_memory
+    from jora.config import ParallamaConfig
     config = LlamaConfig(**LLAMA2_7B, head_dim=128)
     run = ParallamaConfig(N_ACCUMULATION_STEPS=1)   # LoRA q,v r=16, bf16, batch 1, full remat, the training defaults
     rows = []

@@ -11,10 +11,10 @@ __version__ = "0.1.0"
 # (`from jora import train_lora, ParallamaConfig, generate_alpaca_dataset`). Each is imported from its module when it
 # is first used, so `import jora` itself loads neither JAX nor transformers.
 _TOP_LEVEL = {
-    "ParallamaConfig": "jora.train", "train_lora": "jora.train",
+    "ParallamaConfig": "jora.config", "train_lora": "jora.train",
     "generate_alpaca_dataset": "jora.data", "AlpacaDataset": "jora.data",
-    "LoraConfig": "jora.lora", "LlamaConfig": "jora.model", "load_hf_checkpoint": "jora.model", "generate": "jora.model",
-    "save_peft_adapter": "jora.export", "merge_to_hf": "jora.export",
+    "LoraConfig": "jora.lora", "LlamaConfig": "jora.model", "load_hf_checkpoint": "jora.formats", "generate": "jora.model",
+    "save_peft_adapter": "jora.formats", "merge_to_hf": "jora.export",
 }
 __all__ = ["__version__", *_TOP_LEVEL]
 

@@ -8,20 +8,142 @@ Docs: https://jora-dev.github.io/jora/nbs/cli.html.md"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import jax
 
-from .model import forward, generate
-from .formats import load_hf_checkpoint
-from .testing import TINY_STYLES, save_tiny_hf_checkpoint
-from . import train
+from .model import PROJECTIONS, forward, generate
+from .data import format_prompt, generate_alpaca_dataset, load_tokenizer
 from .files import describe_checkpoints, output_folder, run_command
+from .formats import load_hf_checkpoint
+from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
+from .train import load_model, run_mesh, train_lora
+from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict
 
 # %% auto #0
-__all__ = ['check', 'check_checkpoints', 'main']
+__all__ = ['demo_config', 'demo', 'train_argument_parser', 'config_from_arguments', 'train_main', 'check', 'check_checkpoints',
+           'main']
+
+# %% ../nbs/09_cli.ipynb #dc83c58f
+def demo_config(folder: Path, **changes) -> ParallamaConfig:
+    "The demo's settings: a tiny fp32 model on the CPU, LoRA on all seven projections."
+    return ParallamaConfig(LLAMA2_HF_PATH=str(folder / "tiny-llama"), LORA_R=16, LORA_ALPHA=16, LORA_DROPOUT=0.05,
+                           LORA_TARGETS=PROJECTIONS, LR=5e-3, BATCH_SIZE=8, N_ACCUMULATION_STEPS=1, MAX_SEQ_LEN=128,
+                           N_EPOCHS=12, SEED=0,
+                           DTYPE="float32", REMAT="none", WARMUP_STEPS=5, EVAL_EVERY=20, CHECKPOINT_EVERY=20,
+                           NUM_GPUS=1)._replace(**changes)
+
+
+def demo(folder=None, *, records: int = 480, progress: bool = True, say=print, overwrite: bool = False,
+         **changes) -> dict:
+    """Write a tiny model and RAFT sample into `folder` (new or empty, or an earlier demo's with `overwrite`),
+    fine-tune LoRA on them, and show a generation before and after."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="jora-demo-"))
+    rows = demo_raft_records(records)
+    with output_folder(folder, "demo", overwrite=overwrite) as temporary:
+        (temporary / "raft_sample.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        save_tiny_hf_checkpoint(temporary / "tiny-llama", "llama3.1", hidden_size=128, intermediate_size=256,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                corpus=[format_prompt(r) + r["output"] for r in rows])
+        (temporary / "checkpoints").mkdir()
+    data_path = folder / "raft_sample.jsonl"
+    config = demo_config(folder, **changes)
+    say(f"jora demo: a tiny Llama-3.1-style model and {records} table-QA records in {folder}")
+    train = generate_alpaca_dataset(data_path, "train", config)
+    test = generate_alpaca_dataset(data_path, "test", config)
+    result = train_lora(config, train, folder / "checkpoints", eval_dataset=test, progress=progress)
+    losses = [r["loss"] for r in result.history]
+    tokenizer = load_tokenizer(folder / "tiny-llama")
+    _, params = load_model(config, run_mesh(config))
+    question = test.records[0]
+    prompt = tokenizer([format_prompt(question)], return_tensors="np")["input_ids"]
+    answer = lambda lora: tokenizer.decode(generate(result.model_config, params, prompt, max_new_tokens=8, lora=lora)[0, prompt.shape[1]:],
+                                           skip_special_tokens=True).strip()
+    before, after = answer(None), answer(result.lora)
+    say(f"loss: first step {losses[0]:.3f}, last step {losses[-1]:.3f} (eval {result.history[-1].get('eval_loss', float('nan')):.3f})")
+    say(f"question: {question['instruction']}   expected: {question['output']}")
+    say(f"before fine-tuning: {before!r}\nafter fine-tuning:  {after!r}")
+    say(f"adapter: {result.checkpoint / 'lora.safetensors'}\ndata: {data_path}\nmodel: {folder / 'tiny-llama'}")
+    return {"folder": folder, "first_loss": losses[0], "last_loss": losses[-1], "before": before, "after": after,
+            "expected": question["output"], "result": result}
+
+# %% ../nbs/09_cli.ipynb #53c1e764
+def _flag_type(field: str):
+    "The argparse `type` of a field's flag: its own message on a bad value, not argparse's generic one."
+    import argparse
+    def parse(text: str):
+        try:
+            return _parse_field(field, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = field
+    return parse
+
+
+def train_argument_parser():
+    import argparse
+    parser = argparse.ArgumentParser(prog="jora train", description="Fine-tune LoRA adapters on Alpaca/RAFT records.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", required=True, help="JSON or JSONL file of {instruction, input, output} records")
+    parser.add_argument("--checkpoint-path", required=True, help="folder for checkpoints (a run resumes from it)")
+    parser.add_argument("--config", help="TOML file with ParallamaConfig fields (flags override it)")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist (with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --no-resume: replace the earlier run's checkpoints in --checkpoint-path")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    fields = parser.add_argument_group("ParallamaConfig fields")
+    for field in ParallamaConfig._fields:
+        default = ParallamaConfig._field_defaults[field]
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        fields.add_argument(_flag(field), dest=field, metavar=field, default=argparse.SUPPRESS, type=_flag_type(field),
+                            help=f"{FIELD_HELP[field]} (default: {'none' if shown is None else shown})")
+    return parser
+
+
+def config_from_arguments(arguments) -> ParallamaConfig:
+    "A config from a TOML file (if any) and the flags given."
+    values = {}
+    if arguments.config:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        path = Path(arguments.config)
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"No config file at {path}.") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid TOML: {error}.") from None
+        try:
+            values.update(config_from_dict(table.get("jora", table))._asdict())
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+    given = vars(arguments)  # flags not given are absent (their default is argparse.SUPPRESS); `none` is a value
+    values.update({field: given[field] for field in ParallamaConfig._fields if field in given})
+    return config_from_dict(values)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    "`jora train`: fine-tune from the command line."
+    arguments = train_argument_parser().parse_args(argv)
+    if os.environ.get("JORA_DISTRIBUTED"):
+        jax.distributed.initialize()
+    config = config_from_arguments(arguments)
+    train = generate_alpaca_dataset(arguments.data, "train", config)
+    test = generate_alpaca_dataset(arguments.data, "test", config) if config.SPLIT_PERCENTAGE < 1 else None
+    result = train_lora(config, train, arguments.checkpoint_path, eval_dataset=test, resume=not arguments.no_resume,
+                        overwrite=arguments.overwrite)
+    last = result.history[-1] if result.history else {}
+    print(f"step {last.get('step', 0)}: loss {last.get('loss', float('nan')):.4f}"
+          + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+    print(f"LoRA adapter: {result.checkpoint / 'lora.safetensors' if result.checkpoint else 'none saved'}")
+    return 0
 
 # %% ../nbs/09_cli.ipynb #239e41cd
 def check(style: str = "llama3.1", prompt: str = "Which post does this reply answer?", max_new_tokens: int = 20,
@@ -90,13 +212,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(argv: list[str]) -> int:
     if argv[:1] == ["train"]:
-        return train.train_main(argv[1:])
+        return train_main(argv[1:])
     if argv[:1] == ["gui"]:
         from jora.gui import gui_main
         return gui_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        outcome = train.demo(args.folder, records=args.records, N_EPOCHS=args.epochs, overwrite=args.overwrite)
+        outcome = demo(args.folder, records=args.records, N_EPOCHS=args.epochs, overwrite=args.overwrite)
         return 0 if outcome["last_loss"] < outcome["first_loss"] else 1
     if args.checkpoint is not None:
         return check_checkpoints(args.checkpoint)

@@ -20,8 +20,8 @@ import jax
 from .model import PROJECTIONS, LlamaConfig
 from .sharding import check_model_axis
 from .files import latest_checkpoint
-from .train import (FIELD_HELP, FIELDS, ParallamaConfig, _flag, _parse_field, model_path, train_lora,
-                        value_problem)
+from .train import model_path, train_lora
+from .config import FIELD_HELP, FIELDS, ParallamaConfig, _flag, _parse_field, value_problem
 
 # %% auto #0
 __all__ = ['TABS', 'FIELD_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PANEL_NOTEBOOK', 'parse_form', 'validate', 'command_line',

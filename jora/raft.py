@@ -341,7 +341,7 @@ class CaseStudy(NamedTuple):
 
 def case_study_config(study: CaseStudy, phase: int):
     "The ParallamaConfig of a phase: the study's own, or small CPU defaults, pointed at the right model."
-    from jora.train import ParallamaConfig
+    from jora.config import ParallamaConfig
     given = study.phase_one if phase == 1 else study.phase_two
     config = given or ParallamaConfig(LORA_R=8, LORA_ALPHA=16, LR=3e-3, BATCH_SIZE=4, N_ACCUMULATION_STEPS=1,
                                       MAX_SEQ_LEN=512, N_EPOCHS=2, DTYPE="float32", REMAT="none", WARMUP_STEPS=2,

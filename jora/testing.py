@@ -18,8 +18,8 @@ from .model import LlamaConfig
 from .formats import hf_tensor_shapes
 
 # %% auto #0
-__all__ = ['TINY_CORPUS', 'TINY_STYLES', 'tiny_config', 'save_tiny_tokenizer', 'tiny_hf_tensors', 'save_hf_shards',
-           'save_tiny_hf_checkpoint']
+__all__ = ['TINY_CORPUS', 'TINY_STYLES', 'DEMO_COUNTRIES', 'tiny_config', 'save_tiny_tokenizer', 'tiny_hf_tensors',
+           'save_hf_shards', 'save_tiny_hf_checkpoint', 'demo_raft_records']
 
 # %% ../nbs/10_testing.ipynb #a5cc411d
 def tiny_config(**overrides) -> LlamaConfig:
@@ -133,4 +133,26 @@ def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: 
     if with_tokenizer:
         save_tiny_tokenizer(path, vocab_size=settings["vocab_size"], corpus=corpus)
     return path
+
+
+# %% ../nbs/10_testing.ipynb #dc83c58e
+DEMO_COUNTRIES = [("France", "Paris", 68), ("Japan", "Tokyo", 125), ("Peru", "Lima", 34), ("Kenya", "Nairobi", 55),
+                  ("Canada", "Ottawa", 40), ("Egypt", "Cairo", 111), ("Norway", "Oslo", 5), ("Chile", "Santiago", 19),
+                  ("India", "Delhi", 1428), ("Spain", "Madrid", 48), ("Ghana", "Accra", 34), ("Nepal", "Kathmandu", 30)]
+
+
+def demo_raft_records(count: int = 480, seed: int = 0) -> list[dict]:
+    "Table question answering records: a table of countries as the retrieved context, the answer inside it."
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(count):
+        rows = [DEMO_COUNTRIES[i] for i in rng.choice(len(DEMO_COUNTRIES), size=4, replace=False)]
+        table = "country | capital | population (millions)\n" + "\n".join(f"{c} | {k} | {p}" for c, k, p in rows)
+        country, capital, population = rows[rng.integers(len(rows))]
+        if rng.random() < 0.5:
+            records.append({"instruction": f"What is the capital of {country}?", "input": table, "output": capital})
+        else:
+            records.append({"instruction": f"Which country has {population} million people?", "input": table,
+                            "output": country})
+    return records
 

@@ -1,4 +1,4 @@
-"""One compiled, sharded training step; gradient accumulation by token count; AdamW with warmup and cosine decay; atomic checkpoints, exact resume, and a history you can plot.
+"""One compiled, sharded training step on one state pytree; gradient accumulation by token count; AdamW with warmup and cosine decay; atomic checkpoints, exact resume, the step's memory planned before a run, and a history you can plot.
 
 Docs: https://jora-dev.github.io/jora/nbs/train.html.md"""
 
@@ -7,14 +7,11 @@ Docs: https://jora-dev.github.io/jora/nbs/train.html.md"""
 # %% ../nbs/05_train.ipynb #504dfa20
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
-import os
 import threading
 import time
-import typing
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,164 +22,25 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .attention import ATTENTION_IMPLEMENTATIONS
-from .model import LlamaConfig, LoraWeights, causal_lm_loss_sum, generate, PROJECTIONS
+from .model import LlamaConfig, LoraWeights, causal_lm_loss_sum
 from .sharding import (abstract_lora_step_inputs, abstract_optimizer_state, batch_spec, compile_for_memory_estimate,
                            compiled_memory, device_memory_stats, longest_length_within, make_mesh, placement)
 from .lora import LoraConfig, init_lora, shard_lora
-from .data import batches, empty_rows, generate_alpaca_dataset
+from .config import ParallamaConfig, config_to_dict
+from .data import batches, empty_rows
 from .formats import (PARAMS_KIND, is_params_folder, load_hf_checkpoint, load_lora, load_optimizer_state,
                           load_params, save_checkpoint, save_params)
 from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderError, check_free_space,
-                        check_output_folder, checkpoint_step, delete_checkpoint, latest_checkpoint, output_folder,
+                        check_output_folder, checkpoint_step, delete_checkpoint, latest_checkpoint,
                         prepare_checkpoint_folder, step_folders)
 
 # %% auto #0
-__all__ = ['FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'DEMO_COUNTRIES', 'Field', 'config_to_dict', 'field_type',
-           'value_problem', 'check_field', 'config_from_dict', 'parameter_count', 'check_model_size', 'model_path',
-           'run_mesh', 'load_model', 'make_optimizer', 'TrainState', 'make_train_step', 'make_eval_step', 'place_batch',
-           'stack_micro_batches', 'TrainingDiverged', 'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate',
-           'checkpoint_bytes', 'prepare_run_folder', 'step_options', 'run_train_step', 'Run', 'prepare_run',
-           'fresh_state', 'restore_state', 'micro_batch_groups', 'ctrl_c_sets', 'compiled_step', 'step_record',
-           'check_finite', 'write_checkpoint', 'train_lora', 'abstract_train_inputs', 'step_memory',
-           'longest_trainable_sequence', 'demo_raft_records', 'demo_config', 'demo', 'train_argument_parser',
-           'config_from_arguments', 'train_main']
-
-# %% ../nbs/05_train.ipynb #4912111e
-class Field(NamedTuple):
-    """One `ParallamaConfig` field, declared once: its type, default, panel group and help, and the values it allows
-    (an inclusive range for a number, or choices). The class, the flags, TOML reading, the panels and validation are
-    all made from `FIELDS`."""
-    kind: Any
-    default: Any
-    group: str
-    help: str
-    low: float | None = None
-    high: float | None = None
-    choices: tuple | None = None
-
-
-FIELDS = {
-    # the paper's fields, in its order
-    "JAX_PARAMS_PATH": Field(str | None, None, "Model",
-                             "folder for the converted JAX parameters: written on first use, read from then on"),
-    "LLAMA2_HF_PATH": Field(str | None, None, "Model",
-                            "Hugging Face model folder (config.json + safetensors + tokenizer)"),
-    "LLAMA2_META_PATH": Field(str | None, None, "Model",
-                              "accepted for the paper's code: a Hugging Face folder, as LLAMA2_HF_PATH"),
-    "MODEL_SIZE": Field(str | None, None, "Model",
-                        "expected size, e.g. 7B or 13B; checked against the checkpoint's parameter count"),
-    "NUM_GPUS": Field(int | None, None, "Devices", "how many devices to use (default: all visible)", low=1),
-    "LORA_R": Field(int, 16, "LoRA", "LoRA rank r", low=1),
-    "LORA_ALPHA": Field(float, 16, "LoRA", "LoRA alpha (the update is scaled by alpha / r)", low=1e-09),
-    "LORA_DROPOUT": Field(float, 0.05, "LoRA", "dropout on the LoRA input during training", low=0, high=0.999),
-    "LR": Field(float, 0.0001, "Optimisation", "peak learning rate", low=1e-12, high=1.0),
-    "BATCH_SIZE": Field(int, 1, "Optimisation", "examples (or packed rows) per micro-batch", low=1),
-    "N_ACCUMULATION_STEPS": Field(int, 8, "Optimisation",
-                                  "micro-batches per optimizer step (gradients averaged over their tokens)", low=1),
-    "MAX_SEQ_LEN": Field(int, 512, "Data", "longest example in tokens (longer ones are cut context-first)", low=16),
-    "N_EPOCHS": Field(int, 1, "Optimisation", "passes over the train split", low=1),
-    "SEED": Field(int, 0, "Data", "seed for data order, LoRA initialisation and dropout"),
-    # jora's own
-    "LORA_TARGETS": Field(tuple, ('q_proj', 'v_proj'), "LoRA",
-                          "projections that get adapters (any of q/k/v/o/gate/up/down_proj, or all-linear)"),
-    "USE_RSLORA": Field(bool, False, "LoRA", "scale by alpha / sqrt(r) (rank-stabilised LoRA)"),
-    "MESH_DATA": Field(int, 1, "Devices", "devices on the data axis", low=1),
-    "MESH_MODEL": Field(int | None, None, "Devices",
-                        "devices on the model (tensor-parallel) axis; default: the rest", low=1),
-    "MESH_SEQ": Field(int, 1, "Devices", "devices on the sequence axis", low=1),
-    "REMAT": Field(str, 'full', "Model",
-                   "rematerialisation policy: none, full or projections", choices=('none', 'full', 'projections')),
-    "LOGITS_CHUNK": Field(int, 512, "Model",
-                          "positions per LM-head chunk in the loss; unlabelled chunks are skipped (0: all positions "
-                          "at once)", low=0),
-    "ATTENTION_BLOCK": Field(int, 640, "Model",
-                             "most query positions per block of the XLA attention path (cut evenly, keys in half "
-                             "blocks), shared by the seq devices; 500-640 is fastest on CPU, smaller saves memory on "
-                             "long sequences (0: all at once)", low=0),
-    "ATTENTION_IMPLEMENTATION": Field(str, 'auto', "Model",
-                                      "attention kernel: auto (cuDNN or Pallas on an NVIDIA GPU, XLA elsewhere), xla,"
-                                      " cudnn or pallas", choices=ATTENTION_IMPLEMENTATIONS),
-    "DTYPE": Field(str, 'bfloat16', "Model",
-                   "dtype of the frozen weights: bfloat16 or float32", choices=('bfloat16', 'float32')),
-    "WARMUP_STEPS": Field(int, 10, "Optimisation", "linear warmup steps", low=0),
-    "MIN_LR_RATIO": Field(float, 0.1, "Optimisation",
-                          "final learning rate of the cosine decay, as a fraction of LR", low=0, high=1.0),
-    "WEIGHT_DECAY": Field(float, 0.0, "Optimisation", "AdamW weight decay on the LoRA matrices", low=0),
-    "MAX_GRAD_NORM": Field(float, 1.0, "Optimisation", "global gradient-norm clip (0: none)", low=0),
-    "MAX_STEPS": Field(int | None, None, "Optimisation",
-                       "stop after this many optimizer steps (default: the epochs decide)", low=1),
-    "EVAL_EVERY": Field(int, 50, "Optimisation",
-                        "optimizer steps between evaluations on the test split (0: only at the end)", low=0),
-    "EVAL_BATCHES": Field(int | None, None, "Optimisation",
-                          "evaluate on at most this many batches (default: the whole test split)", low=1),
-    "CHECKPOINT_EVERY": Field(int, 100, "Optimisation",
-                              "optimizer steps between checkpoints (one is always written at the end)", low=0),
-    "KEEP_CHECKPOINTS": Field(int, 2, "Optimisation", "how many recent checkpoints to keep", low=1),
-    "SPLIT_PERCENTAGE": Field(float, 0.8, "Data", "share of the records in the train split", low=1e-09, high=1.0),
-    "ALPACA_MIX": Field(float, 0.0, "Data",
-                        "general instruction records mixed into the train split, per task record", low=0),
-    "ALPACA_PATH": Field(str | None, None, "Data", "JSON/JSONL of general instruction records for ALPACA_MIX"),
-    "PACK": Field(bool, False, "Data", "pack several short examples into one row"),
-}
-
-ParallamaConfig = collections.namedtuple("ParallamaConfig", FIELDS, defaults=[f.default for f in FIELDS.values()],
-                                         module=__name__)
-ParallamaConfig.__annotations__ = {name: field.kind for name, field in FIELDS.items()}
-ParallamaConfig.__doc__ = "Everything a LoRA fine-tuning run needs, as `FIELDS` declares it; the paper's fields first."
-FIELD_HELP = {name: field.help for name, field in FIELDS.items()}
-FIELD_CHOICES = {name: field.choices for name, field in FIELDS.items() if field.choices}
-
-
-def config_to_dict(config: ParallamaConfig) -> dict:
-    "A JSON-ready dictionary of the config."
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config._asdict().items()}
-
-
-def field_type(field: str) -> type:
-    "The value type of a config field (int, float, bool, str or tuple); None is also allowed where it is the default."
-    hint = typing.get_type_hints(ParallamaConfig)[field]
-    return next((kind for kind in typing.get_args(hint) if kind is not type(None)), hint)
-
-
-def value_problem(field: str, value) -> str | None:
-    "What is wrong with a well-typed `value` for `field` (out of its range, not one of its choices), or None."
-    declared = FIELDS[field]
-    if declared.choices and value not in declared.choices:
-        return f"takes one of {', '.join(declared.choices)}"
-    if value is None or isinstance(value, (str, tuple, bool)):
-        return None
-    if (declared.low is not None and value < declared.low) or (declared.high is not None and value > declared.high):
-        return (f"must be at least {declared.low}" if declared.high is None else
-                f"must be between {declared.low} and {declared.high}")
-    return None
-
-
-def check_field(field: str, value):
-    "`value` as the type of `field` (an int is a valid float, a list a valid tuple), or a ValueError naming both."
-    kind, optional = field_type(field), ParallamaConfig._field_defaults[field] is None
-    if value is None and optional:
-        return None
-    if kind is tuple and isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
-        value = tuple(value)
-    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = {tuple: "a list of names", bool: "true or false", int: "a whole number", float: "a number",
-                    str: "text"}[kind]
-        raise ValueError(f"{field}={value!r} is not {expected}" + (" (or none)" if optional else "") + ".")
-    problem = value_problem(field, value)
-    if problem:
-        raise ValueError(f"{field} {problem}; got {value!r}.")
-    return value
-
-
-def config_from_dict(values: dict) -> ParallamaConfig:
-    "A config from a dictionary (for example a TOML table), refusing unknown keys and values of the wrong type by name."
-    unknown = sorted(set(values) - set(ParallamaConfig._fields))
-    if unknown:
-        raise ValueError(f"Unknown ParallamaConfig fields {unknown}; the fields are {list(ParallamaConfig._fields)}.")
-    return ParallamaConfig(**{field: check_field(field, value) for field, value in values.items()})
+__all__ = ['parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'load_model', 'make_optimizer', 'TrainState',
+           'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged', 'TrainResult',
+           'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder', 'step_options',
+           'run_train_step', 'Run', 'prepare_run', 'fresh_state', 'restore_state', 'micro_batch_groups', 'ctrl_c_sets',
+           'compiled_step', 'step_record', 'check_finite', 'write_checkpoint', 'train_lora', 'abstract_train_inputs',
+           'step_memory', 'longest_trainable_sequence']
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
 def parameter_count(params: dict) -> int:
@@ -646,170 +504,3 @@ def longest_trainable_sequence(config: ParallamaConfig, model_config: LlamaConfi
     per device, and its memory report; (0, report at `granularity`) when none fits."""
     return longest_length_within(lambda length: step_memory(config, model_config, seq_len=length, mesh=mesh),
                                  budget_bytes, granularity)
-
-# %% ../nbs/05_train.ipynb #dc83c58f
-DEMO_COUNTRIES = [("France", "Paris", 68), ("Japan", "Tokyo", 125), ("Peru", "Lima", 34), ("Kenya", "Nairobi", 55),
-                  ("Canada", "Ottawa", 40), ("Egypt", "Cairo", 111), ("Norway", "Oslo", 5), ("Chile", "Santiago", 19),
-                  ("India", "Delhi", 1428), ("Spain", "Madrid", 48), ("Ghana", "Accra", 34), ("Nepal", "Kathmandu", 30)]
-
-
-def demo_raft_records(count: int = 480, seed: int = 0) -> list[dict]:
-    "Table question answering records: a table of countries as the retrieved context, the answer inside it."
-    rng = np.random.default_rng(seed)
-    records = []
-    for _ in range(count):
-        rows = [DEMO_COUNTRIES[i] for i in rng.choice(len(DEMO_COUNTRIES), size=4, replace=False)]
-        table = "country | capital | population (millions)\n" + "\n".join(f"{c} | {k} | {p}" for c, k, p in rows)
-        country, capital, population = rows[rng.integers(len(rows))]
-        if rng.random() < 0.5:
-            records.append({"instruction": f"What is the capital of {country}?", "input": table, "output": capital})
-        else:
-            records.append({"instruction": f"Which country has {population} million people?", "input": table,
-                            "output": country})
-    return records
-
-
-def demo_config(folder: Path, **changes) -> ParallamaConfig:
-    "The demo's settings: a tiny fp32 model on the CPU, LoRA on all seven projections."
-    return ParallamaConfig(LLAMA2_HF_PATH=str(folder / "tiny-llama"), LORA_R=16, LORA_ALPHA=16, LORA_DROPOUT=0.05,
-                           LORA_TARGETS=PROJECTIONS, LR=5e-3, BATCH_SIZE=8, N_ACCUMULATION_STEPS=1, MAX_SEQ_LEN=128,
-                           N_EPOCHS=12, SEED=0,
-                           DTYPE="float32", REMAT="none", WARMUP_STEPS=5, EVAL_EVERY=20, CHECKPOINT_EVERY=20,
-                           NUM_GPUS=1)._replace(**changes)
-
-
-def demo(folder=None, *, records: int = 480, progress: bool = True, say=print, overwrite: bool = False,
-         **changes) -> dict:
-    """Write a tiny model and RAFT sample into `folder` (new or empty, or an earlier demo's with `overwrite`),
-    fine-tune LoRA on them, and show a generation before and after."""
-    import tempfile
-    from jora.data import format_prompt, load_tokenizer
-    from jora.testing import save_tiny_hf_checkpoint
-    folder = Path(folder or tempfile.mkdtemp(prefix="jora-demo-"))
-    rows = demo_raft_records(records)
-    with output_folder(folder, "demo", overwrite=overwrite) as temporary:
-        (temporary / "raft_sample.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        save_tiny_hf_checkpoint(temporary / "tiny-llama", "llama3.1", hidden_size=128, intermediate_size=256,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                corpus=[format_prompt(r) + r["output"] for r in rows])
-        (temporary / "checkpoints").mkdir()
-    data_path = folder / "raft_sample.jsonl"
-    config = demo_config(folder, **changes)
-    say(f"jora demo: a tiny Llama-3.1-style model and {records} table-QA records in {folder}")
-    train = generate_alpaca_dataset(data_path, "train", config)
-    test = generate_alpaca_dataset(data_path, "test", config)
-    result = train_lora(config, train, folder / "checkpoints", eval_dataset=test, progress=progress)
-    losses = [r["loss"] for r in result.history]
-    tokenizer = load_tokenizer(folder / "tiny-llama")
-    _, params = load_model(config, run_mesh(config))
-    question = test.records[0]
-    prompt = tokenizer([format_prompt(question)], return_tensors="np")["input_ids"]
-    answer = lambda lora: tokenizer.decode(generate(result.model_config, params, prompt, max_new_tokens=8, lora=lora)[0, prompt.shape[1]:],
-                                           skip_special_tokens=True).strip()
-    before, after = answer(None), answer(result.lora)
-    say(f"loss: first step {losses[0]:.3f}, last step {losses[-1]:.3f} (eval {result.history[-1].get('eval_loss', float('nan')):.3f})")
-    say(f"question: {question['instruction']}   expected: {question['output']}")
-    say(f"before fine-tuning: {before!r}\nafter fine-tuning:  {after!r}")
-    say(f"adapter: {result.checkpoint / 'lora.safetensors'}\ndata: {data_path}\nmodel: {folder / 'tiny-llama'}")
-    return {"folder": folder, "first_loss": losses[0], "last_loss": losses[-1], "before": before, "after": after,
-            "expected": question["output"], "result": result}
-
-# %% ../nbs/05_train.ipynb #53c1e763
-def _flag(field: str) -> str:
-    return "--" + field.lower().replace("_", "-")
-
-
-def _parse_field(field: str, text: str):
-    "A flag's text as the value of `field`: `none` is None only for fields whose default is None (for REMAT it is a value)."
-    kind, text = field_type(field), text.strip()
-    if ParallamaConfig._field_defaults[field] is None and text.lower() in ("none", "null", ""):
-        return None
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{_flag(field)} takes true or false, not {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    if kind is tuple:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
-    try:
-        value = kind(text)
-    except ValueError:
-        optional = " (or none)" if ParallamaConfig._field_defaults[field] is None else ""
-        raise ValueError(f"{_flag(field)} takes {'a whole number' if kind is int else 'a number'}{optional}, "
-                         f"not {text!r}") from None
-    problem = value_problem(field, value)
-    if problem:
-        raise ValueError(f"{_flag(field)} {problem}, not {text!r}")
-    return value
-
-
-def _flag_type(field: str):
-    "The argparse `type` of a field's flag: its own message on a bad value, not argparse's generic one."
-    import argparse
-    def parse(text: str):
-        try:
-            return _parse_field(field, text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    parse.__name__ = field
-    return parse
-
-
-def train_argument_parser():
-    import argparse
-    parser = argparse.ArgumentParser(prog="jora train", description="Fine-tune LoRA adapters on Alpaca/RAFT records.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", required=True, help="JSON or JSONL file of {instruction, input, output} records")
-    parser.add_argument("--checkpoint-path", required=True, help="folder for checkpoints (a run resumes from it)")
-    parser.add_argument("--config", help="TOML file with ParallamaConfig fields (flags override it)")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist (with --overwrite)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="with --no-resume: replace the earlier run's checkpoints in --checkpoint-path")
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
-    fields = parser.add_argument_group("ParallamaConfig fields")
-    for field in ParallamaConfig._fields:
-        default = ParallamaConfig._field_defaults[field]
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        fields.add_argument(_flag(field), dest=field, metavar=field, default=argparse.SUPPRESS, type=_flag_type(field),
-                            help=f"{FIELD_HELP[field]} (default: {'none' if shown is None else shown})")
-    return parser
-
-
-def config_from_arguments(arguments) -> ParallamaConfig:
-    "A config from a TOML file (if any) and the flags given."
-    values = {}
-    if arguments.config:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
-        path = Path(arguments.config)
-        try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"No config file at {path}.") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid TOML: {error}.") from None
-        try:
-            values.update(config_from_dict(table.get("jora", table))._asdict())
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
-    given = vars(arguments)  # flags not given are absent (their default is argparse.SUPPRESS); `none` is a value
-    values.update({field: given[field] for field in ParallamaConfig._fields if field in given})
-    return config_from_dict(values)
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    "`jora train`: fine-tune from the command line."
-    arguments = train_argument_parser().parse_args(argv)
-    if os.environ.get("JORA_DISTRIBUTED"):
-        jax.distributed.initialize()
-    config = config_from_arguments(arguments)
-    train = generate_alpaca_dataset(arguments.data, "train", config)
-    test = generate_alpaca_dataset(arguments.data, "test", config) if config.SPLIT_PERCENTAGE < 1 else None
-    result = train_lora(config, train, arguments.checkpoint_path, eval_dataset=test, resume=not arguments.no_resume,
-                        overwrite=arguments.overwrite)
-    last = result.history[-1] if result.history else {}
-    print(f"step {last.get('step', 0)}: loss {last.get('loss', float('nan')):.4f}"
-          + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
-    print(f"LoRA adapter: {result.checkpoint / 'lora.safetensors' if result.checkpoint else 'none saved'}")
-    return 0

@@ -166,7 +166,8 @@ def attention_passes(compiled_hlo: str) -> dict:
 @pytest.mark.parametrize("remat, forwards", [(None, 1), ("full", 2)])
 def test_attention_forward_runs_at_most_twice_per_layer(remat, forwards, time):
     from jora.model import LoraWeights, causal_lm_loss_sum
-    lora_config, optimizer, (adapters, _, params, batch, _) = training_step_inputs(time)
+    lora_config, optimizer, (state, params, batch) = training_step_inputs(time)
+    adapters = state.adapters
 
     def loss(adapters):
         return causal_lm_loss_sum(TINY, params, batch["input_ids"][0], batch["labels"][0], logits_chunk=32,

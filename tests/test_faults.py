@@ -25,7 +25,9 @@ from jora.files import (CheckpointError, CheckpointWarning, UnsafeFolderError, W
 from jora.gui import command_line, panels
 from jora.formats import checkpoint_tensor_files
 from jora.testing import save_tiny_hf_checkpoint
-from jora.train import FIELD_CHOICES, ParallamaConfig, config_from_arguments, train_argument_parser, train_lora, train_main
+from jora.train import train_lora
+from jora.config import FIELD_CHOICES, ParallamaConfig
+from jora.cli import config_from_arguments, train_argument_parser, train_main
 from jora.formats import load_lora
 from test_train import datasets, losses, small_config  # the same tiny run as the training tests
 
@@ -58,7 +60,7 @@ def one_error_line(process) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from jora.data import format_prompt
-    from jora.train import demo_raft_records
+    from jora.testing import demo_raft_records
     folder = tmp_path_factory.mktemp("faults")
     data = folder / "raft.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in demo_raft_records(40, seed=1)))

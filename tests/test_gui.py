@@ -14,7 +14,9 @@ from jora.data import format_prompt
 from jora.gui import command_line, panels, write_panel_notebook
 from jora.testing import save_tiny_hf_checkpoint
 from jora.files import latest_checkpoint
-from jora.train import ParallamaConfig, demo_config, demo_raft_records
+from jora.config import ParallamaConfig
+from jora.cli import demo_config
+from jora.testing import demo_raft_records
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -97,7 +99,7 @@ def test_every_field_is_on_the_form():
 
 
 def test_command_line_round_trips_through_jora_train_parser():
-    from jora.train import config_from_arguments, train_argument_parser
+    from jora.cli import config_from_arguments, train_argument_parser
     config = ParallamaConfig(LLAMA2_HF_PATH="m", LORA_R=8, LORA_TARGETS=("q_proj", "o_proj"), USE_RSLORA=True, MAX_STEPS=7)
     arguments = train_argument_parser().parse_args(command_line(config, "d.jsonl", "c").split()[2:])
     assert config_from_arguments(arguments) == config

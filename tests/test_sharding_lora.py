@@ -256,7 +256,8 @@ def test_sequence_axis_cuts_the_temporaries_of_an_8k_token_step():
     training defaults (bf16 weights, full remat, LM-head chunks, flash attention blocks), and at most 0.35x with
     attention in one call. (The blocked path is the smaller at seq=1 already: its scores are one block pair, so what
     every seq device keeps whole, the gathered keys and values and their fp32 gradients, weighs more in the ratio.)"""
-    from jora.train import ParallamaConfig, step_memory
+    from jora.train import step_memory
+    from jora.config import ParallamaConfig
     defaults = ParallamaConfig(N_ACCUMULATION_STEPS=1)
     config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192)
@@ -270,7 +271,8 @@ def test_sequence_axis_cuts_the_temporaries_of_an_8k_token_step():
 
 def test_a_16k_prompt_never_builds_a_16k_by_vocabulary_tensor():
     "The whole step's temporaries stay under a fifth of one 16k x 32000 fp32 logits tensor (2.1 GB)."
-    from jora.train import ParallamaConfig, step_memory
+    from jora.train import step_memory
+    from jora.config import ParallamaConfig
     config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16384)
     one_device = make_mesh(data=1, seq=1, model=1, devices=jax.devices()[:1])
@@ -283,7 +285,8 @@ def test_a_16k_prompt_never_builds_a_16k_by_vocabulary_tensor():
 
 def test_longest_trainable_sequence_is_on_the_budget_boundary():
     "The returned length fits the budget and one granule more does not (checked by lowering again)."
-    from jora.train import ParallamaConfig, longest_trainable_sequence, step_memory
+    from jora.train import longest_trainable_sequence, step_memory
+    from jora.config import ParallamaConfig
     mesh = make_mesh(data=1, seq=2, model=1, devices=jax.devices()[:2])
     run = ParallamaConfig(N_ACCUMULATION_STEPS=1, DTYPE="float32", REMAT="full", LOGITS_CHUNK=256, ATTENTION_BLOCK=256)
     budget = 60e6

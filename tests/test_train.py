@@ -14,7 +14,9 @@ import pytest
 from jora.data import AlpacaDataset, format_prompt
 from jora.testing import save_tiny_hf_checkpoint
 from jora.files import checkpoints, latest_checkpoint
-from jora.train import ParallamaConfig, TrainingDiverged, demo_raft_records, load_model, run_mesh, train_lora
+from jora.train import TrainingDiverged, load_model, run_mesh, train_lora
+from jora.config import ParallamaConfig
+from jora.testing import demo_raft_records
 from jora.formats import load_lora
 
 
