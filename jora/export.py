@@ -16,6 +16,7 @@ import numpy as np
 from .model import LlamaConfig, projection_shape
 from .files import check_output_folder, checkpoint_step, output_folder, run_command
 from .formats import checkpoint_tensor_files, hf_weight_names, load_any_adapter
+from .formats import load_peft_adapter, save_peft_adapter   # written in the formats chapter; still importable from here
 
 # %% auto #0
 __all__ = ['merge_to_hf', 'huggingface_merger']
