@@ -211,6 +211,7 @@ def attend_block(query, query_slots, query_segments, keys: KeyBlocks, sliding_wi
     return total / running_sum[..., None], running_max + jnp.log(running_sum)
 
 
+# %% ../nbs/00_attention.ipynb #8ea39493
 def output_row_term(output: jax.Array, output_grad: jax.Array) -> jax.Array:
     "Each query row's `sum(output * output_grad)`, the term the softmax backward subtracts."
     return jnp.einsum("...d,...d->...", output_grad.astype(jnp.float32), output.astype(jnp.float32))
@@ -366,6 +367,7 @@ def attend_tile(query, key, value, mask, scale) -> tuple:
     return output / total[..., None], peak + jnp.log(total)
 
 
+# %% ../nbs/00_attention.ipynb #0f86b49a
 def short_layout(time: int) -> BlockLayout:
     "The cut for short sequences: query blocks of at most `SHORT_QUERY_BLOCK`, the keys in one piece."
     return BlockLayout(1, even_block_size(time, SHORT_QUERY_BLOCK), time)
@@ -431,6 +433,7 @@ def _short_backward(sliding_window, residuals, output_grad):
 
 
 short_attention.defvjp(_short_forward, _short_backward)
+
 
 # %% ../nbs/00_attention.ipynb #81af32b7
 PALLAS_BLOCK = 128   # the Pallas kernel's query and key tile; sequences are padded to a multiple of it

@@ -105,6 +105,7 @@ def train_argument_parser():
     return parser
 
 
+# %% ../nbs/09_cli.ipynb #efb6668b
 def config_from_arguments(arguments) -> ParallamaConfig:
     "A config from a TOML file (if any) and the flags given."
     values = {}
@@ -129,6 +130,7 @@ def config_from_arguments(arguments) -> ParallamaConfig:
     return config_from_dict(values)
 
 
+# %% ../nbs/09_cli.ipynb #03f8c189
 def train_main(argv: list[str] | None = None) -> int:
     "`jora train`: fine-tune from the command line."
     arguments = train_argument_parser().parse_args(argv)
@@ -144,6 +146,7 @@ def train_main(argv: list[str] | None = None) -> int:
           + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
     print(f"LoRA adapter: {result.checkpoint / 'lora.safetensors' if result.checkpoint else 'none saved'}")
     return 0
+
 
 # %% ../nbs/09_cli.ipynb #239e41cd
 def check(style: str = "llama3.1", prompt: str = "Which post does this reply answer?", max_new_tokens: int = 20,

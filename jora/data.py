@@ -312,6 +312,7 @@ def _place(batch: dict, row: int, start: int, example: dict, segment: int) -> No
     batch["segment_ids"][row, start:end] = segment
 
 
+# %% ../nbs/03_data.ipynb #f3baa726
 def pack_examples(lengths: list[int], row_length: int) -> list[list[int]]:
     "Group examples (given by their lengths, in order) into rows of at most `row_length` tokens, first fit."
     rows, room = [], []
@@ -365,3 +366,4 @@ def batches(dataset, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle:
                 _place(batch, row_number, start, examples[index], segment)
                 start += len(examples[index]["input_ids"])
         yield batch
+

@@ -177,6 +177,7 @@ def write_json(path, value) -> None:
         temporary.unlink(missing_ok=True)
 
 
+# %% ../nbs/04_files.ipynb #e1c0306e
 def _process_tag() -> str:
     "This process, as written into temporary names: `pid@host`."
     return f"{os.getpid()}@{socket.gethostname()}"
@@ -228,6 +229,7 @@ def _move_into_place(temporary: Path, target: Path, kind: str) -> None:
     _fsync_folder(target)
 
 
+# %% ../nbs/04_files.ipynb #33772285
 @contextmanager
 def output_folder(path, kind: str, *, overwrite: bool = False, protected=()):
     """Write a `kind` output to `path`: yields a temporary folder to fill, then moves it into place with a marker.
@@ -251,6 +253,7 @@ def output_folder(path, kind: str, *, overwrite: bool = False, protected=()):
             raise
         raise WriteError(f"Could not write the {kind} to {path}: {reason}. Nothing there was changed; free some space "
                          f"or choose a writable folder.", getattr(error, "errno", None)) from error
+
 
 # %% ../nbs/04_files.ipynb #e5720a12
 MANIFEST = "manifest.json"

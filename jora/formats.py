@@ -248,6 +248,7 @@ def is_params_folder(folder) -> bool:
         return False
 
 
+# %% ../nbs/04_formats.ipynb #a3634ed3
 def load_params(folder, dtype=jnp.bfloat16, mesh=None) -> tuple[LlamaConfig, dict]:
     "Read params written by `save_params`, each device reading only its slice when a mesh is given."
     from safetensors import safe_open, SafetensorError
@@ -339,6 +340,7 @@ def load_lora(path) -> tuple[LoraWeights, LoraConfig]:
     return LoraWeights(adapters, scale=lora_config.scale, dropout=lora_config.dropout), lora_config
 
 
+# %% ../nbs/04_formats.ipynb #fddca634
 def save_checkpoint(checkpoint_path, step: int, lora: LoraWeights, lora_config: LoraConfig, optimizer_state,
                     state: dict, keep: int = 2) -> Path:
     """Write a checkpoint atomically (a temporary folder, the manifest last, fsync, rename) and keep the `keep` newest
@@ -450,6 +452,7 @@ def _adapter_targets(settings: dict, file: Path) -> tuple[str, ...]:
     return tuple(t for t in PROJECTIONS if t in targets)
 
 
+# %% ../nbs/04_formats.ipynb #9542b57d
 def load_peft_adapter(path, model_config: LlamaConfig | None = None) -> tuple[LoraWeights, LoraConfig]:
     "A PEFT LoRA adapter folder as jora `LoraWeights` and `LoraConfig`, checked against `model_config` when given."
     from safetensors.numpy import load_file
@@ -493,6 +496,7 @@ def load_peft_adapter(path, model_config: LlamaConfig | None = None) -> tuple[Lo
         raise ValueError(f"{weights_file} holds tensors outside the configured targets {list(lora_config.targets)}: "
                          f"{extra[:3]}{' ...' if len(extra) > 3 else ''}; fix target_modules in adapter_config.json.")
     return LoraWeights(adapters, scale=lora_config.scale, dropout=lora_config.dropout), lora_config
+
 
 # %% ../nbs/04_formats.ipynb #7b04012c
 def load_any_adapter(lora_path, model_config: LlamaConfig | None = None) -> tuple[LoraWeights, LoraConfig]:

@@ -394,6 +394,7 @@ def _summed_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labe
     return jnp.sum(jnp.where(labelled, log_normaliser - picked, 0.0))
 
 
+# %% ../nbs/00_model.ipynb #7f76d43c
 def _token_loss_and_hidden_grad(weight, hidden, targets, labelled):
     "The summed loss of one chunk and its gradient with respect to `hidden`, from one pass over the logits."
     logits = jnp.matmul(hidden, weight, preferred_element_type=jnp.float32)
@@ -432,6 +433,7 @@ def _chunk_loss_backward(residuals, loss_grad):
 chunk_token_loss.defvjp(_chunk_loss_forward, _chunk_loss_backward)
 
 
+# %% ../nbs/00_model.ipynb #d44438a7
 def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array,
                         chunk: int) -> jax.Array:
     """As `_summed_token_loss`, `chunk` positions at a time (split evenly over the 'seq' devices, each on its own part),
@@ -451,6 +453,7 @@ def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, lab
     return total
 
 
+# %% ../nbs/00_model.ipynb #2b78e451
 def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array, *,
                        logits_chunk: int | None = None, **forward_options) -> tuple[jax.Array, jax.Array]:
     "Summed next-token cross-entropy (fp32) over labelled positions, and how many there are."
@@ -471,6 +474,7 @@ def causal_lm_loss(config: LlamaConfig, params: dict, input_ids: jax.Array, labe
     total, count = causal_lm_loss_sum(config, params, input_ids, labels, **forward_options)
     return total / jnp.maximum(count, 1)
 
+
 # %% ../nbs/00_model.ipynb #6b8ce23d
 def sample_top_p(key: jax.Array, logits: jax.Array, top_p) -> jax.Array:
     "Draw one token per row from the smallest set of most likely tokens whose probability reaches `top_p`."
@@ -483,6 +487,7 @@ def sample_top_p(key: jax.Array, logits: jax.Array, top_p) -> jax.Array:
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
+# %% ../nbs/00_model.ipynb #4ae64ff8
 def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora, key, temperature, top_p,
                       eos_ids, pad_id, max_new_tokens: int, greedy: bool):
     batch, prompt_length = input_ids.shape
@@ -537,6 +542,7 @@ def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora
 _generate_compiled = jax.jit(_generate_program, static_argnames=("config", "max_new_tokens", "greedy"))
 
 
+# %% ../nbs/00_model.ipynb #1cce2f3f
 def generate(config: LlamaConfig, params: dict, input_ids, *, max_new_tokens: int, attention_mask=None,
              lora: LoraWeights | None = None, temperature: float = 0.0, top_p: float = 1.0, eos_token_id=None,
              pad_token_id: int | None = None, key: jax.Array | None = None) -> np.ndarray:
@@ -561,3 +567,4 @@ def generate(config: LlamaConfig, params: dict, input_ids, *, max_new_tokens: in
         jnp.asarray(eos_ids, jnp.int32).reshape(-1), jnp.int32(pad_id),
         max_new_tokens=int(max_new_tokens), greedy=temperature == 0)
     return np.concatenate([input_ids, np.asarray(generated)[:, :int(steps)]], axis=1)
+

@@ -78,6 +78,7 @@ def specs_from_dimensions(dimensions, units: dict, mesh: Mesh | None = None):
                         dimensions, is_leaf=lambda x: isinstance(x, tuple))
 
 
+# %% ../nbs/01_sharding.ipynb #69083d88
 def model_axis_sizes(config: LlamaConfig, largest: int = 64) -> list[int]:
     "Model-axis sizes (up to `largest`) that split this model evenly: they divide the heads and the MLP width."
     return [size for size in range(1, largest + 1)
@@ -104,6 +105,7 @@ def param_specs(config: LlamaConfig, params: dict | None = None, mesh: Mesh | No
     return specs_from_dimensions(param_dimensions(config), dimension_units(config), mesh)
 
 
+# %% ../nbs/01_sharding.ipynb #4a4cf592
 def named_shardings(mesh: Mesh, specs):
     "Turn a pytree of `PartitionSpec` into `NamedSharding`s on `mesh`."
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
@@ -189,6 +191,9 @@ def abstract_optimizer_state(optimizer, adapters, mesh: Mesh):
 # XLA:CPU has no bf16 matrix product: it converts bf16 weights to fp32, and its loop-invariant code motion then
 # hoists that conversion out of the layer loop, keeping an fp32 copy of every layer's weights (26 GB for a 7B
 # model) that a GPU never makes. Lowering for memory estimates on CPU turns those two passes off.
+
+
+# %% ../nbs/01_sharding.ipynb #faa2ef66
 CPU_MEMORY_ESTIMATE_OPTIONS = {
     "xla_disable_hlo_passes": "while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion"}
 
@@ -199,6 +204,7 @@ def compile_for_memory_estimate(lowered, mesh: Mesh):
     return lowered.compile(compiler_options=CPU_MEMORY_ESTIMATE_OPTIONS if on_cpu else None)
 
 
+# %% ../nbs/01_sharding.ipynb #96ec16ca
 def longest_length_within(memory_of, budget_bytes: float, granularity: int = 1024) -> tuple[int, dict]:
     """The longest length, a multiple of `granularity`, whose memory report `memory_of(length)` totals at most
     `budget_bytes` per device, and that report; (0, the report at `granularity`) when none fits. Memory grows steadily
@@ -233,3 +239,4 @@ def longest_length_within(memory_of, budget_bytes: float, granularity: int = 102
         middle = (low + high) // 2 // granularity * granularity
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low, report(max(low, granularity))
+

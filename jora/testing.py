@@ -55,6 +55,7 @@ TINY_STYLES = {
 }
 
 
+# %% ../nbs/10_testing.ipynb #9392b6fa
 def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512, corpus: list[str] | None = None) -> Path:
     "Train a byte-level BPE tokenizer on `corpus` (default `TINY_CORPUS`) and save it (`<s>`=1, `</s>`=2, BOS added)."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -72,6 +73,7 @@ def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512, corpus: list[st
     return Path(path)
 
 
+# %% ../nbs/10_testing.ipynb #1ffd5248
 def _size_in_bytes(size: str) -> int:
     "'60KB' -> 60000, as `transformers` reads `max_shard_size` (KB, MB and GB are powers of 1000)."
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}

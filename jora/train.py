@@ -121,6 +121,7 @@ def _loss_sum(model_config, params, adapters, batch, *, scale, dropout, dropout_
                               dropout_key=dropout_key, remat=remat)
 
 
+# %% ../nbs/05_train.ipynb #4f96bb8a
 class TrainState(NamedTuple):
     """What one optimizer step changes: the adapters, the optimizer state, the number of steps taken and the run's
     random key (step `s` draws its dropout from `fold_in(key, s)`, so a resumed run draws what an unbroken one would)."""
@@ -171,6 +172,7 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
     return jax.jit(step, donate_argnums=(0,))
 
 
+# %% ../nbs/05_train.ipynb #067c6ea9
 def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, logits_chunk: int | None = None,
                    attention_block: int | None = None, *, attention_implementation: str = "auto",
                    row_layout: str = "any"):
@@ -181,6 +183,7 @@ def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, log
                              dropout_key=None, remat=None, logits_chunk=logits_chunk, attention_block=attention_block,
                              attention_implementation=attention_implementation, row_layout=row_layout)
     return jax.jit(evaluate)
+
 
 # %% ../nbs/05_train.ipynb #2c60eed5
 def place_batch(batch: dict, mesh, leading: int = 0) -> dict:
@@ -271,6 +274,7 @@ def prepare_run_folder(config: ParallamaConfig, checkpoint_path, *, resume: bool
         delete_checkpoint(folder)
 
 
+# %% ../nbs/05_train.ipynb #f2473f18
 def step_options(config: ParallamaConfig) -> dict:
     "The step's options a config sets: LM-head chunks, attention blocks, the attention kernel and the row layout."
     return dict(logits_chunk=config.LOGITS_CHUNK or None, attention_block=config.ATTENTION_BLOCK or None,
@@ -284,6 +288,7 @@ def run_train_step(config: ParallamaConfig, model_config: LlamaConfig, optimizer
                            None if config.REMAT == "none" else config.REMAT, mesh, **step_options(config))
 
 
+# %% ../nbs/05_train.ipynb #2ec85d3d
 class Run(NamedTuple):
     "What stays fixed while a run trains: its settings, mesh, frozen model, LoRA settings, optimizer, steps and programs."
     config: ParallamaConfig
@@ -318,6 +323,7 @@ def prepare_run(config: ParallamaConfig, dataset, checkpoint_path, *, resume: bo
                run_train_step(config, model_config, optimizer, mesh), eval_step)
 
 
+# %% ../nbs/05_train.ipynb #82041584
 def fresh_state(run: Run) -> TrainState:
     "Step 0: fresh adapters on the run's mesh, their optimizer state, and the run's random key."
     lora = init_lora(run.model_config, run.lora_config, jax.random.key(run.config.SEED), mesh=run.mesh)
@@ -340,6 +346,7 @@ def restore_state(run: Run, state: TrainState, folder: Path) -> tuple[TrainState
     return state._replace(adapters=adapters, optimizer_state=optimizer_state, step=step), saved
 
 
+# %% ../nbs/05_train.ipynb #8e59f53d
 def micro_batch_groups(dataset, config: ParallamaConfig, epoch: int, next_batch: int):
     "Groups of N_ACCUMULATION_STEPS micro-batches from `(epoch, next_batch)` on, each with the position after it."
     while epoch < config.N_EPOCHS:
@@ -356,6 +363,7 @@ def micro_batch_groups(dataset, config: ParallamaConfig, epoch: int, next_batch:
         epoch, next_batch = epoch + 1, 0
 
 
+# %% ../nbs/05_train.ipynb #2c14709c
 @contextlib.contextmanager
 def ctrl_c_sets(interrupted: threading.Event):
     """While inside, a first Ctrl-C sets `interrupted` (the loop saves and stops after its step) and a second one
@@ -378,6 +386,7 @@ def ctrl_c_sets(interrupted: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
+# %% ../nbs/05_train.ipynb #0b015213
 def compiled_step(cache: dict, train_step, inputs) -> tuple[Any, dict]:
     "The step compiled for these inputs' batch shape (once per shape), and, when new, the compile's time and bytes."
     shape = inputs[2]["input_ids"].shape
@@ -416,6 +425,7 @@ def write_checkpoint(run: Run, checkpoint_path, state: TrainState, position: dic
     return saved
 
 
+# %% ../nbs/05_train.ipynb #3ccc2c45
 def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_dataset=None, callbacks=(),
                stop: threading.Event | None = None, progress: bool = True, resume: bool = True,
                stop_after: int | None = None, model=None, overwrite: bool = False) -> TrainResult:
