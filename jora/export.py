@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import LlamaConfig, projection_shape
+from .model import LlamaConfig
+from .sharding import adapter_shapes
 from .files import check_output_folder, checkpoint_step, output_folder, run_command
 from .formats import checkpoint_tensor_files, hf_weight_names, load_any_adapter
 from .formats import load_peft_adapter, save_peft_adapter   # written in the formats chapter; still importable from here
@@ -46,7 +47,7 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
     model_config = LlamaConfig.from_hf(hf_path)
     lora, lora_config = load_any_adapter(lora_path, model_config)
     for name in lora_config.targets:
-        expected = (model_config.num_hidden_layers, projection_shape(model_config, name)[0], lora_config.r)
+        expected = adapter_shapes(model_config, (name,), lora_config.r)[name]["lora_A"]
         if tuple(lora.adapters[name]["lora_A"].shape) != expected:
             raise ValueError(f"{lora_path}: {name} adapters have shape {tuple(lora.adapters[name]['lora_A'].shape)}, "
                              f"but {hf_path} needs {expected}. Were they trained on another base model?")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .model import LlamaConfig, LoraWeights, PROJECTIONS, projection_shape
-from .sharding import adapter_specs, named_shardings
+from .sharding import adapter_shapes, adapter_specs, named_shardings
 
 # %% auto #0
 __all__ = ['LoraConfig', 'lora_parameter_count', 'init_lora', 'shard_lora', 'merge_lora']
@@ -57,14 +57,11 @@ def lora_parameter_count(config: LlamaConfig, lora_config: LoraConfig) -> int:
 # %% ../nbs/02_lora.ipynb #05817d33
 def init_lora(config: LlamaConfig, lora_config: LoraConfig, key: jax.Array, mesh=None) -> LoraWeights:
     "Fresh adapters (A random, B zero, fp32) for every target, placed on `mesh` if given."
-    adapters = {}
+    shapes, adapters = adapter_shapes(config, lora_config.targets, lora_config.r), {}
     for name, name_key in zip(lora_config.targets, jax.random.split(key, len(lora_config.targets))):
-        fan_in, fan_out = projection_shape(config, name)
-        bound = 1 / math.sqrt(fan_in)
-        adapters[name] = {
-            "lora_A": jax.random.uniform(name_key, (config.num_hidden_layers, fan_in, lora_config.r), jnp.float32,
-                                         -bound, bound),
-            "lora_B": jnp.zeros((config.num_hidden_layers, lora_config.r, fan_out), jnp.float32)}
+        bound = 1 / math.sqrt(shapes[name]["lora_A"][1])   # 1 / sqrt(fan_in)
+        adapters[name] = {"lora_A": jax.random.uniform(name_key, shapes[name]["lora_A"], jnp.float32, -bound, bound),
+                          "lora_B": jnp.zeros(shapes[name]["lora_B"], jnp.float32)}
     lora = LoraWeights(adapters, scale=lora_config.scale, dropout=lora_config.dropout)
     return lora if mesh is None else shard_lora(config, lora, mesh)
 

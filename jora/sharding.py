@@ -19,7 +19,7 @@ from .model import PROJECTION_DIMENSIONS, LlamaConfig, dimension_sizes, param_di
 __all__ = ['MESH_AXES', 'LOGICAL_AXIS_RULES', 'CPU_MEMORY_ESTIMATE_OPTIONS', 'make_mesh', 'placement', 'dimension_units',
            'axis_sizes', 'specs_from_dimensions', 'model_axis_sizes', 'check_model_axis', 'param_specs',
            'named_shardings', 'shard_params', 'batch_spec', 'adapter_dimensions', 'adapter_shapes', 'adapter_specs',
-           'compiled_memory', 'device_memory_stats', 'abstract_lora_step_inputs', 'abstract_optimizer_state',
+           'compiled_memory', 'device_memory_stats', 'abstract_params_and_adapters', 'abstract_optimizer_state',
            'compile_for_memory_estimate', 'longest_length_within']
 
 # %% ../nbs/01_sharding.ipynb #16790a1d
@@ -164,9 +164,9 @@ def device_memory_stats(devices=None) -> list[dict]:
     return rows
 
 # %% ../nbs/01_sharding.ipynb #b4bebbc1
-def abstract_lora_step_inputs(config: LlamaConfig, mesh: Mesh, *, batch_size: int, seq_len: int,
-                              targets=("q_proj", "v_proj"), rank: int = 16, param_dtype=jnp.bfloat16):
-    "ShapeDtypeStructs (with shardings) for frozen params, LoRA adapters and a token batch."
+def abstract_params_and_adapters(config: LlamaConfig, mesh: Mesh, *, targets=("q_proj", "v_proj"), rank: int = 16,
+                                 param_dtype=jnp.bfloat16):
+    "ShapeDtypeStructs (with shardings) for the frozen params and the LoRA adapters."
     def abstract(shape, dtype, spec):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
     specs = param_specs(config, mesh=mesh)
@@ -174,8 +174,7 @@ def abstract_lora_step_inputs(config: LlamaConfig, mesh: Mesh, *, batch_size: in
                           is_leaf=lambda x: isinstance(x, tuple))
     adapters = jax.tree.map(lambda shape, spec: abstract(shape, jnp.float32, spec), adapter_shapes(config, targets, rank),
                             adapter_specs(config, targets, mesh), is_leaf=lambda x: isinstance(x, tuple))
-    tokens = abstract((batch_size, seq_len), jnp.int32, batch_spec())
-    return params, adapters, tokens
+    return params, adapters
 
 
 def abstract_optimizer_state(optimizer, adapters, mesh: Mesh):

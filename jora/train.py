@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .model import LlamaConfig, LoraWeights, causal_lm_loss_sum
-from .sharding import (abstract_lora_step_inputs, abstract_optimizer_state, batch_spec, compile_for_memory_estimate,
+from .sharding import (abstract_optimizer_state, abstract_params_and_adapters, batch_spec, compile_for_memory_estimate,
                            compiled_memory, device_memory_stats, longest_length_within, make_mesh, placement)
 from .lora import LoraConfig, init_lora, shard_lora
 from .config import ParallamaConfig, config_to_dict
@@ -485,8 +485,7 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
 def abstract_train_inputs(config: ParallamaConfig, model_config: LlamaConfig, mesh, optimizer, seq_len: int) -> tuple:
     "ShapeDtypeStructs, with the run's shardings, of what the step takes: the state, the frozen params, the micro-batches."
     lora_config = lora_config_of(config)
-    params, adapters, _ = abstract_lora_step_inputs(model_config, mesh, batch_size=config.BATCH_SIZE, seq_len=seq_len,
-                                                    targets=lora_config.targets, rank=lora_config.r,
+    params, adapters = abstract_params_and_adapters(model_config, mesh, targets=lora_config.targets, rank=lora_config.r,
                                                     param_dtype=jnp.dtype(config.DTYPE))
     replicated = NamedSharding(mesh, P())
     state = TrainState(adapters, abstract_optimizer_state(optimizer, adapters, mesh),
