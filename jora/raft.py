@@ -45,6 +45,7 @@ def split_answers(target_value: str) -> list[str]:
     return [unescape_wtq(part) for part in re.split(r"(?<!\\)\|", target_value)]
 
 
+# %% ../nbs/08_raft_4chan.ipynb #19f830b5
 def read_wtq_table(root, context: str) -> list[list[str]]:
     "A table as rows of cells (the first row is the header), from `context` like 'csv/204-csv/590.csv'."
     root = Path(root)
@@ -77,6 +78,7 @@ def read_wtq_questions(root, split_file: str = "data/training.tsv") -> list[dict
         questions.append({"id": fields[0], "question": unescape_wtq(fields[1]), "context": fields[2],
                           "answers": split_answers(fields[3])})
     return questions
+
 
 # %% ../nbs/08_raft_4chan.ipynb #8190e197
 def serialize_table(rows: list[list[str]], tokenizer=None, max_tokens: int | None = None) -> str:
@@ -121,6 +123,7 @@ def normalize_answer(text: str) -> str:
     return re.sub(r"\s+", " ", text).lower().strip()
 
 
+# %% ../nbs/08_raft_4chan.ipynb #61f33b7f
 def _as_number(text: str):
     for kind in (int, float):
         try:
@@ -146,6 +149,7 @@ def _as_date(text: str):
     return year, month, day
 
 
+# %% ../nbs/08_raft_4chan.ipynb #d771c6d3
 def answer_value(text: str) -> tuple:
     "('number', x), ('date', (y, m, d)) or ('text', normalised), with the normalised text kept for cross-kind matches."
     normalized = normalize_answer(text)
@@ -159,6 +163,7 @@ def answer_value(text: str) -> tuple:
 
 
 def values_match(target: tuple, predicted: tuple) -> bool:
+    "Numbers within 1e-6, dates field by field, anything else by its normalised text."
     if target[0] == "number" and predicted[0] == "number":
         return abs(target[1] - predicted[1]) < 1e-6
     if target[0] == "date" and predicted[0] == "date":
@@ -166,6 +171,7 @@ def values_match(target: tuple, predicted: tuple) -> bool:
     return target[2] == predicted[2]
 
 
+# %% ../nbs/08_raft_4chan.ipynb #b8e60d4c
 def wtq_correct(answers: list[str], predicted: list[str]) -> bool:
     "Official rule: as many predicted values as answers, and every answer matched by a predicted value."
     targets, guesses = [answer_value(a) for a in answers], [answer_value(p) for p in predicted]
@@ -175,6 +181,7 @@ def wtq_correct(answers: list[str], predicted: list[str]) -> bool:
 def split_prediction(text: str) -> list[str]:
     "A generated answer as values: split on ', ' or '|' (the output format of `wtq_records`)."
     return [part.strip() for part in re.split(r"\s*\|\s*|,\s+", text.strip()) if part.strip()]
+
 
 # %% ../nbs/08_raft_4chan.ipynb #6f0848c2
 class _CommentParser(HTMLParser):
@@ -221,6 +228,7 @@ def link_target(href: str, thread_number: int) -> int | None:
     return None
 
 
+# %% ../nbs/08_raft_4chan.ipynb #f8e96cd3
 def read_threads(path) -> Iterator[list[dict]]:
     "Threads of an ndjson dump, one at a time: posts with number, clean text and same-thread reply targets."
     path = Path(path)
@@ -241,6 +249,7 @@ def read_threads(path) -> Iterator[list[dict]]:
                            if t is not None and t in numbers and t != post["no"]]
                 posts.append({"no": post["no"], "text": text, "targets": list(dict.fromkeys(targets))})
             yield posts
+
 
 # %% ../nbs/08_raft_4chan.ipynb #c9079ce3
 TARGET_QUESTION = "Which post does post [{post}] reply to? Answer with the post number in brackets."
@@ -271,6 +280,7 @@ def directionality_examples(posts: list[dict]) -> list[dict]:
     return examples
 
 
+# %% ../nbs/08_raft_4chan.ipynb #2ceacd99
 def thread_split(thread_number: int, split_percentage: float = 0.8, seed: int = 0) -> str:
     "'train' or 'test' for a thread, from a seeded hash of its number."
     fraction = int(hashlib.sha256(f"{seed}:{thread_number}".encode()).hexdigest()[:8], 16) / 0x100000000
@@ -281,6 +291,7 @@ def fourchan_records(path, split: str, split_percentage: float = 0.8, seed: int 
     "Directionality examples of the threads in `split`."
     return [example for posts in read_threads(path) if thread_split(posts[0]["no"], split_percentage, seed) == split
             for example in directionality_examples(posts)]
+
 
 # %% ../nbs/08_raft_4chan.ipynb #a13ffb38
 def parse_post_number(text: str) -> int | None:
@@ -304,6 +315,7 @@ def directionality_metrics(examples: list[dict], predictions: list[int | None]) 
             "p_reply_given_target": sum(given) / len(given) if given else float("nan"), "questions": len(examples)}
 
 
+# %% ../nbs/08_raft_4chan.ipynb #1407e0d1
 def baseline_predictions(examples: list[dict], rule: str) -> list[int]:
     "Predictions of a baseline: 'opening_post' or 'adjacent_post'."
     if rule == "opening_post":
@@ -319,6 +331,7 @@ def random_baseline_metrics(examples: list[dict]) -> dict:
     expected = lambda kind: (lambda values: sum(values) / len(values) if values else float("nan"))(
         [len(e["correct"]) / (posts_in_thread[e["thread"]] - 1) for e in examples if e["kind"] == kind])
     return {"target_post_accuracy": expected("target"), "reply_post_accuracy": expected("reply")}
+
 
 # %% ../nbs/08_raft_4chan.ipynb #2c31f520
 from typing import NamedTuple
@@ -350,6 +363,7 @@ def case_study_config(study: CaseStudy, phase: int):
     return config._replace(LLAMA2_HF_PATH=model, LLAMA2_META_PATH=None, JAX_PARAMS_PATH=None)
 
 
+# %% ../nbs/08_raft_4chan.ipynb #7656ee22
 def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
     "Phase 1: LoRA on WikiTableQuestions, merged into the base model (work_dir/phase1-merged)."
     from jora.data import load_tokenizer
@@ -368,6 +382,7 @@ def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
     return {"result": result, "merged": merged, "examples": len(dataset)}
 
 
+# %% ../nbs/08_raft_4chan.ipynb #d8c8bb08
 def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
     "Phase 2: LoRA on 4chan directionality (train threads) on top of the merged phase-1 model."
     from jora.data import AlpacaDataset
@@ -380,6 +395,7 @@ def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
     return {"result": result, "examples": len(dataset)}
 
 
+# %% ../nbs/08_raft_4chan.ipynb #c7394a9a
 def answer_questions(model_path, examples: list[dict], lora=None, max_len: int = 512, max_new_tokens: int = 8,
                      batch_size: int = 8) -> list[str]:
     "Greedy answers of a model (with optional adapters) to Alpaca-style examples, prompts cut context-first."
@@ -407,6 +423,7 @@ def answer_questions(model_path, examples: list[dict], lora=None, max_len: int =
     return answers
 
 
+# %% ../nbs/08_raft_4chan.ipynb #2eb1cca9
 def evaluate_study(study: CaseStudy) -> "pd.DataFrame":
     "Table 2: Target Post, Reply Post and p(Reply|Target) for the base and RAFT models and the baselines."
     import pandas as pd
@@ -431,3 +448,4 @@ def run_case_study(study: CaseStudy, progress: bool = False) -> dict:
     one = run_phase_one(study, progress)
     two = run_phase_two(study, progress)
     return {"phase_one": one, "phase_two": two, "table": evaluate_study(study)}
+
