@@ -20,9 +20,9 @@ from .model import IGNORE_INDEX
 
 # %% auto #0
 __all__ = ['PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'RecordError', 'read_records', 'format_prompt', 'prompt_parts',
-           'TruncationReport', 'tokenize_record', 'split_records', 'mix_general_records', 'load_tokenizer',
-           'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets', 'empty_rows', 'pack_examples', 'epoch_rows',
-           'batches']
+           'TruncationReport', 'prompt_tokens', 'answer_tokens', 'cut_context', 'tokenize_record', 'split_records',
+           'mix_general_records', 'load_tokenizer', 'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets',
+           'empty_rows', 'pack_examples', 'epoch_rows', 'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
 class RecordError(ValueError):
@@ -128,51 +128,95 @@ class TruncationReport:
     output_cut: int = 0
     context_tokens_removed: int = 0
     output_tokens_removed: int = 0
-    left_out: list = field(default_factory=list)  # record numbers whose instruction alone exceeds max_len
+    left_out: list = field(default_factory=list)  # record numbers whose prompt without context exceeds max_len
+    answers_encoded_alone: int = 0  # a token of prompt + output crossed the join, so the output was encoded on its own
 
     def __str__(self) -> str:
         text = (f"{self.total} records: {self.intact} intact, {self.context_truncated} with the context truncated "
                 f"({self.context_tokens_removed} context tokens removed), {self.output_cut} with the output cut "
                 f"({self.output_tokens_removed} output tokens removed)")
+        if self.answers_encoded_alone:
+            text += f", {self.answers_encoded_alone} outputs encoded apart from their prompt (a token crossed the join)"
         if self.left_out:
             text += f", {len(self.left_out)} left out because the prompt without context exceeds max_len " \
                     f"(records {self.left_out[:10]}{' ...' if len(self.left_out) > 10 else ''})"
         return text + "."
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+# %% ../nbs/03_data.ipynb #a648a06b
+def prompt_tokens(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    "`tokenizer(text)` as a server calls it (the tokenizer's own BOS rule), and each token's character span."
+    try:
+        encoded = tokenizer(text, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets, which context-first truncation "
+                         f"needs; load the fast tokenizer (AutoTokenizer, use_fast=True).") from None
+    return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
 
 
+def answer_tokens(tokenizer, prompt: str, prompt_ids: list[int], output: str) -> tuple[list[int], bool]:
+    """The output's tokens as they follow `prompt_ids` when prompt and output are tokenized as one string, and True;
+    where a token crosses the join (a merge like `:[`), the output encoded on its own, and False."""
+    if not output:
+        return [], True
+    whole = list(tokenizer(prompt + output)["input_ids"])
+    if whole[:len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids):], True
+    return list(tokenizer(output, add_special_tokens=False)["input_ids"]), False
+
+
+# %% ../nbs/03_data.ipynb #fa53db39
+def cut_context(tokenizer, record: dict, room: int) -> tuple[list[int], str] | None:
+    """The longest prompt of `record` with its context cut from the end on a token boundary of the whole prompt,
+    whose tokens (`tokenizer(text)`, so what a server makes of that text) number at most `room`; None if even the
+    prompt without context does not fit."""
+    before, context, after = prompt_parts(record)
+    prompt = before + context + after
+    ids, spans = prompt_tokens(tokenizer, prompt)
+    starts = [start for start, end in spans if len(before) <= start < len(before) + len(context) and end > start]
+    keep = len(starts) - (len(ids) - room)  # context tokens kept if the seam tokenizes as before
+    while keep >= 0:
+        text = prompt[:starts[keep]] + after if keep < len(starts) else prompt
+        ids = prompt_tokens(tokenizer, text)[0]
+        if len(ids) <= room:
+            return ids, text
+        keep -= 1
+    ids = prompt_tokens(tokenizer, before + after)[0]
+    return (ids, before + after) if len(ids) <= room else None
+
+
+# %% ../nbs/03_data.ipynb #d1e18e7f
 def tokenize_record(record: dict, tokenizer, max_len: int, report: TruncationReport | None = None,
                     number: int | None = None) -> dict | None:
-    "`input_ids` and `labels` (int32) for one record, truncated context-first to `max_len`; None if it cannot fit."
-    before, context, after = (_encode(tokenizer, part) for part in prompt_parts(record))
-    output = _encode(tokenizer, record["output"])
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id]
+    """`input_ids` and `labels` (int32) for one record: the prompt exactly as `tokenizer(format_prompt(record))` gives
+    it, the output as it follows the prompt in one string, and EOS; cut context-first to `max_len`; None if it cannot
+    fit."""
     report = report if report is not None else TruncationReport()
     report.total += 1
-    fixed = len(bos) + len(before) + len(after)
-    room_for_context = max_len - fixed - len(output) - len(eos)
-    if room_for_context >= len(context):
+    prompt = format_prompt(record)
+    prompt_ids = prompt_tokens(tokenizer, prompt)[0]
+    output, joined = answer_tokens(tokenizer, prompt, prompt_ids, record["output"])
+    report.answers_encoded_alone += not joined
+    eos = [tokenizer.eos_token_id]
+    if len(prompt_ids) + len(output) + len(eos) <= max_len:
         report.intact += 1
-    elif room_for_context >= 0:
+    elif (cut := cut_context(tokenizer, record, max_len - len(output) - len(eos))) is not None:
         report.context_truncated += 1
-        report.context_tokens_removed += len(context) - room_for_context
-        context = context[:room_for_context]
-    elif fixed < max_len:  # even without context the output and its EOS do not fit: cut them (EOS counted)
-        report.output_cut += 1
-        report.context_tokens_removed += len(context)
-        report.output_tokens_removed += len(output) + len(eos) - (max_len - fixed)
-        context, output, eos = [], output[:max_len - fixed], []
+        report.context_tokens_removed += len(prompt_ids) - len(cut[0])
+        prompt_ids = cut[0]
+    elif len(bare := prompt_tokens(tokenizer, "".join(prompt_parts(record)[::2]))[0]) < max_len:
+        report.output_cut += 1  # even without context the output and EOS do not fit: cut them (EOS counted)
+        report.context_tokens_removed += len(prompt_ids) - len(bare)
+        prompt_ids = bare
+        report.output_tokens_removed += len(output) + len(eos) - (max_len - len(prompt_ids))
+        output, eos = output[:max_len - len(prompt_ids)], []
     else:
         report.left_out.append(number)
         return None
-    prompt = bos + before + context + after
-    input_ids = np.asarray(prompt + output + eos, np.int32)
-    labels = np.asarray([IGNORE_INDEX] * len(prompt) + output + eos, np.int32)
+    input_ids = np.asarray(prompt_ids + output + eos, np.int32)
+    labels = np.asarray([IGNORE_INDEX] * len(prompt_ids) + output + eos, np.int32)
     return {"input_ids": input_ids, "labels": labels}
+
 
 # %% ../nbs/03_data.ipynb #324e1046
 def _stable_order(records: list[dict], seed: int) -> list[int]:

@@ -18,8 +18,9 @@ from .model import LlamaConfig
 from .formats import hf_tensor_shapes
 
 # %% auto #0
-__all__ = ['TINY_CORPUS', 'TINY_STYLES', 'DEMO_COUNTRIES', 'tiny_config', 'save_tiny_tokenizer', 'tiny_hf_tensors',
-           'save_hf_shards', 'save_tiny_hf_checkpoint', 'demo_raft_records']
+__all__ = ['TINY_CORPUS', 'TINY_STYLES', 'TOKENIZER_KINDS', 'DEMO_COUNTRIES', 'tiny_config', 'save_tiny_tokenizer',
+           'save_tiny_sentencepiece_tokenizer', 'tiny_hf_tensors', 'save_hf_shards', 'save_tiny_hf_checkpoint',
+           'demo_raft_records']
 
 # %% ../nbs/10_testing.ipynb #a5cc411d
 def tiny_config(**overrides) -> LlamaConfig:
@@ -73,6 +74,25 @@ def save_tiny_tokenizer(path: str | Path, vocab_size: int = 512, corpus: list[st
     return Path(path)
 
 
+# %% ../nbs/10_testing.ipynb #795ffaca
+def save_tiny_sentencepiece_tokenizer(path: str | Path, vocab_size: int = 512, corpus: list[str] | None = None) -> Path:
+    """Train a Llama-2-style SentencePiece BPE model (byte fallback, split digits, dummy prefix) on `corpus` and save it
+    as `transformers` saves Llama 2's tokenizer (`<s>`=1, `</s>`=2, BOS added). Needs `sentencepiece` and `protobuf`."""
+    import io
+    import sentencepiece
+    from transformers import LlamaTokenizer
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_CORPUS if corpus is None else corpus), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    LlamaTokenizer.from_pretrained(str(path), add_bos_token=True, add_eos_token=False).save_pretrained(str(path))
+    return path
+
 # %% ../nbs/10_testing.ipynb #1ffd5248
 def _size_in_bytes(size: str) -> int:
     "'60KB' -> 60000, as `transformers` reads `max_shard_size` (KB, MB and GB are powers of 1000)."
@@ -112,14 +132,20 @@ def save_hf_shards(path: Path, tensors: dict, max_shard_size: str | None = None)
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+TOKENIZER_KINDS = {"byte_level": save_tiny_tokenizer, "sentencepiece": save_tiny_sentencepiece_tokenizer}
+
+
 def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: int = 0, dtype: str = "float32",
                             max_shard_size: str | None = None, with_tokenizer: bool = True,
-                            corpus: list[str] | None = None, **overrides) -> Path:
+                            corpus: list[str] | None = None, tokenizer_kind: str = "byte_level", **overrides) -> Path:
     """Write a small random Hugging Face checkpoint of `style` (see `TINY_STYLES`): `transformers`' own config and
-    generation config files, safetensors weights under its names (no torch needed), and a tokenizer trained in place."""
+    generation config files, safetensors weights under its names (no torch needed), and a tokenizer trained in place
+    (`tokenizer_kind`: "byte_level" BPE as Llama 3's, or "sentencepiece" as Llama 2's)."""
     import transformers
     if style not in TINY_STYLES:
         raise ValueError(f"Unknown tiny style {style!r}; choose one of {list(TINY_STYLES)}.")
+    if tokenizer_kind not in TOKENIZER_KINDS:
+        raise ValueError(f"Unknown tokenizer kind {tokenizer_kind!r}; choose one of {list(TOKENIZER_KINDS)}.")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"Tiny checkpoints are float32 or bfloat16, not {dtype!r}.")
     settings = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -133,7 +159,7 @@ def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: 
     config = LlamaConfig.from_hf(hf_config.to_dict())
     save_hf_shards(path, tiny_hf_tensors(config, seed, settings["initializer_range"], dtype), max_shard_size)
     if with_tokenizer:
-        save_tiny_tokenizer(path, vocab_size=settings["vocab_size"], corpus=corpus)
+        TOKENIZER_KINDS[tokenizer_kind](path, vocab_size=settings["vocab_size"], corpus=corpus)
     return path
 
 
