@@ -13,21 +13,23 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import jax
 
-from .model import PROJECTIONS, forward, generate
-from .data import format_prompt, generate_alpaca_dataset, load_tokenizer
+from .model import IGNORE_INDEX, PROJECTIONS, forward, generate
+from .data import (PROMPT_FORMAT_FILE, TOKENIZER_FILES, format_prompt, generate_alpaca_dataset, load_tokenizer,
+                       read_records, tokenize_record)
 from .files import describe_checkpoints, output_folder, run_command
-from .formats import load_hf_checkpoint
+from .formats import load_hf_checkpoint, load_peft_adapter
 from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
 from .train import load_model, run_mesh, train_lora
 from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict
 
 # %% auto #0
-__all__ = ['demo_config', 'demo', 'train_argument_parser', 'config_from_arguments', 'train_main', 'check', 'check_checkpoints',
-           'main']
+__all__ = ['demo_config', 'demo', 'train_argument_parser', 'config_from_arguments', 'train_main', 'check', 'check_adapter',
+           'report_adapter_check', 'check_checkpoints', 'main']
 
 # %% ../nbs/09_cli.ipynb #dc83c58f
 def demo_config(folder: Path, **changes) -> ParallamaConfig:
@@ -179,6 +181,80 @@ def check(style: str = "llama3.1", prompt: str = "Which post does this reply ans
             "new_tokens": int(ours.shape[1] - input_ids.shape[1]), "max_logit_difference": difference,
             "same_greedy_tokens": bool(ours.shape == expected.shape and (ours == expected).all())}
 
+# %% ../nbs/09_cli.ipynb #d464c070
+def _adapter_serving_files(adapter: Path) -> tuple[dict, Any]:
+    "The prompt format and tokenizer an exported adapter folder carries, or a clear error naming what is missing."
+    format_file = adapter / PROMPT_FORMAT_FILE
+    if not format_file.is_file() or not any((adapter / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{adapter} lacks {PROMPT_FORMAT_FILE} or the tokenizer's files, so a server cannot "
+                                f"rebuild the training prompts from it; export it again with save_peft_adapter.")
+    return json.loads(format_file.read_text(encoding="utf-8")), load_tokenizer(adapter)
+
+
+def _peft_greedy(base: Path, adapter: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    "Greedy continuations from transformers + peft, loaded from the two folders as a server loads them."
+    try:
+        import torch
+        import transformers
+        from peft import PeftModel
+    except ImportError:
+        raise SystemExit("jora check --adapter serves the adapter with transformers + peft, which need torch and peft: "
+                         "pip install torch peft (on a CPU-only machine a CPU build of torch first).") from None
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            generated = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                       max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=model.config.eos_token_id)
+            outputs.append(generated[0, len(prompt):].tolist())
+    return outputs
+
+
+def _prompt_of(example: dict) -> list[int]:
+    return example["input_ids"][example["labels"] == IGNORE_INDEX].tolist()
+
+
+def check_adapter(adapter, data, *, base=None, count: int = 3, max_new_tokens: int = 16) -> dict:
+    """Serve an exported adapter as a user would (its folder's tokenizer and prompt format, transformers + peft) on the
+    first `count` records of `data`, and compare the prompt tokens and greedy tokens with jora's own."""
+    adapter = Path(adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text()) if (adapter / "adapter_config.json").is_file() else {}
+    base = Path(base or settings.get("base_model_name_or_path") or "")
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"The base model of {adapter} ({base}) is not a local model folder; pass --base DIR.")
+    templates, served_tokenizer = _adapter_serving_files(adapter)
+    records, training_tokenizer = read_records(data)[:count], load_tokenizer(base)
+    served = [list(served_tokenizer(format_prompt(record, templates))["input_ids"]) for record in records]
+    trained = [_prompt_of(tokenize_record({**record, "output": ""}, training_tokenizer, max_len=1 << 30)) for record in records]
+    config, params = load_hf_checkpoint(base, dtype=jax.numpy.float32)
+    lora, _ = load_peft_adapter(adapter, config)
+    ours = [generate(config, params, np.asarray([prompt]), max_new_tokens=max_new_tokens, lora=lora)[0, len(prompt):].tolist()
+            for prompt in trained]
+    theirs = _peft_greedy(base, adapter, served, max_new_tokens)
+    rows = [{"record": number, "same_prompt_tokens": s == t, "same_greedy_tokens": o == h,
+             "jora": training_tokenizer.decode(o, skip_special_tokens=True),
+             "served": served_tokenizer.decode(h, skip_special_tokens=True)}
+            for number, (s, t, o, h) in enumerate(zip(served, trained, ours, theirs), start=1)]
+    return {"adapter": str(adapter), "base": str(base), "records": rows,
+            "agree": all(row["same_prompt_tokens"] and row["same_greedy_tokens"] for row in rows)}
+
+
+def report_adapter_check(args) -> int:
+    "`jora check --adapter DIR --data FILE`: print each record's comparison; 1 when any prompt or greedy token differs."
+    if args.data is None:
+        raise ValueError("jora check --adapter needs --data FILE: the records whose prompts to compare.")
+    result = check_adapter(args.adapter, args.data, base=args.base, count=args.count, max_new_tokens=args.max_new_tokens)
+    print(f"adapter {result['adapter']} on base {result['base']}:")
+    for row in result["records"]:
+        print(f"  record {row['record']}: prompt tokens {'same' if row['same_prompt_tokens'] else 'DIFFER'}, greedy "
+              f"tokens {'same' if row['same_greedy_tokens'] else 'DIFFER'}; jora {row['jora']!r}, served {row['served']!r}")
+    print("served as trained" if result["agree"] else "the served adapter does not see what it was trained on")
+    return 0 if result["agree"] else 1
+
+
 # %% ../nbs/09_cli.ipynb #81858466
 def check_checkpoints(folder) -> int:
     "`jora check --checkpoint DIR`: verify every checkpoint in a folder and say which one a resume would take."
@@ -203,9 +279,16 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("train", help="fine-tune on your data; `jora train --help` lists every option")
     commands.add_parser("gui", help="open JupyterLab on a notebook with the training panels; `jora gui --help`")
     check_parser = commands.add_parser("check", help="generate from a tiny local model and check it against "
-                                       "transformers; with --checkpoint, verify a checkpoint folder instead")
+                                       "transformers; with --checkpoint, verify a checkpoint folder instead; with "
+                                       "--adapter and --data, serve an exported adapter and compare with training")
     check_parser.add_argument("--checkpoint", default=None, metavar="DIR",
                               help="verify the checkpoints in DIR (sizes, sha256, state) and print what a resume takes")
+    check_parser.add_argument("--adapter", default=None, metavar="DIR", help="an exported PEFT adapter folder to serve "
+                              "with transformers + peft and compare with jora on the first --count records of --data")
+    check_parser.add_argument("--data", default=None, metavar="FILE", help="records (JSON/JSONL) for --adapter")
+    check_parser.add_argument("--base", default=None, metavar="DIR", help="the base model for --adapter (default: "
+                              "the adapter's base_model_name_or_path)")
+    check_parser.add_argument("--count", type=int, default=3, help="how many records --adapter compares")
     check_parser.add_argument("--style", default="llama3.1", choices=list(TINY_STYLES))
     check_parser.add_argument("--prompt", default="Which post does this reply answer?")
     check_parser.add_argument("--max-new-tokens", type=int, default=20)
@@ -225,6 +308,8 @@ def _run(argv: list[str]) -> int:
         return 0 if outcome["last_loss"] < outcome["first_loss"] else 1
     if args.checkpoint is not None:
         return check_checkpoints(args.checkpoint)
+    if args.adapter is not None:
+        return report_adapter_check(args)
     result = check(args.style, args.prompt, args.max_new_tokens, args.folder)
     print(f"tiny {args.style} checkpoint: {result['folder']}")
     print(f"prompt: {result['prompt']!r}")

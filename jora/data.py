@@ -19,10 +19,10 @@ import numpy as np
 from .model import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'RecordError', 'read_records', 'format_prompt', 'prompt_parts',
-           'TruncationReport', 'prompt_tokens', 'answer_tokens', 'cut_context', 'tokenize_record', 'split_records',
-           'mix_general_records', 'load_tokenizer', 'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets',
-           'empty_rows', 'pack_examples', 'epoch_rows', 'batches']
+__all__ = ['PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'PROMPT_FORMAT_FILE', 'TOKENIZER_FILES', 'RecordError', 'read_records',
+           'prompt_format', 'format_prompt', 'prompt_parts', 'TruncationReport', 'prompt_tokens', 'answer_tokens',
+           'cut_context', 'tokenize_record', 'split_records', 'mix_general_records', 'load_tokenizer', 'AlpacaDataset',
+           'generate_alpaca_dataset', 'default_buckets', 'empty_rows', 'pack_examples', 'epoch_rows', 'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
 class RecordError(ValueError):
@@ -102,13 +102,25 @@ PROMPT_WITHOUT_INPUT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:")
+PROMPT_FORMAT_FILE = "jora_prompt_format.json"  # written beside an exported adapter
 
 
-def format_prompt(record: dict) -> str:
-    "The Alpaca prompt for a record (the input template when it has a non-empty input)."
+def prompt_format() -> dict:
+    "How jora builds and tokenizes a prompt, as an exported adapter's `jora_prompt_format.json` records it for serving."
+    return {"format": "alpaca", "prompt_with_input": PROMPT_WITH_INPUT, "prompt_without_input": PROMPT_WITHOUT_INPUT,
+            "input_template_when": "the record's input (the retrieved context) is not empty",
+            "tokenization": "tokenizer(prompt): the whole prompt as one string, with the tokenizer's own special "
+                            "tokens (its BOS); the answer follows the prompt directly and ends with the EOS token",
+            "truncation": "the input is cut from its end, on a token boundary of the whole prompt"}
+
+
+def format_prompt(record: dict, templates: dict | None = None) -> str:
+    """The Alpaca prompt for a record (the input template when it has a non-empty input), from jora's templates or
+    from `templates`, the contents of an adapter's prompt-format file (`prompt_format()`)."""
+    templates = templates or prompt_format()
     if record.get("input"):
-        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
-    return PROMPT_WITHOUT_INPUT.format(instruction=record["instruction"])
+        return templates["prompt_with_input"].format(instruction=record["instruction"], input=record["input"])
+    return templates["prompt_without_input"].format(instruction=record["instruction"])
 
 
 def prompt_parts(record: dict) -> tuple[str, str, str]:
@@ -266,7 +278,7 @@ except ImportError:  # torch is optional (`pip install "jora[torch]"`); without 
     _TorchDataset = object
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def load_tokenizer(tokenizer):
@@ -279,8 +291,8 @@ def load_tokenizer(tokenizer):
     folder = Path(tokenizer)
     if not folder.is_dir():
         raise FileNotFoundError(f"No model folder at {folder} to load a tokenizer from.")
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); copy the "
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
                                 f"model's tokenizer files into it, as `save_pretrained` writes them.")
     from transformers import AutoTokenizer
     try:

@@ -26,6 +26,7 @@ from .model import (ATTENTION_PROJECTIONS, PROJECTIONS, LlamaConfig, LoraWeights
                         param_shapes, projection_shape)
 from .sharding import param_specs
 from .lora import LoraConfig
+from .data import PROMPT_FORMAT_FILE, TOKENIZER_FILES, load_tokenizer, prompt_format
 from .files import (MANIFEST, CheckpointError, CheckpointWarning, WriteError, checkpoint_name, checkpoint_problems,
                         fsync_tree, latest_checkpoint, output_folder, read_marker, rotate_checkpoints, set_aside,
                         temporary_checkpoint_name, write_failure, write_json, write_manifest)
@@ -401,9 +402,11 @@ def peft_key(layer: int, name: str, part: str) -> str:
 
 # %% ../nbs/04_formats.ipynb #10481e59
 def save_peft_adapter(path, lora: LoraWeights, lora_config: LoraConfig, base_model_name_or_path: str | None = None,
-                      *, overwrite: bool = False, protected=()) -> Path:
-    """Write `lora` as a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors): a new or empty
-    folder, or an earlier jora adapter with `overwrite`; never the base model or the `protected` folders."""
+                      *, tokenizer=None, overwrite: bool = False, protected=()) -> Path:
+    """Write `lora` as a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), with what serving
+    needs to rebuild the training prompts: the prompt format (`jora_prompt_format.json`) and the tokenizer's files
+    (`tokenizer`, a tokenizer or its folder; by default the local base model's). A new or empty folder, or an earlier
+    jora adapter with `overwrite`; never the base model or the `protected` folders."""
     from safetensors.numpy import save_file
     tensors = {}
     for name in lora_config.targets:
@@ -416,10 +419,25 @@ def save_peft_adapter(path, lora: LoraWeights, lora_config: LoraConfig, base_mod
               "use_rslora": lora_config.use_rslora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
               "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path)}
     local_base = [base_model_name_or_path] if base_model_name_or_path and Path(base_model_name_or_path).exists() else []
+    serving_tokenizer = _serving_tokenizer(tokenizer, local_base)
     with output_folder(path, "PEFT adapter", overwrite=overwrite, protected=[*local_base, *protected]) as temporary:
         save_file(tensors, str(temporary / "adapter_model.safetensors"), metadata={"format": "pt"})
         (temporary / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (temporary / PROMPT_FORMAT_FILE).write_text(json.dumps(prompt_format(), indent=2, ensure_ascii=False))
+        if serving_tokenizer is not None:
+            serving_tokenizer.save_pretrained(str(temporary))
     return Path(path)
+
+
+def _serving_tokenizer(tokenizer, local_base: list):
+    "The tokenizer an adapter ships with: the one given, else the local base model's, else None (with a warning)."
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if local_base and Path(local_base[0]).is_dir() and any((Path(local_base[0]) / name).is_file() for name in TOKENIZER_FILES):
+        return load_tokenizer(local_base[0])
+    warnings.warn("The adapter is written without tokenizer files (no tokenizer= and no local base model holding one); "
+                  "a server then has to be given the training tokenizer to reproduce the training prompts.")
+    return None
 
 
 # %% ../nbs/04_formats.ipynb #445150d0
