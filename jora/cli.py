@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import jax
 
-from .model import IGNORE_INDEX, PROJECTIONS, forward, generate
-from .data import (PROMPT_FORMAT_FILE, TOKENIZER_FILES, format_prompt, generate_alpaca_dataset, load_tokenizer,
-                       read_records, tokenize_record)
+from .model import PROJECTIONS, forward, generate
+from .data import (PROMPT_FORMAT_FILE, TOKENIZER_FILES, chat_messages, format_prompt, generate_alpaca_dataset,
+                       is_chat, load_tokenizer, prompt_ids, read_records)
 from .files import describe_checkpoints, output_folder, run_command
 from .formats import load_hf_checkpoint, load_peft_adapter
 from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
@@ -213,8 +213,15 @@ def _peft_greedy(base: Path, adapter: Path, prompts: list[list[int]], max_new_to
     return outputs
 
 
-def _prompt_of(example: dict) -> list[int]:
-    return example["input_ids"][example["labels"] == IGNORE_INDEX].tolist()
+def _served_prompt(record: dict, templates: dict, tokenizer) -> list[int]:
+    """The tokens a server builds from the adapter folder alone: the prompt format's template filled in, or the chat
+    template's conversation before the last answer with its generation prompt, tokenized as one string."""
+    if not is_chat(record):
+        return list(tokenizer(format_prompt(record, templates))["input_ids"])
+    messages = chat_messages(record)
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def check_adapter(adapter, data, *, base=None, count: int = 3, max_new_tokens: int = 16) -> dict:
@@ -227,8 +234,8 @@ def check_adapter(adapter, data, *, base=None, count: int = 3, max_new_tokens: i
         raise FileNotFoundError(f"The base model of {adapter} ({base}) is not a local model folder; pass --base DIR.")
     templates, served_tokenizer = _adapter_serving_files(adapter)
     records, training_tokenizer = read_records(data)[:count], load_tokenizer(base)
-    served = [list(served_tokenizer(format_prompt(record, templates))["input_ids"]) for record in records]
-    trained = [_prompt_of(tokenize_record({**record, "output": ""}, training_tokenizer, max_len=1 << 30)) for record in records]
+    served = [_served_prompt(record, templates, served_tokenizer) for record in records]
+    trained = [prompt_ids(record, training_tokenizer) for record in records]
     config, params = load_hf_checkpoint(base, dtype=jax.numpy.float32)
     lora, _ = load_peft_adapter(adapter, config)
     ours = [generate(config, params, np.asarray([prompt]), max_new_tokens=max_new_tokens, lora=lora)[0, len(prompt):].tolist()

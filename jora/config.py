@@ -93,6 +93,8 @@ FIELDS = {
                         "general instruction records mixed into the train split, per task record", low=0),
     "ALPACA_PATH": Field(str | None, None, "Data", "JSON/JSONL of general instruction records for ALPACA_MIX"),
     "PACK": Field(bool, False, "Data", "pack several short examples into one row"),
+    "CHAT_LOSS": Field(str, 'all', "Data", "which assistant turns of a chat record carry the loss: all or last",
+                       choices=('all', 'last')),
 }
 
 ParallamaConfig = collections.namedtuple("ParallamaConfig", FIELDS, defaults=[f.default for f in FIELDS.values()],

@@ -11,6 +11,7 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -19,9 +20,11 @@ import numpy as np
 from .model import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'PROMPT_FORMAT_FILE', 'TOKENIZER_FILES', 'RecordError', 'read_records',
-           'prompt_format', 'format_prompt', 'prompt_parts', 'TruncationReport', 'prompt_tokens', 'answer_tokens',
-           'cut_context', 'tokenize_record', 'split_records', 'mix_general_records', 'load_tokenizer', 'AlpacaDataset',
+__all__ = ['CHAT_ROLES', 'PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'PROMPT_FORMAT_FILE', 'ASSISTANT_TURNS', 'TOKENIZER_FILES',
+           'RecordError', 'read_records', 'prompt_format', 'format_prompt', 'prompt_parts', 'TruncationReport',
+           'prompt_tokens', 'answer_tokens', 'longest_fitting', 'cut_context', 'tokenize_record', 'is_chat',
+           'chat_messages', 'render_chat', 'assistant_spans', 'tokenize_chat_record', 'tokenize_example', 'as_chat',
+           'prompt_ids', 'split_records', 'mix_general_records', 'load_tokenizer', 'AlpacaDataset',
            'generate_alpaca_dataset', 'default_buckets', 'empty_rows', 'pack_examples', 'epoch_rows', 'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
@@ -30,9 +33,12 @@ class RecordError(ValueError):
 
 
 def _check_record(record: Any, where: str) -> dict:
-    "A clean `{instruction, input, output}` copy of one record, or a `RecordError` naming `where`."
+    "A clean `{instruction, input, output}` (or chat `{messages, context}`) copy of one record, or a `RecordError`."
     if not isinstance(record, dict):
-        raise RecordError(f"{where}: expected an object with 'instruction' and 'output', got {type(record).__name__}.")
+        raise RecordError(f"{where}: expected an object with 'instruction' and 'output' (or 'messages'), got "
+                          f"{type(record).__name__}.")
+    if "messages" in record:
+        return _check_chat_record(record, where)
     for key in ("instruction", "output"):
         if key not in record:
             raise RecordError(f"{where}: missing {key!r} (keys present: {sorted(record)}).")
@@ -45,6 +51,28 @@ def _check_record(record: Any, where: str) -> dict:
             raise RecordError(f"{where}: {key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r}).")
         clean[key] = value
     return clean
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _check_chat_record(record: dict, where: str) -> dict:
+    "A clean `{messages, context}` copy of a chat record, or a `RecordError` naming `where`."
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+    for number, message in enumerate(messages, start=1):
+        if not (isinstance(message, dict) and message.get("role") in CHAT_ROLES and isinstance(message.get("content"), str)):
+            raise RecordError(f"{where}, message {number}: expected {{'role': one of {', '.join(CHAT_ROLES)}, "
+                              f"'content': a string}}, got {str(message)[:60]!r}.")
+    roles = [message["role"] for message in messages]
+    if "assistant" not in roles[1:]:
+        raise RecordError(f"{where}: no assistant turn after the first message, so there is nothing to learn; add "
+                          f"the expected answer as an assistant message.")
+    context = record.get("context") or ""
+    if not isinstance(context, str) or (context and "user" not in roles):
+        raise RecordError(f"{where}: 'context' must be a string, and goes into the first user turn (there is none).")
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "context": context}
 
 
 def _read_text(path: Path) -> str:
@@ -111,7 +139,9 @@ def prompt_format() -> dict:
             "input_template_when": "the record's input (the retrieved context) is not empty",
             "tokenization": "tokenizer(prompt): the whole prompt as one string, with the tokenizer's own special "
                             "tokens (its BOS); the answer follows the prompt directly and ends with the EOS token",
-            "truncation": "the input is cut from its end, on a token boundary of the whole prompt"}
+            "truncation": "the input is cut from its end, on a token boundary of the whole prompt",
+            "chat_records": "written by the tokenizer's chat template (tokenizer_config.json) and tokenized without "
+                            "added special tokens; a record's 'context' opens its first user turn, then a blank line"}
 
 
 def format_prompt(record: dict, templates: dict | None = None) -> str:
@@ -156,10 +186,11 @@ class TruncationReport:
 
 
 # %% ../nbs/03_data.ipynb #a648a06b
-def prompt_tokens(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    "`tokenizer(text)` as a server calls it (the tokenizer's own BOS rule), and each token's character span."
+def prompt_tokens(tokenizer, text: str, special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """`tokenizer(text)` as a server calls it (the tokenizer's own BOS rule; none for text a chat template wrote, which
+    holds its special tokens already), and each token's character span."""
     try:
-        encoded = tokenizer(text, return_offsets_mapping=True)
+        encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=special_tokens)
     except NotImplementedError:
         raise ValueError(f"{type(tokenizer).__name__} gives no character offsets, which context-first truncation "
                          f"needs; load the fast tokenizer (AutoTokenizer, use_fast=True).") from None
@@ -178,24 +209,32 @@ def answer_tokens(tokenizer, prompt: str, prompt_ids: list[int], output: str) ->
 
 
 # %% ../nbs/03_data.ipynb #fa53db39
-def cut_context(tokenizer, record: dict, room: int) -> tuple[list[int], str] | None:
-    """The longest prompt of `record` with its context cut from the end on a token boundary of the whole prompt,
-    whose tokens (`tokenizer(text)`, so what a server makes of that text) number at most `room`; None if even the
-    prompt without context does not fit."""
-    before, context, after = prompt_parts(record)
-    prompt = before + context + after
-    ids, spans = prompt_tokens(tokenizer, prompt)
-    starts = [start for start, end in spans if len(before) <= start < len(before) + len(context) and end > start]
+def longest_fitting(tokenizer, build, context: str, room: int, encode=prompt_tokens):
+    """Cut `context` from its end, on a token boundary of the whole text, until the text `build(cut)` makes (it returns
+    the text and where the context starts in it) is at most `room` tokens by `encode`: a server's tokens for that text.
+    Returns (ids, spans, text, cut), or None if even no context does not fit."""
+    text, start = build(context)
+    ids, spans = encode(tokenizer, text)
+    starts = [first for first, last in spans if start <= first < start + len(context) and last > first]
     keep = len(starts) - (len(ids) - room)  # context tokens kept if the seam tokenizes as before
     while keep >= 0:
-        text = prompt[:starts[keep]] + after if keep < len(starts) else prompt
-        ids = prompt_tokens(tokenizer, text)[0]
+        cut = context[:starts[keep] - start] if keep < len(starts) else context
+        text = build(cut)[0]
+        ids, spans = encode(tokenizer, text)
         if len(ids) <= room:
-            return ids, text
+            return ids, spans, text, cut
         keep -= 1
-    ids = prompt_tokens(tokenizer, before + after)[0]
-    return (ids, before + after) if len(ids) <= room else None
+    text = build("")[0]
+    ids, spans = encode(tokenizer, text)
+    return (ids, spans, text, "") if len(ids) <= room else None
 
+
+def cut_context(tokenizer, record: dict, room: int) -> tuple[list[int], str] | None:
+    """The longest prompt of an Alpaca `record`, its context cut from the end, whose tokens (`tokenizer(text)`) number
+    at most `room`, and its text; None if even the prompt without context does not fit."""
+    before, context, after = prompt_parts(record)
+    found = longest_fitting(tokenizer, lambda cut: (before + cut + after, len(before)), context, room)
+    return None if found is None else (found[0], found[2])
 
 # %% ../nbs/03_data.ipynb #d1e18e7f
 def tokenize_record(record: dict, tokenizer, max_len: int, report: TruncationReport | None = None,
@@ -228,6 +267,127 @@ def tokenize_record(record: dict, tokenizer, max_len: int, report: TruncationRep
     input_ids = np.asarray(prompt_ids + output + eos, np.int32)
     labels = np.asarray([IGNORE_INDEX] * len(prompt_ids) + output + eos, np.int32)
     return {"input_ids": input_ids, "labels": labels}
+
+
+# %% ../nbs/03_data.ipynb #e46609a1
+ASSISTANT_TURNS = ("all", "last")  # which assistant turns of a chat record carry the loss
+
+
+def is_chat(record: dict) -> bool:
+    return "messages" in record
+
+
+def chat_messages(record: dict, context: str | None = None) -> list[dict]:
+    "A chat record's messages, its context (or `context`, a cut of it) opening the first user turn before a blank line."
+    context = record["context"] if context is None else context
+    messages = [dict(message) for message in record["messages"]]
+    if context:
+        first_user = next(i for i, message in enumerate(messages) if message["role"] == "user")
+        messages[first_user]["content"] = f"{context}\n\n{messages[first_user]['content']}"
+    return messages
+
+
+def render_chat(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    "The conversation as the tokenizer's own chat template writes it: the text a chat server tokenizes."
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"The tokenizer ({type(tokenizer).__name__}) has no chat template, which chat records need: "
+                         f"use the model's instruct tokenizer, or set tokenizer.chat_template.")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict], assistant_turns: str = "all") -> list[tuple[int, int]]:
+    """Character spans of the assistant turns (`all`, or the `last`) in the rendered conversation, each from after its
+    header to the end of its turn marker (so the model learns to stop)."""
+    whole, spans = render_chat(tokenizer, messages), []
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant" and index:
+            start, end = render_chat(tokenizer, messages[:index], True), render_chat(tokenizer, messages[:index + 1])
+            if not (whole.startswith(start) and whole.startswith(end) and len(start) < len(end)):
+                raise ValueError("The chat template writes the start of a conversation differently on its own, so "
+                                 "the assistant turns cannot be found in the whole conversation.")
+            spans.append((len(start), len(end)))
+    return spans if assistant_turns == "all" else spans[-1:]
+
+
+# %% ../nbs/03_data.ipynb #5172b39a
+def _chat_text(tokenizer, record: dict, cut: str, generation_prompt: bool = False) -> tuple[str, int]:
+    "The rendered conversation with context `cut`, and where the context starts in it."
+    text = render_chat(tokenizer, chat_messages(record, cut), generation_prompt)
+    if not cut:
+        return text, 0
+    start = text.find(cut.lstrip())
+    if start < 0:
+        raise ValueError("The chat template changes the context's text (it escapes or rewrites it), so it cannot be "
+                         "cut on token boundaries; put the context in the user turn yourself and leave 'context' out.")
+    return text, start - (len(cut) - len(cut.lstrip()))  # a template that trims the turn drops the leading spaces
+
+
+def _labels_on(ids: list[int], spans: list[tuple[int, int]], turns: list[tuple[int, int]]) -> np.ndarray:
+    "`ids` where a token lies inside one of the `turns` character spans, IGNORE_INDEX elsewhere."
+    inside = [any(start <= first and last <= end for start, end in turns) and last > first for first, last in spans]
+    return np.where(inside, np.asarray(ids, np.int32), IGNORE_INDEX).astype(np.int32)
+
+
+# %% ../nbs/03_data.ipynb #2bcacb95
+def tokenize_chat_record(record: dict, tokenizer, max_len: int, report: TruncationReport | None = None,
+                         number: int | None = None, assistant_turns: str = "all") -> dict | None:
+    """`input_ids` and `labels` (int32) for a chat record: the conversation as the tokenizer's chat template writes it,
+    tokenized once with no added special tokens (the template writes them), labels on the assistant turns (`all`, or
+    the `last`); the context cut first to fit `max_len`, then the conversation's end; None if no answer fits."""
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}; got {assistant_turns!r}.")
+    report = report if report is not None else TruncationReport()
+    report.total += 1
+    encode = partial(prompt_tokens, special_tokens=False)
+    build = partial(_chat_text, tokenizer, record)
+    whole_length = len(encode(tokenizer, build(record["context"])[0])[0])
+    found = longest_fitting(tokenizer, build, record["context"], max_len, encode)
+    cut = found[3] if found else ""
+    ids, spans = (found[0], found[1]) if found else encode(tokenizer, build("")[0])
+    labels = _labels_on(ids, spans, assistant_spans(tokenizer, chat_messages(record, cut), assistant_turns))
+    if len(ids) > max_len and (labels[:max_len] == IGNORE_INDEX).all():
+        report.left_out.append(number)
+        return None
+    report.intact += whole_length == len(ids) <= max_len
+    report.context_truncated += found is not None and whole_length > len(ids)
+    report.output_cut += len(ids) > max_len
+    report.context_tokens_removed += whole_length - len(ids)
+    report.output_tokens_removed += int((labels[max_len:] != IGNORE_INDEX).sum())
+    return {"input_ids": np.asarray(ids[:max_len], np.int32), "labels": labels[:max_len]}
+
+
+def tokenize_example(record: dict, tokenizer, max_len: int, report: TruncationReport | None = None,
+                     number: int | None = None, assistant_turns: str = "all") -> dict | None:
+    "`tokenize_chat_record` for a chat record, `tokenize_record` for an Alpaca one."
+    if is_chat(record):
+        return tokenize_chat_record(record, tokenizer, max_len, report, number, assistant_turns)
+    return tokenize_record(record, tokenizer, max_len, report, number)
+
+
+# %% ../nbs/03_data.ipynb #18e3539c
+def as_chat(record: dict, system: str | None = None) -> dict:
+    """An Alpaca record as a chat record: the instruction as the user turn, the output as the assistant's, the input as
+    the context (other keys kept); with a `system` turn first when given."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": record["instruction"]}, {"role": "assistant", "content": record["output"]}]
+    rest = {key: value for key, value in record.items() if key not in ("instruction", "input", "output")}
+    return {**rest, "messages": messages, "context": record.get("input") or ""}
+
+
+def prompt_ids(record: dict, tokenizer, max_len: int = 1 << 30) -> list[int]:
+    """The tokens a server is sent to answer `record`: its prompt (a chat record: the conversation before its last
+    assistant turn, with the generation prompt) as jora trains on it, cut context-first to `max_len`."""
+    if is_chat(record):
+        messages = record["messages"]
+        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        asked = {**record, "messages": messages[:last]}
+        build = partial(_chat_text, tokenizer, asked, generation_prompt=True)
+        found = longest_fitting(tokenizer, build, record["context"], max_len, partial(prompt_tokens, special_tokens=False))
+    else:
+        found = cut_context(tokenizer, {**record, "output": ""}, max_len)
+    if found is None:
+        raise ValueError(f"The prompt does not fit in {max_len} tokens even without its context.")
+    return list(found[0])
 
 
 # %% ../nbs/03_data.ipynb #324e1046
@@ -301,19 +461,30 @@ def load_tokenizer(tokenizer):
         raise ValueError(f"The tokenizer in {folder} cannot be loaded: {error}") from None
 
 
+def _check_chat_template(records: list[dict], tokenizer, source) -> None:
+    "A clear error, naming the file and the first chat record, when chat records meet a tokenizer without a template."
+    first = next((number for number, record in enumerate(records, start=1) if is_chat(record)), None)
+    if first is not None and not getattr(tokenizer, "chat_template", None):
+        name = source if isinstance(source, (str, Path)) else f"the {type(source).__name__} given"
+        raise RecordError(f"{name}, record {first}: a chat record, but the tokenizer has no chat template to write it "
+                          f"with; use the model's instruct tokenizer (its tokenizer_config.json carries the template).")
+
+
 class AlpacaDataset(_TorchDataset):
-    "Tokenised Alpaca records of one split: item i is `{'input_ids', 'labels'}` (int32 numpy arrays)."
+    "Tokenised Alpaca or chat records of one split: item i is `{'input_ids', 'labels'}` (int32 numpy arrays)."
 
     def __init__(self, *, path, split: str, split_percentage: float = 0.8, tokenizer=None, max_len: int = 512,
-                 alpaca_mix: float = 0.3, general_path=None, seed: int = 0):
+                 alpaca_mix: float = 0.3, general_path=None, seed: int = 0, assistant_turns: str = "all"):
         self.tokenizer = load_tokenizer(tokenizer)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer has no EOS token; the model could not learn where an answer ends.")
-        records = split_records(read_records(path), split, split_percentage, seed)
+        every_record = read_records(path)
+        _check_chat_template(every_record, self.tokenizer, path)
+        records = split_records(every_record, split, split_percentage, seed)
         if split == "train":
             records = mix_general_records(records, general_path, alpaca_mix, seed)
         self.split, self.max_len, self.report = split, max_len, TruncationReport()
-        examples = [tokenize_record(record, self.tokenizer, max_len, self.report, number)
+        examples = [tokenize_example(record, self.tokenizer, max_len, self.report, number, assistant_turns)
                     for number, record in enumerate(records, start=1)]
         self.records = [r for r, e in zip(records, examples) if e is not None]
         self.examples = [e for e in examples if e is not None]
@@ -334,12 +505,14 @@ class AlpacaDataset(_TorchDataset):
 
 def generate_alpaca_dataset(path, split: str, config) -> AlpacaDataset:
     """The paper's entry point: an `AlpacaDataset` configured from a `ParallamaConfig` (or any object with its
-    fields): tokenizer from `LLAMA2_HF_PATH`, `MAX_SEQ_LEN`, `SEED`, `SPLIT_PERCENTAGE`, `ALPACA_MIX`, `ALPACA_PATH`."""
+    fields): tokenizer from `LLAMA2_HF_PATH`, `MAX_SEQ_LEN`, `SEED`, `SPLIT_PERCENTAGE`, `ALPACA_MIX`, `ALPACA_PATH`,
+    `CHAT_LOSS`."""
     tokenizer_path = getattr(config, "LLAMA2_HF_PATH", None) or getattr(config, "LLAMA2_META_PATH", None)
     return AlpacaDataset(path=path, split=split, tokenizer=tokenizer_path,
                          split_percentage=getattr(config, "SPLIT_PERCENTAGE", 0.8),
                          max_len=getattr(config, "MAX_SEQ_LEN", 512), alpaca_mix=getattr(config, "ALPACA_MIX", 0.0),
-                         general_path=getattr(config, "ALPACA_PATH", None), seed=getattr(config, "SEED", 0))
+                         general_path=getattr(config, "ALPACA_PATH", None), seed=getattr(config, "SEED", 0),
+                         assistant_turns=getattr(config, "CHAT_LOSS", "all"))
 
 # %% ../nbs/03_data.ipynb #2a1ef32f
 def default_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:

@@ -95,14 +95,17 @@ def serialize_table(rows: list[list[str]], tokenizer=None, max_tokens: int | Non
     return text if kept == len(lines) else text + f"\n({len(lines) - kept} more rows not shown)"
 
 
-def wtq_records(root, split_file: str = "data/training.tsv", tokenizer=None, table_tokens: int | None = None) -> list[dict]:
-    "Alpaca records: the question as instruction, the serialised table as input, the answers joined by ', ' as output."
+def wtq_records(root, split_file: str = "data/training.tsv", tokenizer=None, table_tokens: int | None = None,
+                chat: bool = False) -> list[dict]:
+    """Alpaca records: the question as instruction, the serialised table as input, the answers joined by ', ' as
+    output (`chat`: as chat records, the table as their context)."""
     records = []
     for question in read_wtq_questions(root, split_file):
         table = read_wtq_table(root, question["context"])
         records.append({"instruction": question["question"], "input": serialize_table(table, tokenizer, table_tokens),
                         "output": ", ".join(question["answers"]), "id": question["id"], "answers": question["answers"]})
-    return records
+    from jora.data import as_chat
+    return [as_chat(record) for record in records] if chat else records
 
 # %% ../nbs/08_raft_4chan.ipynb #bc201b65
 def normalize_answer(text: str) -> str:
@@ -287,10 +290,12 @@ def thread_split(thread_number: int, split_percentage: float = 0.8, seed: int = 
     return "train" if fraction < split_percentage else "test"
 
 
-def fourchan_records(path, split: str, split_percentage: float = 0.8, seed: int = 0) -> list[dict]:
-    "Directionality examples of the threads in `split`."
-    return [example for posts in read_threads(path) if thread_split(posts[0]["no"], split_percentage, seed) == split
-            for example in directionality_examples(posts)]
+def fourchan_records(path, split: str, split_percentage: float = 0.8, seed: int = 0, chat: bool = False) -> list[dict]:
+    "Directionality examples of the threads in `split` (`chat`: as chat records, the thread as their context)."
+    examples = [example for posts in read_threads(path) if thread_split(posts[0]["no"], split_percentage, seed) == split
+                for example in directionality_examples(posts)]
+    from jora.data import as_chat
+    return [as_chat(example) for example in examples] if chat else examples
 
 
 # %% ../nbs/08_raft_4chan.ipynb #a13ffb38
@@ -327,7 +332,7 @@ def baseline_predictions(examples: list[dict], rule: str) -> list[int]:
 
 def random_baseline_metrics(examples: list[dict]) -> dict:
     "Expected Target/Reply Post accuracy of a uniform choice among the thread's other posts."
-    posts_in_thread = {e["thread"]: e["input"].count("\n") + 1 for e in examples}
+    posts_in_thread = {e["thread"]: e.get("input", e.get("context", "")).count("\n") + 1 for e in examples}
     expected = lambda kind: (lambda values: sum(values) / len(values) if values else float("nan"))(
         [len(e["correct"]) / (posts_in_thread[e["thread"]] - 1) for e in examples if e["kind"] == kind])
     return {"target_post_accuracy": expected("target"), "reply_post_accuracy": expected("reply")}
@@ -350,6 +355,7 @@ class CaseStudy(NamedTuple):
     table_tokens: int = 384
     max_new_tokens: int = 8
     max_test_questions: int | None = None
+    chat: bool = False  # train and ask in chat form (the base model's tokenizer needs a chat template)
 
 
 def case_study_config(study: CaseStudy, phase: int):
@@ -372,7 +378,7 @@ def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
     from jora.export import merge_to_hf
     config = case_study_config(study, 1)
     tokenizer = load_tokenizer(study.base_model)
-    records = wtq_records(study.wikitablequestions, study.wtq_train_file, tokenizer, study.table_tokens)
+    records = wtq_records(study.wikitablequestions, study.wtq_train_file, tokenizer, study.table_tokens, study.chat)
     dataset = AlpacaDataset(path=records, split="train", split_percentage=1.0, tokenizer=tokenizer,
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=config.ALPACA_MIX, general_path=config.ALPACA_PATH,
                             seed=config.SEED)
@@ -388,7 +394,7 @@ def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
     from jora.data import AlpacaDataset
     from jora.train import train_lora
     config = case_study_config(study, 2)
-    records = fourchan_records(study.fourchan, "train", seed=config.SEED)
+    records = fourchan_records(study.fourchan, "train", seed=config.SEED, chat=study.chat)
     dataset = AlpacaDataset(path=records, split="train", split_percentage=1.0, tokenizer=config.LLAMA2_HF_PATH,
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=0, seed=config.SEED)
     result = train_lora(config, dataset, Path(study.work_dir) / "phase2-checkpoints", progress=progress)
@@ -398,21 +404,17 @@ def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
 # %% ../nbs/08_raft_4chan.ipynb #c7394a9a
 def answer_questions(model_path, examples: list[dict], lora=None, max_len: int = 512, max_new_tokens: int = 8,
                      batch_size: int = 8) -> list[str]:
-    "Greedy answers of a model (with optional adapters) to Alpaca-style examples, prompts cut context-first."
+    "Greedy answers of a model (with optional adapters) to Alpaca or chat examples, prompts cut context-first."
     import numpy as np
     import jax.numpy as jnp
-    from jora.data import load_tokenizer
-    from jora.data import tokenize_record, IGNORE_INDEX
+    from jora.data import load_tokenizer, prompt_ids
     from jora.model import generate
     from jora.formats import load_hf_checkpoint
     tokenizer = load_tokenizer(model_path)
     config, params = load_hf_checkpoint(model_path, dtype=jnp.float32)
     answers = []
     for start in range(0, len(examples), batch_size):
-        prompts = []
-        for example in examples[start:start + batch_size]:
-            tokens = tokenize_record({**example, "output": ""}, tokenizer, max_len - max_new_tokens)
-            prompts.append(tokens["input_ids"][tokens["labels"] == IGNORE_INDEX])
+        prompts = [prompt_ids(example, tokenizer, max_len - max_new_tokens) for example in examples[start:start + batch_size]]
         width = max(len(p) for p in prompts)
         ids = np.zeros((len(prompts), width), np.int32)
         mask = np.zeros((len(prompts), width), np.int32)
@@ -430,7 +432,7 @@ def evaluate_study(study: CaseStudy) -> "pd.DataFrame":
     from jora.files import latest_checkpoint
     from jora.formats import load_lora
     config = case_study_config(study, 2)
-    examples = fourchan_records(study.fourchan, "test", seed=config.SEED)[:study.max_test_questions]
+    examples = fourchan_records(study.fourchan, "test", seed=config.SEED, chat=study.chat)[:study.max_test_questions]
     rows = {}
     raft_lora, _ = load_lora(latest_checkpoint(Path(study.work_dir) / "phase2-checkpoints"))
     for name, model, lora in (("base", study.base_model, None),

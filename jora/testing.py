@@ -18,9 +18,9 @@ from .model import LlamaConfig
 from .formats import hf_tensor_shapes
 
 # %% auto #0
-__all__ = ['TINY_CORPUS', 'TINY_STYLES', 'TOKENIZER_KINDS', 'DEMO_COUNTRIES', 'tiny_config', 'save_tiny_tokenizer',
-           'save_tiny_sentencepiece_tokenizer', 'tiny_hf_tensors', 'save_hf_shards', 'save_tiny_hf_checkpoint',
-           'demo_raft_records']
+__all__ = ['TINY_CORPUS', 'TINY_STYLES', 'CHAT_TEMPLATES', 'TOKENIZER_KINDS', 'DEMO_COUNTRIES', 'tiny_config',
+           'save_tiny_tokenizer', 'save_tiny_sentencepiece_tokenizer', 'add_chat_template', 'tiny_hf_tensors',
+           'save_hf_shards', 'save_tiny_hf_checkpoint', 'demo_raft_records']
 
 # %% ../nbs/10_testing.ipynb #a5cc411d
 def tiny_config(**overrides) -> LlamaConfig:
@@ -92,6 +92,26 @@ def save_tiny_sentencepiece_tokenizer(path: str | Path, vocab_size: int = 512, c
     (path / "tokenizer.model").write_bytes(model.getvalue())
     LlamaTokenizer.from_pretrained(str(path), add_bos_token=True, add_eos_token=False).save_pretrained(str(path))
     return path
+
+
+CHAT_TEMPLATES = {  # assistant turns marked with {% generation %}, so transformers can mask them too
+    "header": "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}"
+              "{% generation %}{{ m['content'] | trim }}{{ eos_token }}{% endgeneration %}{% else %}"
+              "{{ m['content'] | trim }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+    "llama2": "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] | trim + "
+              "' [/INST]' }}{% elif m['role'] == 'system' %}{{ '<<SYS>>\\n' + m['content'] | trim + '\\n<</SYS>>\\n\\n' }}"
+              "{% else %}{% generation %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endgeneration %}{% endif %}"
+              "{% endfor %}",
+}
+
+
+def add_chat_template(folder: str | Path, style: str = "header") -> Path:
+    "Give the tokenizer saved in `folder` a chat template (`CHAT_TEMPLATES[style]`), saved in its folder as an instruct model's is."
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = CHAT_TEMPLATES[style]
+    tokenizer.save_pretrained(str(folder))
+    return Path(folder)
 
 # %% ../nbs/10_testing.ipynb #1ffd5248
 def _size_in_bytes(size: str) -> int:

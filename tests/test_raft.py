@@ -137,3 +137,17 @@ def test_two_phase_pipeline_end_to_end(tmp_path):
                                  "baseline: uniform random"]
     assert {"target_post_accuracy", "reply_post_accuracy", "p_reply_given_target"} <= set(table.columns)
     assert table["target_post_accuracy"].between(0, 1).all() and (table["questions"] == 8).all()
+
+
+def test_the_loaders_give_chat_records_as_an_option():
+    from jora.data import read_records
+    from jora.raft import random_baseline_metrics
+    alpaca, chat = wtq_records(WTQ)[:3], wtq_records(WTQ, chat=True)[:3]
+    for plain, conversation in zip(alpaca, chat):
+        assert conversation["messages"] == [{"role": "user", "content": plain["instruction"]},
+                                            {"role": "assistant", "content": plain["output"]}]
+        assert conversation["context"] == plain["input"] and conversation["answers"] == plain["answers"]
+    assert read_records(chat)[0]["context"] == alpaca[0]["input"]  # a valid chat record
+    threads, threads_chat = fourchan_records(POL, "test"), fourchan_records(POL, "test", chat=True)
+    assert [e["correct"] for e in threads] == [e["correct"] for e in threads_chat]
+    assert random_baseline_metrics(threads) == random_baseline_metrics(threads_chat)

@@ -70,3 +70,20 @@ def test_an_adapter_without_a_tokenizer_to_ship_warns(tmp_path):
     with pytest.warns(UserWarning, match="without tokenizer files"):
         folder = save_peft_adapter(tmp_path / "adapter", init_lora(config, lora_config, jax.random.key(0)), lora_config)
     assert (folder / PROMPT_FORMAT_FILE).is_file() and not (folder / "tokenizer.json").exists()
+
+
+def test_chat_records_are_served_with_the_shipped_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+    from jora.data import as_chat
+    from jora.testing import CHAT_TEMPLATES, add_chat_template
+    records = [as_chat(r, system="Answer from the table.") for r in demo_raft_records(3, seed=5)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    base = save_tiny_hf_checkpoint(tmp_path / "base", "llama3.1", corpus=[r["context"] for r in records])
+    add_chat_template(base)
+    config, _ = load_hf_checkpoint(base)
+    lora_config = LoraConfig(r=2, alpha=4)
+    lora = jax.tree.map(lambda x: x + 0.05, init_lora(config, lora_config, jax.random.key(1)))
+    adapter = save_peft_adapter(tmp_path / "adapter", lora, lora_config, str(base))
+    assert AutoTokenizer.from_pretrained(adapter).chat_template == CHAT_TEMPLATES["header"]  # the template ships with it
+    result = check_adapter(adapter, tmp_path / "chat.jsonl", count=2, max_new_tokens=4)
+    assert result["agree"], result
