@@ -329,15 +329,16 @@ class TryPanel:
         self.instruction = widgets.Textarea(description="instruction", layout=widgets.Layout(width="640px"))
         self.context = widgets.Textarea(description="context", layout=widgets.Layout(width="640px", height="100px"))
         self.max_new_tokens = widgets.IntSlider(value=32, min=1, max=512, description="new tokens")
+        self.chat = widgets.Checkbox(value=False, description="chat form (the tokenizer's chat template)")
         self.button = widgets.Button(description="Generate", icon="comment")
         self.output = widgets.HTML()
         self.button.on_click(lambda button: self.generate())
-        self.widget = widgets.VBox([self.instruction, self.context, _row(self.max_new_tokens, self.button), self.output])
+        self.widget = widgets.VBox([self.instruction, self.context, _row(self.max_new_tokens, self.chat, self.button),
+                                    self.output])
 
     def generate(self) -> dict:
         import html
-        from jora.data import load_tokenizer
-        from jora.data import format_prompt
+        from jora.data import as_chat, load_tokenizer, prompt_ids
         from jora.model import generate
         from jora.train import load_model, run_mesh
         from jora.formats import load_lora
@@ -348,8 +349,8 @@ class TryPanel:
                 model_config, params = load_model(one_device, run_mesh(one_device))
                 self.model = (path, model_config, params, load_tokenizer(path))
             _, model_config, params, tokenizer = self.model
-            prompt = format_prompt({"instruction": self.instruction.value, "input": self.context.value})
-            ids = tokenizer([prompt], return_tensors="np")["input_ids"]
+            record = {"instruction": self.instruction.value, "input": self.context.value, "output": ""}
+            ids = jax.numpy.asarray([prompt_ids(as_chat(record) if self.chat.value else record, tokenizer)])
             newest = latest_checkpoint(self.training.checkpoint_path.value) if self.training.checkpoint_path.value else None
             answers = {"base model": None}
             if newest is not None:

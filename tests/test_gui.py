@@ -178,3 +178,19 @@ def test_export_and_try_it_say_what_to_fix_on_an_invalid_form(workspace, tmp_pat
     ui.training.fields["LORA_R"].value = 16
     ui.export.save_adapter()  # a valid form but no run yet
     assert "No checkpoint yet" in ui.export.status.value and not (tmp_path / "adapter").exists()
+
+
+def test_try_it_sends_the_training_prompt_in_alpaca_or_chat_form(workspace, tmp_path):
+    import shutil
+    from jora.testing import add_chat_template
+    model = tmp_path / "chat-llama"
+    shutil.copytree(workspace / "tiny-llama", model)
+    ui = panels(demo_config(workspace)._replace(LLAMA2_HF_PATH=str(model)), workspace / "raft.jsonl", tmp_path / "none")
+    try_it, record = ui.try_it, demo_raft_records(1)[0]
+    try_it.instruction.value, try_it.context.value, try_it.max_new_tokens.value = record["instruction"], record["input"], 3
+    assert list(try_it.generate()) == ["base model"], try_it.output.value
+    try_it.chat.value = True
+    assert try_it.generate() == {} and "has no chat template" in try_it.output.value
+    add_chat_template(model)
+    try_it.model = None  # the panel loads the tokenizer again
+    assert list(try_it.generate()) == ["base model"], try_it.output.value
