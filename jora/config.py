@@ -80,7 +80,8 @@ FIELDS = {
     "WEIGHT_DECAY": Field(float, 0.0, "Optimisation", "AdamW weight decay on the LoRA matrices", low=0),
     "MAX_GRAD_NORM": Field(float, 1.0, "Optimisation", "global gradient-norm clip (0: none)", low=0),
     "MAX_STEPS": Field(int | None, None, "Optimisation",
-                       "stop after this many optimizer steps (default: the epochs decide)", low=1),
+                       "train exactly this many optimizer steps, over as many epochs as that takes, whatever "
+                       "N_EPOCHS says (as Hugging Face's max_steps; default: N_EPOCHS decide)", low=1),
     "EVAL_EVERY": Field(int, 50, "Optimisation",
                         "optimizer steps between evaluations on the test split (0: only at the end)", low=0),
     "EVAL_BATCHES": Field(int | None, None, "Optimisation",

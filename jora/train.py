@@ -313,9 +313,9 @@ def prepare_run(config: ParallamaConfig, dataset, checkpoint_path, *, resume: bo
         prepare_run_folder(config, checkpoint_path, resume=resume, overwrite=overwrite)
     model_config, params = model if model is not None else load_model(config, mesh)
     epoch_steps = sum(steps_per_epoch(dataset, config, epoch) for epoch in range(config.N_EPOCHS))
-    total_steps = epoch_steps if config.MAX_STEPS is None else min(epoch_steps, config.MAX_STEPS)
-    if total_steps == 0:
+    if epoch_steps == 0:
         raise ValueError("The train split is empty: there is nothing to train on.")
+    total_steps = epoch_steps if config.MAX_STEPS is None else config.MAX_STEPS  # as Hugging Face's max_steps
     optimizer, schedule = make_optimizer(config, total_steps)
     lora_config = lora_config_of(config)
     eval_step = make_eval_step(model_config, lora_config, mesh, **step_options(config)) if with_eval else None
@@ -348,8 +348,9 @@ def restore_state(run: Run, state: TrainState, folder: Path) -> tuple[TrainState
 
 # %% ../nbs/05_train.ipynb #8e59f53d
 def micro_batch_groups(dataset, config: ParallamaConfig, epoch: int, next_batch: int):
-    "Groups of N_ACCUMULATION_STEPS micro-batches from `(epoch, next_batch)` on, each with the position after it."
-    while epoch < config.N_EPOCHS:
+    """Groups of N_ACCUMULATION_STEPS micro-batches from `(epoch, next_batch)` on, each with the position after it:
+    N_EPOCHS epochs, or as many as MAX_STEPS takes when it is set (the loop stops at the step count)."""
+    while config.MAX_STEPS is not None or epoch < config.N_EPOCHS:
         group = []
         for batch in batches(dataset, config.BATCH_SIZE, seed=config.SEED, epoch=epoch, pack=config.PACK,
                              first_batch=next_batch):

@@ -251,3 +251,20 @@ def test_jora_demo_end_to_end(tmp_path):
     assert last <= 0.5 * first, process.stdout
     assert "before fine-tuning:" in process.stdout and "after fine-tuning:" in process.stdout
     assert latest_checkpoint(tmp_path / "demo" / "checkpoints") is not None
+
+
+def test_max_steps_is_the_step_count_whatever_the_epochs(tmp_path):
+    "As Hugging Face's max_steps: more steps than N_EPOCHS hold go on into further epochs, fewer stop early."
+    model = save_tiny_hf_checkpoint(tmp_path / "tiny", "llama3.1", corpus=[format_prompt(r) + r["output"] for r in demo_raft_records(24)])
+    rows = demo_raft_records(24)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = ParallamaConfig(LLAMA2_HF_PATH=str(model), LORA_R=2, LORA_ALPHA=4, DTYPE="float32", REMAT="none",
+                             BATCH_SIZE=4, N_ACCUMULATION_STEPS=1, MAX_SEQ_LEN=160, NUM_GPUS=1, N_EPOCHS=1,
+                             SPLIT_PERCENTAGE=1.0, WARMUP_STEPS=0, CHECKPOINT_EVERY=100)
+    dataset = AlpacaDataset(path=tmp_path / "d.jsonl", split="train", split_percentage=1.0, tokenizer=str(model),
+                            max_len=160, alpaca_mix=0)
+    longer = train_lora(config._replace(MAX_STEPS=9), dataset, tmp_path / "longer", progress=False)
+    assert [r["step"] for r in longer.history] == list(range(1, 10))  # 6 steps an epoch: into a second epoch
+    assert [r["epoch"] for r in longer.history] == [0] * 6 + [1] * 3 and longer.checkpoint.name == "step-00000009"
+    shorter = train_lora(config._replace(MAX_STEPS=2), dataset, tmp_path / "shorter", progress=False)
+    assert len(shorter.history) == 2
