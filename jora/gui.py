@@ -18,14 +18,15 @@ import ipywidgets as widgets
 import jax
 
 from .model import PROJECTIONS, LlamaConfig
-from .sharding import check_model_axis
+from .sharding import check_model_axis, device_memory_stats
 from .files import latest_checkpoint
 from .train import model_path, train_lora
 from .config import FIELD_HELP, FIELDS, ParallamaConfig, _flag, _parse_field, value_problem
 
 # %% auto #0
 __all__ = ['TABS', 'FIELD_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PANEL_NOTEBOOK', 'parse_form', 'validate', 'command_line',
-           'TrainingPanel', 'ExportPanel', 'TryPanel', 'panels', 'write_panel_notebook', 'gui_main']
+           'TrainingPanel', 'duration', 'progress_text', 'ExportPanel', 'TryPanel', 'panels', 'write_panel_notebook',
+           'gui_main']
 
 # %% ../nbs/07_gui.ipynb #8e50121d
 TABS = ("Model", "Data", "LoRA", "Optimisation", "Devices")     # the sub-tabs, in this order; fields say their own
@@ -159,6 +160,7 @@ class TrainingPanel:
         self.log.add_class("jora-log")
         self.history, self.result, self.error, self.thread, self.stop_event = [], None, None, None, threading.Event()
         self._last_plot = 0.0
+        self._pace, self._compiled_bytes, self._nothing_to_do, self._started = None, None, False, time.monotonic()
         for control in [*self.fields.values(), self.data_path, self.checkpoint_path]:
             control.observe(lambda change: self.refresh(), names="value")
         self.start_button.on_click(lambda button: self.start())
@@ -202,6 +204,8 @@ class TrainingPanel:
             return False
         config, _ = self.config()
         self.history, self.result, self.error = [], None, None
+        self.log.value, self.plot.value, self.status.value = "", b"", "starting..."  # nothing left from a run before
+        self._pace, self._compiled_bytes, self._nothing_to_do, self._started = None, None, False, time.monotonic()
         self.stop_event.clear()
         self.start_button.disabled, self.stop_button.disabled = True, False
         self.thread = threading.Thread(target=self._run, args=(config, self.data_path.value, self.checkpoint_path.value),
@@ -239,15 +243,17 @@ class TrainingPanel:
 
     def _on_event(self, event: str, info: dict) -> None:
         if event == "start":
-            self.progress.max, self.progress.value = max(info["total_steps"], 1), info["step"]
+            self._on_start(info)
         elif event == "step":
             self.history.append(info)
             self.progress.value = info["step"]
-            memory = info.get("peak_bytes_per_device") or info.get("compiled_bytes_per_device")
-            self.status.value = (f"step {info['step']}/{self.progress.max} &nbsp; loss {info['loss']:.4f} &nbsp; "
-                                 f"lr {info['lr']:.2e} &nbsp; {info['tokens_per_second']:.0f} tokens/s"
-                                 + (f" &nbsp; memory/device {memory / 2**20:.1f} MiB" if memory else "")
-                                 + (f" &nbsp; eval loss {info['eval_loss']:.4f}" if "eval_loss" in info else ""))
+            now = time.monotonic()
+            self._pace = self._pace or (info["step"] - 1, now - info["step_time"])  # the pace from the first step on
+            first_step, since = self._pace
+            self._compiled_bytes = info.get("compiled_bytes_per_device") or self._compiled_bytes
+            self.status.value = progress_text(info, self.progress.max, now - self._started,
+                                              (now - since) / max(info["step"] - first_step, 1), self._compiled_bytes,
+                                              device_memory_stats())
             if time.monotonic() - self._last_plot > 1.0 or info["step"] == self.progress.max:
                 self.plot.value, self._last_plot = _loss_plot_png(self.history), time.monotonic()
         elif event == "checkpoint":
@@ -256,14 +262,53 @@ class TrainingPanel:
             if self.history:
                 self.plot.value = _loss_plot_png(self.history)
             last = self.history[-1] if self.history else {}
-            self.status.value = (f"{'stopped' if info['stopped_early'] else 'finished'} at step {info['step']}"
-                                 + (f": loss {last['loss']:.4f}, {last['tokens_per_second']:.0f} tokens/s" if last else ""))
+            if not self._nothing_to_do:
+                self.status.value = (f"{'stopped' if info['stopped_early'] else 'finished'} at step {info['step']}"
+                                     + (f": loss {last['loss']:.4f}, {last['tokens_per_second']:.0f} tokens/s" if last else ""))
+
+    def _on_start(self, info: dict) -> None:
+        "A run begins: its step count, and a resumed run's earlier history (plotted), or why there is nothing to do."
+        self.progress.max, self.progress.value = max(info["total_steps"], 1), info["step"]
+        self.history = list(info.get("history", []))
+        if info.get("resumed_from"):
+            self.say(f"resuming from {info['resumed_from']} (step {info['step']} of {info['total_steps']})")
+        if self.history:
+            self.plot.value = _loss_plot_png(self.history)
+        if info["step"] >= info["total_steps"]:
+            self._nothing_to_do = True
+            self.status.value = (f"<span style='color:#8a4b00'>The run in this checkpoint folder already finished at "
+                                 f"step {info['step']} of {info['total_steps']}: nothing was trained. To train on, "
+                                 f"raise max steps above {info['step']}; to start afresh, choose a new checkpoint "
+                                 f"folder.</span>")
 
     def wait(self, timeout: float | None = None) -> None:
         "Block until the current run (if any) ends."
         thread = self.thread
         if thread is not None:
             thread.join(timeout)
+
+# %% ../nbs/07_gui.ipynb #f0730bca
+def duration(seconds: float) -> str:
+    "`m:ss`, or `h:mm:ss` from an hour on."
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def progress_text(record: dict, total_steps: int, elapsed: float, seconds_per_step: float,
+                  compiled_bytes: int | None = None, devices: list[dict] = ()) -> str:
+    "The monitor's line after a step: counts, loss, lr, tokens/s, elapsed time, ETA and memory per device."
+    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
+             f"{record['tokens_per_second']:.0f} tokens/s", f"elapsed {duration(elapsed)}",
+             f"ETA {duration(seconds_per_step * max(total_steps - record['step'], 0))}"]
+    if "eval_loss" in record:
+        parts.append(f"eval loss {record['eval_loss']:.4f}")
+    if devices:
+        parts.append("memory in use: " + ", ".join(f"{row['device']} {row['bytes_in_use'] / 2**30:.2f} GiB"
+                                                   for row in devices))
+    elif compiled_bytes:
+        parts.append(f"memory per device (compiled step) {compiled_bytes / 2**20:.1f} MiB")
+    return " &nbsp; ".join(parts)
 
 # %% ../nbs/07_gui.ipynb #767b03c6
 def _row(*children):

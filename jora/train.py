@@ -445,7 +445,8 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
         state, position = restore_state(run, state, last_saved)
     step, epoch, next_batch, history = int(state.step), position["epoch"], position["next_batch"], position.get("history", [])
     interrupted, compiled, stopped_early = threading.Event(), {}, False
-    for callback in callbacks: callback("start", {"total_steps": run.total_steps, "step": step, "config": config})
+    for callback in callbacks: callback("start", {"total_steps": run.total_steps, "step": step, "config": config,
+                                                  "history": list(history), "resumed_from": last_saved})
     bar = tqdm(total=run.total_steps, initial=step, disable=not progress, desc="LoRA", unit="step", dynamic_ncols=True)
     with ctrl_c_sets(interrupted), contextlib.closing(bar):
         for group, group_epoch, group_next in micro_batch_groups(dataset, config, epoch, next_batch):

@@ -194,3 +194,36 @@ def test_try_it_sends_the_training_prompt_in_alpaca_or_chat_form(workspace, tmp_
     add_chat_template(model)
     try_it.model = None  # the panel loads the tokenizer again
     assert list(try_it.generate()) == ["base model"], try_it.output.value
+
+
+def test_progress_line_has_counts_times_and_memory():
+    from jora.gui import progress_text
+    line = progress_text({"step": 12, "loss": 1.5, "lr": 1e-4, "tokens_per_second": 900.4}, 40, elapsed=3725,
+                         seconds_per_step=7.5, compiled_bytes=5 * 2**20)
+    assert "step 12/40" in line and "900 tokens/s" in line and "elapsed 1:02:05" in line and "ETA 3:30" in line
+    assert "memory per device (compiled step) 5.0 MiB" in line
+    gpus = [{"device": "cuda:0", "bytes_in_use": 2**30}, {"device": "cuda:1", "bytes_in_use": 2**31}]
+    assert "cuda:0 1.00 GiB, cuda:1 2.00 GiB" in progress_text({"step": 1, "loss": 1, "lr": 1, "tokens_per_second": 1},
+                                                               2, 1, 1, None, gpus)
+
+
+def test_a_start_into_a_finished_run_says_so_and_shows_its_history(workspace, tmp_path):
+    ui = panels(demo_config(workspace, N_EPOCHS=1, EVAL_EVERY=0), workspace / "raft.jsonl", tmp_path / "run")
+    training = ui.training
+    training.fields["MAX_STEPS"].value = "3"
+    assert training.start()
+    training.wait(600)
+    assert training.error is None and "finished at step 3" in training.status.value, training.log.value
+    first_log = training.log.value
+    assert training.start()  # the same folder again: resumed at step 3 of 3
+    training.wait(600)
+    assert "already finished at step 3 of 3: nothing was trained" in training.status.value
+    assert "raise max steps above 3" in training.status.value
+    assert [r["step"] for r in training.history] == [1, 2, 3] and training.plot.value[:4] == b"\x89PNG"
+    assert training.log.value.count("train split:") == 1 and "resuming from" in training.log.value  # a new log
+    assert first_log.count("train split:") == 1
+    training.fields["MAX_STEPS"].value = "5"  # train on: two more steps after the three
+    assert training.start()
+    training.wait(600)
+    assert [r["step"] for r in training.history] == [1, 2, 3, 4, 5] and "finished at step 5" in training.status.value
+    assert "ETA" not in training.status.value  # the end line replaced the progress line
