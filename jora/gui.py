@@ -367,47 +367,77 @@ class ExportPanel:
 
 
 class TryPanel:
-    "A prompt in, a generation out, with the base model and with the run's newest adapter."
+    """A prompt in, a generation out: from a model folder alone, and with an adapter (a checkpoint, a checkpoint folder
+    or a PEFT adapter; by default the training tab's newest checkpoint), greedy or sampled."""
 
     def __init__(self, training: TrainingPanel):
         self.training, self.model = training, None
+        wide = dict(style={"description_width": "170px"}, layout=widgets.Layout(width="640px"))
+        self.model_folder = widgets.Text(description="model folder", placeholder="the training tab's model", **wide)
+        self.adapter = widgets.Text(description="adapter (optional)", **wide,
+                                    placeholder="default: the newest checkpoint in the training tab's folder")
         self.instruction = widgets.Textarea(description="instruction", layout=widgets.Layout(width="640px"))
         self.context = widgets.Textarea(description="context", layout=widgets.Layout(width="640px", height="100px"))
         self.max_new_tokens = widgets.IntSlider(value=32, min=1, max=512, description="new tokens")
+        self.temperature = widgets.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.05, description="temperature",
+                                               tooltip="0 is greedy")
+        self.top_p = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p")
         self.chat = widgets.Checkbox(value=False, description="chat form (the tokenizer's chat template)")
         self.button = widgets.Button(description="Generate", icon="comment")
         self.output = widgets.HTML()
         self.button.on_click(lambda button: self.generate())
-        self.widget = widgets.VBox([self.instruction, self.context, _row(self.max_new_tokens, self.chat, self.button),
-                                    self.output])
+        self.widget = widgets.VBox([self.model_folder, self.adapter, self.instruction, self.context,
+                                    _row(self.max_new_tokens, self.temperature, self.top_p),
+                                    _row(self.chat, self.button), self.output])
+
+    def _model(self):
+        "The model folder's config, parameters and tokenizer (loaded once per folder)."
+        from jora.data import load_tokenizer
+        from jora.formats import load_hf_checkpoint
+        folder = self.model_folder.value.strip() or str(self.training.fields["LLAMA2_HF_PATH"].value or "").strip()
+        if not folder or not (Path(folder) / "config.json").is_file():
+            raise ValueError(f"model folder: {folder or '(empty)'} is not a Hugging Face model folder (it has no "
+                             f"config.json); give the folder of the base model.")
+        if self.model is None or self.model[0] != folder:
+            dtype = self.training.fields["DTYPE"].value
+            self.model = (folder, *load_hf_checkpoint(folder, dtype=dtype), load_tokenizer(folder))
+        return self.model[1:]
+
+    def _adapter(self, model_config):
+        "The adapter to try beside the base model, and its label; (None, None) when there is none."
+        from jora.formats import load_any_adapter
+        given = self.adapter.value.strip()
+        path = given or (latest_checkpoint(self.training.checkpoint_path.value) if self.training.checkpoint_path.value
+                         else None)
+        if not path:
+            return None, None
+        return load_any_adapter(path, model_config)[0], f"with adapter ({Path(path).name})"
 
     def generate(self) -> dict:
+        "Generate from the base model and, when there is one, with the adapter; show the texts (or what to fix)."
         import html
-        from jora.data import as_chat, load_tokenizer, prompt_ids
+        from jora.data import as_chat, prompt_ids
         from jora.model import generate
-        from jora.train import load_model, run_mesh
-        from jora.formats import load_lora
+        self.button.disabled, self.output.value = True, "<i>generating...</i>"
         try:
-            one_device = self.training.checked_config()._replace(MESH_MODEL=1, MESH_DATA=1, MESH_SEQ=1, NUM_GPUS=1)
-            path = model_path(one_device)
-            if self.model is None or self.model[0] != path:
-                model_config, params = load_model(one_device, run_mesh(one_device))
-                self.model = (path, model_config, params, load_tokenizer(path))
-            _, model_config, params, tokenizer = self.model
+            model_config, params, tokenizer = self._model()
+            lora, label = self._adapter(model_config)
             record = {"instruction": self.instruction.value, "input": self.context.value, "output": ""}
             ids = jax.numpy.asarray([prompt_ids(as_chat(record) if self.chat.value else record, tokenizer)])
-            newest = latest_checkpoint(self.training.checkpoint_path.value) if self.training.checkpoint_path.value else None
-            answers = {"base model": None}
-            if newest is not None:
-                answers[f"with adapter ({newest.name})"] = load_lora(newest)[0]
-            texts = {label: tokenizer.decode(generate(model_config, params, ids, lora=lora,
-                                                      max_new_tokens=self.max_new_tokens.value)[0, ids.shape[1]:],
-                                             skip_special_tokens=True) for label, lora in answers.items()}
-            self.output.value = "".join(f"<p><b>{label}:</b> {html.escape(text)}</p>" for label, text in texts.items())
+            answers = {"base model": None, **({label: lora} if lora is not None else {})}
+            texts = {name: tokenizer.decode(generate(model_config, params, ids, lora=adapter,
+                                                     max_new_tokens=self.max_new_tokens.value,
+                                                     temperature=self.temperature.value, top_p=self.top_p.value,
+                                                     key=jax.random.key(0))[0, ids.shape[1]:], skip_special_tokens=True)
+                     for name, adapter in answers.items()}
+            self.output.value = "".join(f"<p><b>{name}:</b> {html.escape(text)}</p>" for name, text in texts.items())
             return texts
         except Exception as error:
             self.output.value = f"<span style='color:#b00020'>{html.escape(str(error))}</span>"
             return {}
+        finally:
+            self.button.disabled = False
+
 
 
 def panels(config: ParallamaConfig | None = None, data_path: str = "", checkpoint_path: str = ""):

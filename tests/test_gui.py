@@ -174,7 +174,9 @@ def test_export_and_try_it_say_what_to_fix_on_an_invalid_form(workspace, tmp_pat
     ui.export.adapter_path.value = str(tmp_path / "adapter")
     ui.export.save_adapter()
     assert "Fix the training form first: LORA_R: must be at least 1" in ui.export.status.value
-    assert ui.try_it.generate() == {} and "Fix the training form first" in ui.try_it.output.value
+    try_it = ui.try_it  # needs only a model folder: the invalid form does not matter to it
+    try_it.instruction.value, try_it.max_new_tokens.value = "Which capital?", 2
+    assert list(try_it.generate()) == ["base model"] and not try_it.button.disabled
     ui.training.fields["LORA_R"].value = 16
     ui.export.save_adapter()  # a valid form but no run yet
     assert "No checkpoint yet" in ui.export.status.value and not (tmp_path / "adapter").exists()
@@ -227,3 +229,18 @@ def test_a_start_into_a_finished_run_says_so_and_shows_its_history(workspace, tm
     training.wait(600)
     assert [r["step"] for r in training.history] == [1, 2, 3, 4, 5] and "finished at step 5" in training.status.value
     assert "ETA" not in training.status.value  # the end line replaced the progress line
+
+
+def test_try_it_needs_only_a_model_folder_and_samples_on_request(workspace, tmp_path):
+    from jora.testing import save_tiny_hf_checkpoint
+    ui = panels(ParallamaConfig(), "", "")  # an empty training form
+    try_it = ui.try_it
+    try_it.instruction.value, try_it.max_new_tokens.value = "Which capital?", 4
+    assert try_it.generate() == {} and "model folder: (empty) is not a Hugging Face model folder" in try_it.output.value
+    try_it.model_folder.value = str(workspace / "tiny-llama")
+    greedy = try_it.generate()["base model"]
+    assert greedy == try_it.generate()["base model"]  # greedy repeats itself
+    try_it.temperature.value, try_it.top_p.value = 1.5, 0.9
+    assert isinstance(try_it.generate()["base model"], str)
+    try_it.adapter.value = str(tmp_path / "no-adapter-here")
+    assert try_it.generate() == {} and "no-adapter-here" in try_it.output.value
