@@ -25,7 +25,7 @@ from .files import describe_checkpoints, output_folder, run_command
 from .formats import load_hf_checkpoint, load_peft_adapter
 from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
 from .train import load_model, run_mesh, train_lora
-from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict
+from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict, config_from_toml
 
 # %% auto #0
 __all__ = ['demo_config', 'demo', 'train_argument_parser', 'config_from_arguments', 'train_main', 'check', 'check_adapter',
@@ -110,23 +110,7 @@ def train_argument_parser():
 # %% ../nbs/09_cli.ipynb #efb6668b
 def config_from_arguments(arguments) -> ParallamaConfig:
     "A config from a TOML file (if any) and the flags given."
-    values = {}
-    if arguments.config:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
-        path = Path(arguments.config)
-        try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"No config file at {path}.") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid TOML: {error}.") from None
-        try:
-            values.update(config_from_dict(table.get("jora", table))._asdict())
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+    values = config_from_toml(arguments.config)._asdict() if arguments.config else {}
     given = vars(arguments)  # flags not given are absent (their default is argparse.SUPPRESS); `none` is a value
     values.update({field: given[field] for field in ParallamaConfig._fields if field in given})
     return config_from_dict(values)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import collections
 import typing
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from .attention import ATTENTION_IMPLEMENTATIONS
 
 # %% auto #0
 __all__ = ['FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field', 'config_to_dict', 'field_type', 'value_problem',
-           'check_field', 'config_from_dict']
+           'check_field', 'config_from_dict', 'config_to_toml', 'config_from_toml']
 
 # %% ../nbs/05_config.ipynb #4912111e
 class Field(NamedTuple):
@@ -155,6 +156,31 @@ def config_from_dict(values: dict) -> ParallamaConfig:
     if unknown:
         raise ValueError(f"Unknown ParallamaConfig fields {unknown}; the fields are {list(ParallamaConfig._fields)}.")
     return ParallamaConfig(**{field: check_field(field, value) for field, value in values.items()})
+
+
+def config_to_toml(config: ParallamaConfig) -> str:
+    "The config as the TOML file `jora train --config` reads: every field with a value (an absent one is None)."
+    import tomli_w
+    return tomli_w.dumps({field: value for field, value in config_to_dict(config).items() if value is not None})
+
+
+def config_from_toml(path) -> ParallamaConfig:
+    "A config from a TOML file (its fields at the top or in a `[jora]` table), with errors naming the file."
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No config file at {path}.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid TOML: {error}.") from None
+    try:
+        return config_from_dict(table.get("jora", table))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 # %% ../nbs/05_config.ipynb #53c1e763
 def _flag(field: str) -> str:

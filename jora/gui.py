@@ -21,7 +21,8 @@ from .model import PROJECTIONS, LlamaConfig
 from .sharding import check_model_axis, device_memory_stats
 from .files import latest_checkpoint
 from .train import model_path, train_lora
-from .config import FIELD_HELP, FIELDS, ParallamaConfig, _flag, _parse_field, value_problem
+from .config import (FIELD_HELP, FIELDS, ParallamaConfig, _flag, _parse_field, config_from_toml, config_to_toml,
+                         value_problem)
 
 # %% auto #0
 __all__ = ['TABS', 'FIELD_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PANEL_NOTEBOOK', 'parse_form', 'validate', 'command_line',
@@ -97,17 +98,32 @@ def command_line(config: ParallamaConfig, data_path: str, checkpoint_path: str) 
     return " ".join(shlex.quote(part) for part in parts)
 
 # %% ../nbs/07_gui.ipynb #7e214daa
-def _field_widget(field: str, value):
-    description = field.lower().replace("_", " ")
-    common = dict(description=description, style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
+def _widget_value(field: str, value):
+    "A config value as its form widget holds it: text for a field that may be None, a tuple for the LoRA targets."
     if field == "LORA_TARGETS":
-        return widgets.SelectMultiple(options=PROJECTIONS, value=tuple(value), rows=7, **common)
+        return tuple(value)
+    if field in OPTIONAL_FIELDS:
+        return "" if value is None else str(value)
+    return value
+
+
+def _label(field: str) -> str:
+    "A field's label on the form: `MAX_STEPS` -> 'max steps'."
+    return field.lower().replace("_", " ")
+
+
+def _field_widget(field: str, value):
+    description = _label(field)
+    common = dict(description=description, style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
+    value = _widget_value(field, value)
+    if field == "LORA_TARGETS":
+        return widgets.SelectMultiple(options=PROJECTIONS, value=value, rows=7, **common)
     if field in CHOICES:
         return widgets.Dropdown(options=CHOICES[field], value=value, **common)
     if isinstance(ParallamaConfig._field_defaults[field], bool):
         return widgets.Checkbox(value=value, indent=False, description=description)
     if field in OPTIONAL_FIELDS:
-        return widgets.Text(value="" if value is None else str(value), placeholder="none", **common)
+        return widgets.Text(value=value, placeholder="none", **common)
     if isinstance(ParallamaConfig._field_defaults[field], int):
         return widgets.IntText(value=value, **common)
     return widgets.FloatText(value=value, **common)
@@ -156,6 +172,13 @@ class TrainingPanel:
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="steps")
         self.status = widgets.HTML("idle")
         self.plot = widgets.Image(format="png", layout=widgets.Layout(width="640px"))
+        self.settings_path = widgets.Text(description="settings file", placeholder="run.toml",
+                                          style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
+        self.save_settings_button = widgets.Button(description="Save settings", icon="save")
+        self.load_settings_button = widgets.Button(description="Load settings", icon="folder-open")
+        self.settings_status = widgets.HTML()
+        self.save_settings_button.on_click(lambda button: self.save_settings())
+        self.load_settings_button.on_click(lambda button: self.load_settings())
         self.log = widgets.Textarea(layout=widgets.Layout(width="900px", height="120px"), disabled=True)
         self.log.add_class("jora-log")
         self.history, self.result, self.error, self.thread, self.stop_event = [], None, None, None, threading.Event()
@@ -165,7 +188,9 @@ class TrainingPanel:
             control.observe(lambda change: self.refresh(), names="value")
         self.start_button.on_click(lambda button: self.start())
         self.stop_button.on_click(lambda button: self.stop())
-        self.widget = widgets.VBox([self.form, self.devices, self.command,
+        settings = widgets.HBox([self.settings_path, self.save_settings_button, self.load_settings_button,
+                                 self.settings_status])
+        self.widget = widgets.VBox([self.form, settings, self.devices, self.command,
                                     widgets.HBox([self.start_button, self.stop_button, self.progress]), self.status,
                                     self.plot, self.log])
         self.refresh()
@@ -194,6 +219,39 @@ class TrainingPanel:
         running = self.thread is not None and self.thread.is_alive()
         self.start_button.disabled = bool(errors) or running
         return errors
+
+    def save_settings(self) -> bool:
+        "Write the form's settings as the TOML `jora train --config` reads, to a file that does not exist yet."
+        path = self.settings_path.value.strip()
+        config, problems = parse_form({field: control.value for field, control in self.fields.items()})
+        if config is not None:  # values out of range or not among the choices; paths may still be missing
+            problems = {field: problem for field in ParallamaConfig._fields
+                        if (problem := value_problem(field, getattr(config, field)))}
+        if not path or problems or Path(path).exists():
+            why = ("give a file name, such as run.toml" if not path else f"{path} exists; choose a new name"
+                   if not problems else "fix the form first: " + "; ".join(f"{_label(f)}: {p}" for f, p in problems.items()))
+            self.settings_status.value = f"<span style='color:#b00020'>settings file: {why}</span>"
+            return False
+        Path(path).write_text(config_to_toml(config), encoding="utf-8")
+        self.settings_status.value = (f"<span style='color:#1b5e20'>settings written to {path} (<code>jora train "
+                                      f"--config {shlex.quote(path)} --data ... --checkpoint-path ...</code>)</span>")
+        return True
+
+    def load_settings(self) -> bool:
+        "Fill the form from a settings file (a TOML `jora train --config` reads); an error names the file and field."
+        path = self.settings_path.value.strip()
+        try:
+            config = config_from_toml(path) if path else None
+        except (OSError, ValueError) as error:
+            self.settings_status.value = f"<span style='color:#b00020'>settings file: {error}</span>"
+            return False
+        if config is None:
+            self.settings_status.value = "<span style='color:#b00020'>settings file: give the path of a TOML file</span>"
+            return False
+        for field, control in self.fields.items():
+            control.value = _widget_value(field, getattr(config, field))
+        self.settings_status.value = f"<span style='color:#1b5e20'>settings read from {path}</span>"
+        return True
 
     def say(self, line: str) -> None:
         self.log.value += line.rstrip() + "\n"

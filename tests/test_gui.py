@@ -244,3 +244,27 @@ def test_try_it_needs_only_a_model_folder_and_samples_on_request(workspace, tmp_
     assert isinstance(try_it.generate()["base model"], str)
     try_it.adapter.value = str(tmp_path / "no-adapter-here")
     assert try_it.generate() == {} and "no-adapter-here" in try_it.output.value
+
+
+def test_settings_save_as_the_toml_jora_train_reads_and_load_back(tmp_path):
+    from jora.cli import config_from_arguments, train_argument_parser
+    form = panels(ParallamaConfig(LORA_R=8, LORA_TARGETS=("q_proj", "o_proj"), MAX_STEPS=7, MESH_MODEL=None), "", "")
+    training = form.training
+    assert not training.save_settings() and "give a file name" in training.settings_status.value
+    training.fields["LORA_R"].value = 0
+    training.settings_path.value = str(tmp_path / "run.toml")
+    assert not training.save_settings() and "fix the form first: lora r: must be at least 1" in training.settings_status.value
+    assert not (tmp_path / "run.toml").exists()  # nothing written from an invalid form
+    training.fields["LORA_R"].value = 8
+    assert training.save_settings() and "jora train --config" in training.settings_status.value
+    saved = training.config()[0]
+    arguments = train_argument_parser().parse_args(["--data", "d.jsonl", "--checkpoint-path", "c",
+                                                    "--config", str(tmp_path / "run.toml")])
+    assert config_from_arguments(arguments) == saved  # the command line reads what the panel wrote
+    assert not training.save_settings() and "exists; choose a new name" in training.settings_status.value
+    other = panels(ParallamaConfig(), "", "").training
+    other.settings_path.value = str(tmp_path / "run.toml")
+    assert other.load_settings() and other.config()[0] == saved
+    (tmp_path / "bad.toml").write_text("LORA_R = 'eight'\n")
+    other.settings_path.value = str(tmp_path / "bad.toml")
+    assert not other.load_settings() and "bad.toml" in other.settings_status.value and "LORA_R" in other.settings_status.value
