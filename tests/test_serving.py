@@ -29,6 +29,15 @@ def exported(request, tmp_path_factory):
     return save_peft_adapter(folder / "adapter", lora, lora_config, str(base)), folder / "data.jsonl"
 
 
+def copy_of(adapter, folder, names=None):
+    "A copy of the adapter folder's files (or only `names`), to change without touching the fixture."
+    folder.mkdir()
+    for file in adapter.iterdir():
+        if names is None or file.name in names:
+            (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
 def test_the_served_adapter_sees_the_training_prompts(exported, capsys):
     adapter, data = exported
     assert {"tokenizer.json", "tokenizer_config.json", PROMPT_FORMAT_FILE} <= {p.name for p in adapter.iterdir()}
@@ -41,10 +50,7 @@ def test_the_served_adapter_sees_the_training_prompts(exported, capsys):
 
 def test_a_prompt_format_that_differs_from_training_fails_the_check(exported, tmp_path, capsys):
     adapter, data = exported
-    changed = tmp_path / "changed"
-    changed.mkdir()
-    for file in adapter.iterdir():
-        (changed / file.name).write_bytes(file.read_bytes())
+    changed = copy_of(adapter, tmp_path / "changed")
     templates = prompt_format()
     templates["prompt_with_input"] = templates["prompt_with_input"].replace("### Input:\n", "### Input: ")
     (changed / PROMPT_FORMAT_FILE).write_text(json.dumps(templates))
@@ -54,10 +60,7 @@ def test_a_prompt_format_that_differs_from_training_fails_the_check(exported, tm
 
 def test_a_folder_without_its_prompt_format_is_a_clear_error(exported, tmp_path, capsys):
     adapter, data = exported
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        (bare / name).write_bytes((adapter / name).read_bytes())
+    bare = copy_of(adapter, tmp_path / "bare", names=("adapter_config.json", "adapter_model.safetensors"))
     assert main(["check", "--adapter", str(bare), "--data", str(data)]) == 1
     assert "lacks jora_prompt_format.json or the tokenizer's files" in capsys.readouterr().err
     assert main(["check", "--adapter", str(adapter)]) == 1
