@@ -1,4 +1,4 @@
-"""`jora demo`, `jora train` and `jora check`: the `jora` console script.
+"""`jora demo`, `jora train`, `jora eval` and `jora check`: the `jora` console script.
 
 Docs: https://jora-dev.github.io/jora/nbs/cli.html.md"""
 
@@ -25,11 +25,13 @@ from .files import describe_checkpoints, output_folder, run_command
 from .formats import load_hf_checkpoint, load_peft_adapter
 from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
 from .train import load_model, run_mesh, train_lora
+from .evaluate import ANSWER_RULES, evaluate_checkpoint
 from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict, config_from_toml
 
 # %% auto #0
-__all__ = ['demo_config', 'demo', 'train_argument_parser', 'config_from_arguments', 'train_main', 'check', 'check_adapter',
-           'report_adapter_check', 'check_checkpoints', 'main']
+__all__ = ['demo_config', 'demo', 'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'train_main',
+           'eval_argument_parser', 'eval_main', 'check', 'check_adapter', 'report_adapter_check', 'check_checkpoints',
+           'main']
 
 # %% ../nbs/09_cli.ipynb #dc83c58f
 def demo_config(folder: Path, **changes) -> ParallamaConfig:
@@ -98,6 +100,12 @@ def train_argument_parser():
     parser.add_argument("--overwrite", action="store_true",
                         help="with --no-resume: replace the earlier run's checkpoints in --checkpoint-path")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    return add_field_flags(parser)
+
+
+def add_field_flags(parser):
+    "A flag per `ParallamaConfig` field (absent unless given), in a group of their own; returns the parser."
+    import argparse
     fields = parser.add_argument_group("ParallamaConfig fields")
     for field in ParallamaConfig._fields:
         default = ParallamaConfig._field_defaults[field]
@@ -133,6 +141,30 @@ def train_main(argv: list[str] | None = None) -> int:
     print(f"LoRA adapter: {result.checkpoint / 'lora.safetensors' if result.checkpoint else 'none saved'}")
     return 0
 
+
+# %% ../nbs/09_cli.ipynb #c1e0a002
+def eval_argument_parser():
+    import argparse
+    parser = argparse.ArgumentParser(prog="jora eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     description="The test split's loss and accuracy of an adapter beside the base model.")
+    parser.add_argument("--data", required=True, help="the JSON or JSONL records the run trained on (its test split is used)")
+    parser.add_argument("--adapter", required=True, help="a checkpoint, a folder of checkpoints, or a PEFT adapter folder")
+    parser.add_argument("--config", help="TOML file with ParallamaConfig fields (flags override it)")
+    parser.add_argument("--rule", default="exact match", choices=list(ANSWER_RULES), help="how answers are scored")
+    parser.add_argument("--max-examples", type=int, default=None, help="score at most this many test records")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="the longest answer generated")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    return add_field_flags(parser)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    "`jora eval`: print the base model's and the adapter's test loss and accuracy as a table."
+    import pandas as pd
+    arguments = eval_argument_parser().parse_args(argv)
+    rows = evaluate_checkpoint(config_from_arguments(arguments), arguments.data, arguments.adapter, rule=arguments.rule,
+                               max_examples=arguments.max_examples, max_new_tokens=arguments.max_new_tokens)
+    print(pd.DataFrame(rows).to_string(index=False, float_format="{:.4f}".format))
+    return 0
 
 # %% ../nbs/09_cli.ipynb #239e41cd
 def check(style: str = "llama3.1", prompt: str = "Which post does this reply answer?", max_new_tokens: int = 20,
@@ -268,6 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--records", type=int, default=480, help="size of the generated RAFT sample")
     demo_parser.add_argument("--epochs", type=int, default=12, help="passes over the train split")
     commands.add_parser("train", help="fine-tune on your data; `jora train --help` lists every option")
+    commands.add_parser("eval", help="an adapter's test loss and accuracy beside the base model's; `jora eval --help`")
     commands.add_parser("gui", help="open JupyterLab on a notebook with the training panels; `jora gui --help`")
     check_parser = commands.add_parser("check", help="generate from a tiny local model and check it against "
                                        "transformers; with --checkpoint, verify a checkpoint folder instead; with "
@@ -290,6 +323,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(argv: list[str]) -> int:
     if argv[:1] == ["train"]:
         return train_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
     if argv[:1] == ["gui"]:
         from jora.gui import gui_main
         return gui_main(argv[1:])
@@ -313,6 +348,6 @@ def _run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     "The `jora` command line: an error a user can fix is one line and exit status 1 (`--debug` shows the traceback)."
     argv = sys.argv[1:] if argv is None else argv
-    program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "gui", "check") else "jora"
+    program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "eval", "gui", "check") else "jora"
     return run_command(program, _run, argv)
 

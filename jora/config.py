@@ -8,6 +8,7 @@ Docs: https://jora-dev.github.io/jora/nbs/config.html.md"""
 from __future__ import annotations
 
 import collections
+import math
 import typing
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,7 +17,7 @@ from .attention import ATTENTION_IMPLEMENTATIONS
 
 # %% auto #0
 __all__ = ['FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field', 'config_to_dict', 'field_type', 'value_problem',
-           'check_field', 'config_from_dict', 'config_to_toml', 'config_from_toml']
+           'check_field', 'config_from_dict', 'config_to_toml', 'config_from_toml', 'field_label', 'parse_field_text']
 
 # %% ../nbs/05_config.ipynb #4912111e
 class Field(NamedTuple):
@@ -187,25 +188,39 @@ def _flag(field: str) -> str:
     return "--" + field.lower().replace("_", "-")
 
 
-def _parse_field(field: str, text: str):
-    "A flag's text as the value of `field`: `none` is None only for fields whose default is None (for REMAT it is a value)."
+def field_label(field: str) -> str:
+    "A field's label on the panels' form: `MAX_STEPS` -> 'max steps'."
+    return field.lower().replace("_", " ")
+
+
+def parse_field_text(field: str, text: str):
+    """Text typed for `field` (a flag's argument, a form's box) as its value, or a ValueError saying what the field
+    takes; empty or `none` is None only for fields whose default is None (for REMAT, `none` is a value)."""
     kind, text = field_type(field), text.strip()
     if ParallamaConfig._field_defaults[field] is None and text.lower() in ("none", "null", ""):
         return None
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{_flag(field)} takes true or false, not {text!r}")
+            raise ValueError(f"takes true or false, not {text!r}")
         return text.lower() in ("true", "1", "yes")
     if kind is tuple:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     try:
         value = kind(text)
     except ValueError:
+        value = None
+    if value is None or (kind is float and not math.isfinite(value)):
         optional = " (or none)" if ParallamaConfig._field_defaults[field] is None else ""
-        raise ValueError(f"{_flag(field)} takes {'a whole number' if kind is int else 'a number'}{optional}, "
-                         f"not {text!r}") from None
+        raise ValueError(f"takes {'a whole number' if kind is int else 'a finite number'}{optional}, not {text!r}")
     problem = value_problem(field, value)
     if problem:
-        raise ValueError(f"{_flag(field)} {problem}, not {text!r}")
+        raise ValueError(f"{problem}, not {text!r}")
     return value
 
+
+def _parse_field(field: str, text: str):
+    "A flag's text as the value of `field`, or a ValueError that starts with the flag."
+    try:
+        return parse_field_text(field, text)
+    except ValueError as error:
+        raise ValueError(f"{_flag(field)} {error}") from None

@@ -7,251 +7,214 @@ Docs: https://jora-dev.github.io/jora/nbs/gui.html.md"""
 # %% ../nbs/07_gui.ipynb #c21f4f27
 from __future__ import annotations
 
-import io
+import html
 import shlex
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import ipywidgets as widgets
 import jax
 
-from .model import PROJECTIONS, LlamaConfig
-from .sharding import check_model_axis, device_memory_stats
-from .files import latest_checkpoint
-from .train import model_path, train_lora
-from .config import (FIELD_HELP, FIELDS, ParallamaConfig, _flag, _parse_field, config_from_toml, config_to_toml,
-                         value_problem)
+from .model import PROJECTIONS
+from .sharding import device_memory_stats
+from .files import checkpoint_step, latest_checkpoint
+from .train import loss_plot_png, model_path, train_lora
+from .config import FIELD_HELP, ParallamaConfig, config_from_toml, config_to_toml, value_problem
+from .form import (CHOICES, FORM_GROUPS, checkpoint_folder_note, command_preview, form_problems, label, parse_form,
+                       preview_html, preview_rows, progress_text, tab_titles)
 
 # %% auto #0
-__all__ = ['TABS', 'FIELD_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PANEL_NOTEBOOK', 'parse_form', 'validate', 'command_line',
-           'TrainingPanel', 'duration', 'progress_text', 'ExportPanel', 'TryPanel', 'panels', 'write_panel_notebook',
-           'gui_main']
-
-# %% ../nbs/07_gui.ipynb #8e50121d
-TABS = ("Model", "Data", "LoRA", "Optimisation", "Devices")     # the sub-tabs, in this order; fields say their own
-FIELD_GROUPS = {tab: [name for name, field in FIELDS.items() if field.group == tab] for tab in TABS}
-CHOICES = {name: list(field.choices) for name, field in FIELDS.items() if field.choices}
-OPTIONAL_FIELDS = tuple(f for f, default in ParallamaConfig._field_defaults.items() if default is None)
-
-
-def parse_form(raw: dict) -> tuple[ParallamaConfig | None, dict]:
-    "A config from the form's raw values (text for optional fields), and an error message per field that fails to parse."
-    values, errors = {}, {}
-    for field, value in raw.items():
-        if field in OPTIONAL_FIELDS and isinstance(value, str):
-            try:
-                values[field] = _parse_field(field, value.strip())
-            except ValueError as error:
-                errors[field] = f"not a valid value: {error}"
-        else:
-            values[field] = tuple(value) if isinstance(value, (list, tuple)) else value
-    return (None if errors else ParallamaConfig(**values)), errors
-
-
-def validate(config: ParallamaConfig, data_path: str, checkpoint_path: str, device_count: int) -> dict:
-    "An error message per field that would make the run fail: missing paths, numbers out of range, a mesh that does not fit."
-    errors = {}
-    for field in FIELDS:
-        problem = value_problem(field, getattr(config, field))
-        if problem:
-            errors[field] = problem
-    folder = config.LLAMA2_HF_PATH or config.LLAMA2_META_PATH
-    if not folder:
-        errors["LLAMA2_HF_PATH"] = "give the Hugging Face model folder"
-    elif not (Path(folder) / "config.json").is_file():
-        errors["LLAMA2_HF_PATH" if config.LLAMA2_HF_PATH else "LLAMA2_META_PATH"] = f"no config.json in {folder}"
-    if not data_path or not Path(data_path).is_file():
-        errors["data_path"] = "give an existing JSON/JSONL file of Alpaca records"
-    if not checkpoint_path:
-        errors["checkpoint_path"] = "give a folder for checkpoints"
-    if config.ALPACA_MIX and not (config.ALPACA_PATH and Path(config.ALPACA_PATH).is_file()):
-        errors["ALPACA_PATH"] = "ALPACA_MIX > 0 needs an existing general-instruction file"
-    if not config.LORA_TARGETS:
-        errors["LORA_TARGETS"] = "choose at least one projection"
-    devices = min(device_count, config.NUM_GPUS or device_count)
-    if config.NUM_GPUS and config.NUM_GPUS > device_count:
-        errors["NUM_GPUS"] = f"only {device_count} devices are visible"
-    used = config.MESH_DATA * config.MESH_SEQ * (config.MESH_MODEL or 1)
-    if used > devices:
-        errors["MESH_DATA"] = f"data x seq x model = {used} devices, but {devices} are in use"
-    elif config.BATCH_SIZE % config.MESH_DATA:
-        errors["BATCH_SIZE"] = f"must be divisible by MESH_DATA={config.MESH_DATA}"
-    if "LLAMA2_HF_PATH" not in errors and "LLAMA2_META_PATH" not in errors and used <= devices:
-        model_axis = config.MESH_MODEL or devices // (config.MESH_DATA * config.MESH_SEQ)
-        try:
-            check_model_axis(LlamaConfig.from_hf(folder), model_axis)
-        except ValueError as error:
-            errors["MESH_MODEL"] = str(error)
-    return errors
-
-
-def command_line(config: ParallamaConfig, data_path: str, checkpoint_path: str) -> str:
-    "The `jora train` command that runs the same training (fields at their defaults are left out)."
-    parts = ["jora", "train", "--data", str(data_path), "--checkpoint-path", str(checkpoint_path)]
-    for field in ParallamaConfig._fields:
-        value, default = getattr(config, field), ParallamaConfig._field_defaults[field]
-        if value != default:
-            parts += [_flag(field), ",".join(value) if isinstance(value, tuple) else str(value).lower()
-                      if isinstance(value, bool) else "none" if value is None else str(value)]
-    return " ".join(shlex.quote(part) for part in parts)
+__all__ = ['WIDE', 'ERROR', 'WARNING', 'DONE', 'NOTE', 'PANEL_NOTEBOOK', 'TrainingForm', 'TrainingPanel', 'ExportPanel',
+           'TryPanel', 'EvaluatePanel', 'panels', 'write_panel_notebook', 'gui_main']
 
 # %% ../nbs/07_gui.ipynb #7e214daa
 def _widget_value(field: str, value):
-    "A config value as its form widget holds it: text for a field that may be None, a tuple for the LoRA targets."
+    "A config value as its form widget holds it: a tuple for the LoRA targets, a bool or a choice as is, text otherwise."
     if field == "LORA_TARGETS":
         return tuple(value)
-    if field in OPTIONAL_FIELDS:
-        return "" if value is None else str(value)
-    return value
+    if field in CHOICES or isinstance(value, bool):
+        return value
+    return "" if value is None else str(value)
 
 
-def _label(field: str) -> str:
-    "A field's label on the form: `MAX_STEPS` -> 'max steps'."
-    return field.lower().replace("_", " ")
+WIDE = dict(style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
 
 
 def _field_widget(field: str, value):
-    description = _label(field)
-    common = dict(description=description, style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
-    value = _widget_value(field, value)
+    "A field's widget: a multi-select for the LoRA targets, a drop-down for choices, a checkbox, or a text box."
+    description, value = label(field), _widget_value(field, value)
     if field == "LORA_TARGETS":
-        return widgets.SelectMultiple(options=PROJECTIONS, value=value, rows=7, **common)
+        return widgets.SelectMultiple(options=PROJECTIONS, value=value, rows=7, description=description, **WIDE)
     if field in CHOICES:
-        return widgets.Dropdown(options=CHOICES[field], value=value, **common)
-    if isinstance(ParallamaConfig._field_defaults[field], bool):
+        return widgets.Dropdown(options=CHOICES[field], value=value, description=description, **WIDE)
+    if isinstance(value, bool):
         return widgets.Checkbox(value=value, indent=False, description=description)
-    if field in OPTIONAL_FIELDS:
-        return widgets.Text(value=value, placeholder="none", **common)
-    if isinstance(ParallamaConfig._field_defaults[field], int):
-        return widgets.IntText(value=value, **common)
-    return widgets.FloatText(value=value, **common)
+    default = ParallamaConfig._field_defaults[field]
+    return widgets.Text(value=value, placeholder="none" if default is None else str(default), description=description,
+                        **WIDE)
 
 
-def _loss_plot_png(history: list) -> bytes:
-    "Train and eval loss, and the learning rate, against the step, as PNG bytes."
-    from matplotlib.figure import Figure
-    figure = Figure(figsize=(8, 2.8))
-    loss_axis, lr_axis = figure.subplots(1, 2)
-    steps = [r["step"] for r in history]
-    loss_axis.plot(steps, [r["loss"] for r in history], label="train")
-    evaluated = [r for r in history if "eval_loss" in r]
-    if evaluated:
-        loss_axis.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="eval")
-    loss_axis.set(xlabel="step", ylabel="loss", title="loss"); loss_axis.legend()
-    lr_axis.plot(steps, [r["lr"] for r in history]); lr_axis.set(xlabel="step", title="learning rate")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    return buffer.getvalue()
+def _html_text(text: str, color: str) -> str:
+    return f"<span style='color:{color}'>{html.escape(str(text))}</span>"
 
 
-class TrainingPanel:
-    "The training form and monitor. `panel.widget` is what to display; `panel.history` fills while it trains."
+ERROR, WARNING, DONE, NOTE = "#b00020", "#8a4b00", "#1b5e20", "#555555"   # the colours of the panels' messages
+
+# %% ../nbs/07_gui.ipynb #a7c3e013
+class TrainingForm:
+    """Every field of a run on five tabs, each with its own error beside it whatever the others hold, error counts on
+    the tab headers, the equivalent command (only for a valid form), settings saved to and loaded from TOML, and a
+    preview of the data as it will be tokenized."""
 
     def __init__(self, config: ParallamaConfig | None = None, data_path: str = "", checkpoint_path: str = ""):
         config = config or ParallamaConfig()
         self.fields = {f: _field_widget(f, getattr(config, f)) for f in ParallamaConfig._fields}
-        self.data_path = widgets.Text(value=str(data_path), description="data file", placeholder="raft.jsonl",
-                                      style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
-        self.checkpoint_path = widgets.Text(value=str(checkpoint_path), description="checkpoint folder",
-                                            style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
-        self.errors = {f: widgets.HTML() for f in [*ParallamaConfig._fields, "data_path", "checkpoint_path"]}
-        extra = {"data_path": self.data_path, "checkpoint_path": self.checkpoint_path}
-        rows = lambda names: widgets.VBox([widgets.HBox([self.fields.get(n) or extra[n], self.errors[n]]) for n in names])
-        groups = {**FIELD_GROUPS, "Data": ["data_path", "checkpoint_path", *FIELD_GROUPS["Data"]]}
-        self.form = widgets.Tab(children=[rows(names) for names in groups.values()], titles=list(groups))
         for field in ParallamaConfig._fields:
             self.fields[field].tooltip = FIELD_HELP[field]
-        devices = jax.devices()
-        self.devices = widgets.HTML(f"<b>{len(devices)} devices:</b> " + ", ".join(f"{d.platform}:{d.id}" for d in devices))
+        self.data_path = widgets.Text(value=str(data_path), description=label("data_path"), placeholder="raft.jsonl", **WIDE)
+        self.checkpoint_path = widgets.Text(value=str(checkpoint_path), description=label("checkpoint_path"),
+                                            placeholder="checkpoints/run", **WIDE)
+        boxes = {**self.fields, "data_path": self.data_path, "checkpoint_path": self.checkpoint_path}
+        self.errors = {name: widgets.HTML() for name in boxes}
+        self.form = widgets.Tab(children=[widgets.VBox([widgets.HBox([boxes[n], self.errors[n]]) for n in names])
+                                          for names in FORM_GROUPS.values()], titles=list(FORM_GROUPS))
         self.command = widgets.HTML()
-        self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
-        self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="steps")
-        self.status = widgets.HTML("idle")
-        self.plot = widgets.Image(format="png", layout=widgets.Layout(width="640px"))
-        self.settings_path = widgets.Text(description="settings file", placeholder="run.toml",
-                                          style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
+        self.settings_path = widgets.Text(description="settings file", placeholder="run.toml", **WIDE)
         self.save_settings_button = widgets.Button(description="Save settings", icon="save")
         self.load_settings_button = widgets.Button(description="Load settings", icon="folder-open")
         self.settings_status = widgets.HTML()
+        self.preview_button = widgets.Button(description="Preview data", icon="table")
+        self.preview = widgets.HTML()
         self.save_settings_button.on_click(lambda button: self.save_settings())
         self.load_settings_button.on_click(lambda button: self.load_settings())
-        self.log = widgets.Textarea(layout=widgets.Layout(width="900px", height="120px"), disabled=True)
-        self.log.add_class("jora-log")
-        self.history, self.result, self.error, self.thread, self.stop_event = [], None, None, None, threading.Event()
-        self._last_plot = 0.0
-        self._pace, self._compiled_bytes, self._nothing_to_do, self._started = None, None, False, time.monotonic()
-        for control in [*self.fields.values(), self.data_path, self.checkpoint_path]:
+        self.preview_button.on_click(lambda button: self.preview_data())
+        for control in boxes.values():
             control.observe(lambda change: self.refresh(), names="value")
-        self.start_button.on_click(lambda button: self.start())
-        self.stop_button.on_click(lambda button: self.stop())
-        settings = widgets.HBox([self.settings_path, self.save_settings_button, self.load_settings_button,
-                                 self.settings_status])
-        self.widget = widgets.VBox([self.form, settings, self.devices, self.command,
-                                    widgets.HBox([self.start_button, self.stop_button, self.progress]), self.status,
-                                    self.plot, self.log])
-        self.refresh()
 
-    def config(self) -> tuple[ParallamaConfig | None, dict]:
-        "The form as a config, and every problem with it (parse errors and validation errors)."
-        config, errors = parse_form({f: w.value for f, w in self.fields.items()})
-        if config is not None:
-            errors = validate(config, self.data_path.value, self.checkpoint_path.value, len(jax.devices()))
-        return config, errors
+    def config(self) -> tuple[ParallamaConfig, dict]:
+        "The form as a config (for checking; a run needs no errors), and every problem with it, field by field."
+        return form_problems({field: control.value for field, control in self.fields.items()}, self.data_path.value,
+                             self.checkpoint_path.value, len(jax.devices()))
 
     def checked_config(self) -> ParallamaConfig:
-        "The form's config, or a ValueError listing what to fix (for the export and try-it panels)."
+        "The form's config, or a ValueError listing what to fix by the labels on screen (for the other panels)."
         config, errors = self.config()
         if errors:
-            raise ValueError("Fix the training form first: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+            raise ValueError("Fix the training form first: " + "; ".join(f"{label(k)}: {v}" for k, v in errors.items()))
         return config
 
     def refresh(self) -> dict:
-        "Show each field's error beside it, the equivalent command, and enable Start only for a valid form."
+        "Show each field's error beside it, error counts on the tabs, and the command; returns the errors."
         config, errors = self.config()
-        for field, label in self.errors.items():
-            label.value = f"<span style='color:#b00020'>{errors[field]}</span>" if field in errors else ""
-        self.command.value = ("<b>Equivalent command:</b> <code>" + command_line(config, self.data_path.value,
-                              self.checkpoint_path.value) + "</code>") if config is not None else ""
-        running = self.thread is not None and self.thread.is_alive()
-        self.start_button.disabled = bool(errors) or running
+        for name, message in self.errors.items():
+            message.value = _html_text(errors[name], ERROR) if name in errors else ""
+        if "checkpoint_path" not in errors:
+            self.errors["checkpoint_path"].value = _html_text(checkpoint_folder_note(self.checkpoint_path.value), NOTE)
+        self.form.titles = tab_titles(errors)
+        self.command.value = command_preview(config, errors, self.data_path.value, self.checkpoint_path.value)
         return errors
+
+    def _settings_message(self, text: str, color: str) -> bool:
+        self.settings_status.value = _html_text(f"settings file: {text}", color)
+        return color == DONE
 
     def save_settings(self) -> bool:
         "Write the form's settings as the TOML `jora train --config` reads, to a file that does not exist yet."
         path = self.settings_path.value.strip()
         config, problems = parse_form({field: control.value for field, control in self.fields.items()})
-        if config is not None:  # values out of range or not among the choices; paths may still be missing
-            problems = {field: problem for field in ParallamaConfig._fields
-                        if (problem := value_problem(field, getattr(config, field)))}
-        if not path or problems or Path(path).exists():
-            why = ("give a file name, such as run.toml" if not path else f"{path} exists; choose a new name"
-                   if not problems else "fix the form first: " + "; ".join(f"{_label(f)}: {p}" for f, p in problems.items()))
-            self.settings_status.value = f"<span style='color:#b00020'>settings file: {why}</span>"
-            return False
+        problems.update({field: problem for field in ParallamaConfig._fields  # the paths may still be missing
+                         if field not in problems and (problem := value_problem(field, getattr(config, field)))})
+        if not path:
+            return self._settings_message("give a file name, such as run.toml", ERROR)
+        if problems:
+            return self._settings_message("fix the form first: " + "; ".join(f"{label(f)}: {p}" for f, p in
+                                                                            problems.items()), ERROR)
+        if Path(path).exists():
+            return self._settings_message(f"{path} exists; choose a new name", ERROR)
         Path(path).write_text(config_to_toml(config), encoding="utf-8")
-        self.settings_status.value = (f"<span style='color:#1b5e20'>settings written to {path} (<code>jora train "
-                                      f"--config {shlex.quote(path)} --data ... --checkpoint-path ...</code>)</span>")
-        return True
+        return self._settings_message(f"written to {path} (jora train --config {shlex.quote(path)} --data ... "
+                                      f"--checkpoint-path ...)", DONE)
 
     def load_settings(self) -> bool:
         "Fill the form from a settings file (a TOML `jora train --config` reads); an error names the file and field."
         path = self.settings_path.value.strip()
+        if not path:
+            return self._settings_message("give the path of a TOML file", ERROR)
         try:
-            config = config_from_toml(path) if path else None
+            config = config_from_toml(path)
         except (OSError, ValueError) as error:
-            self.settings_status.value = f"<span style='color:#b00020'>settings file: {error}</span>"
-            return False
-        if config is None:
-            self.settings_status.value = "<span style='color:#b00020'>settings file: give the path of a TOML file</span>"
-            return False
+            return self._settings_message(str(error), ERROR)
         for field, control in self.fields.items():
             control.value = _widget_value(field, getattr(config, field))
-        self.settings_status.value = f"<span style='color:#1b5e20'>settings read from {path}</span>"
-        return True
+        return self._settings_message(f"read from {path}", DONE)
+
+    def preview_data(self, count: int = 3) -> list[dict]:
+        "Tokenize the data as the run will, and show the truncation reports and the first examples (or what to fix)."
+        config, errors = self.config()
+        needed = [name for name in ("LLAMA2_HF_PATH", "LLAMA2_META_PATH", "data_path", "MAX_SEQ_LEN", "SPLIT_PERCENTAGE",
+                                    "SEED", "ALPACA_MIX", "ALPACA_PATH", "CHAT_LOSS") if name in errors]
+        if needed:
+            self.preview.value = _html_text("The preview needs: " + "; ".join(f"{label(n)}: {errors[n]}" for n in needed),
+                                            ERROR)
+            return []
+        from jora.data import generate_alpaca_dataset
+        self.preview.value = "<i>tokenizing...</i>"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the reports below say what the warnings would
+                splits = {split: generate_alpaca_dataset(self.data_path.value, split, config)
+                          for split in (("train", "test") if config.SPLIT_PERCENTAGE < 1 else ("train",))}
+        except Exception as error:
+            self.preview.value = _html_text(f"{self.data_path.value}: {error}", ERROR)
+            return []
+        rows = preview_rows(splits["train"], count)
+        self.preview.value = preview_html(rows, {split: dataset.report for split, dataset in splits.items()})
+        return rows
+
+# %% ../nbs/07_gui.ipynb #a7c3e014
+class TrainingPanel(TrainingForm):
+    "The training form and its monitor. `panel.widget` is what to display; `panel.history` fills while it trains."
+
+    def __init__(self, config: ParallamaConfig | None = None, data_path: str = "", checkpoint_path: str = ""):
+        super().__init__(config, data_path, checkpoint_path)
+        devices = jax.devices()
+        self.devices = widgets.HTML(f"<b>{len(devices)} device{'s' if len(devices) > 1 else ''}:</b> "
+                                    + ", ".join(f"{d.platform}:{d.id}" for d in devices))
+        self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
+        self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="steps")
+        self.status = widgets.HTML("idle")
+        self.plot = widgets.Image(format="png", layout=widgets.Layout(width="640px", display="none"))
+        self.log = widgets.Textarea(layout=widgets.Layout(width="900px", height="120px"), disabled=True)
+        self.log.add_class("jora-log")
+        self.history, self.result, self.error, self.thread, self.stop_event = [], None, None, None, threading.Event()
+        self._last_plot, self._pace, self._compiled_bytes, self._nothing_to_do = 0.0, None, None, False
+        self._started = time.monotonic()
+        self.start_button.on_click(lambda button: self.start())
+        self.stop_button.on_click(lambda button: self.stop())
+        self.widget = widgets.VBox([
+            self.form, widgets.HBox([self.settings_path, self.save_settings_button, self.load_settings_button]),
+            self.settings_status,
+            widgets.HBox([self.preview_button]), self.preview, self.devices, self.command,
+            widgets.HBox([self.start_button, self.stop_button, self.progress]), self.status, self.plot, self.log])
+        self.refresh()
+
+    def refresh(self) -> dict:
+        "The form's checks, and Start enabled only for a valid form while nothing runs."
+        errors = super().refresh()
+        running = getattr(self, "thread", None) is not None and self.thread.is_alive()
+        if hasattr(self, "start_button"):
+            self.start_button.disabled = bool(errors) or running
+        return errors
+
+    def _draw(self, history: list[dict]) -> None:
+        "The loss plot of `history`, or no plot at all (not an empty image) before the first step."
+        self.plot.value = loss_plot_png(history) if history else b""
+        self.plot.layout.display = None if history else "none"
+        self._last_plot = time.monotonic()
 
     def say(self, line: str) -> None:
         self.log.value += line.rstrip() + "\n"
@@ -262,7 +225,8 @@ class TrainingPanel:
             return False
         config, _ = self.config()
         self.history, self.result, self.error = [], None, None
-        self.log.value, self.plot.value, self.status.value = "", b"", "starting..."  # nothing left from a run before
+        self.log.value, self.status.value = "", "starting..."  # nothing left from a run before
+        self._draw([])
         self._pace, self._compiled_bytes, self._nothing_to_do, self._started = None, None, False, time.monotonic()
         self.stop_event.clear()
         self.start_button.disabled, self.stop_button.disabled = True, False
@@ -279,9 +243,9 @@ class TrainingPanel:
     def _run(self, config: ParallamaConfig, data_path: str, checkpoint_path: str) -> None:
         from jora.data import generate_alpaca_dataset
         try:
-            self.status.value = "reading data..."
+            self.status.value = f"reading {data_path}..."
             train = generate_alpaca_dataset(data_path, "train", config)
-            self.say(f"train split: {train.report}")
+            self.say(f"train split: {train.report} (read from {data_path})")
             test = generate_alpaca_dataset(data_path, "test", config) if config.SPLIT_PERCENTAGE < 1 else None
             if test is not None:
                 self.say(f"test split: {test.report}")
@@ -293,7 +257,7 @@ class TrainingPanel:
         except Exception as error:  # shown in the panel, not lost in a thread
             self.error = error
             self.say(f"error: {error}\n{traceback.format_exc(limit=3)}")
-            self.status.value = f"<span style='color:#b00020'>failed: {error}</span>"
+            self.status.value = _html_text(f"failed: {error}", ERROR)
         finally:
             self.stop_button.disabled = True
             self.thread = None
@@ -313,12 +277,11 @@ class TrainingPanel:
                                               (now - since) / max(info["step"] - first_step, 1), self._compiled_bytes,
                                               device_memory_stats())
             if time.monotonic() - self._last_plot > 1.0 or info["step"] == self.progress.max:
-                self.plot.value, self._last_plot = _loss_plot_png(self.history), time.monotonic()
+                self._draw(self.history)
         elif event == "checkpoint":
             self.say(f"checkpoint: {info['path']}")
         elif event == "end":
-            if self.history:
-                self.plot.value = _loss_plot_png(self.history)
+            self._draw(self.history)
             last = self.history[-1] if self.history else {}
             if not self._nothing_to_do:
                 self.status.value = (f"{'stopped' if info['stopped_early'] else 'finished'} at step {info['step']}"
@@ -330,14 +293,13 @@ class TrainingPanel:
         self.history = list(info.get("history", []))
         if info.get("resumed_from"):
             self.say(f"resuming from {info['resumed_from']} (step {info['step']} of {info['total_steps']})")
-        if self.history:
-            self.plot.value = _loss_plot_png(self.history)
+        self._draw(self.history)
         if info["step"] >= info["total_steps"]:
             self._nothing_to_do = True
-            self.status.value = (f"<span style='color:#8a4b00'>The run in this checkpoint folder already finished at "
-                                 f"step {info['step']} of {info['total_steps']}: nothing was trained. To train on, "
-                                 f"raise max steps above {info['step']}; to start afresh, choose a new checkpoint "
-                                 f"folder.</span>")
+            self.status.value = _html_text(f"The run in this checkpoint folder already finished at step {info['step']} "
+                                           f"of {info['total_steps']}: nothing was trained. To train on, raise max "
+                                           f"steps above {info['step']}; to start afresh, choose a new checkpoint "
+                                           f"folder.", WARNING)
 
     def wait(self, timeout: float | None = None) -> None:
         "Block until the current run (if any) ends."
@@ -345,28 +307,6 @@ class TrainingPanel:
         if thread is not None:
             thread.join(timeout)
 
-# %% ../nbs/07_gui.ipynb #f0730bca
-def duration(seconds: float) -> str:
-    "`m:ss`, or `h:mm:ss` from an hour on."
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
-
-
-def progress_text(record: dict, total_steps: int, elapsed: float, seconds_per_step: float,
-                  compiled_bytes: int | None = None, devices: list[dict] = ()) -> str:
-    "The monitor's line after a step: counts, loss, lr, tokens/s, elapsed time, ETA and memory per device."
-    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
-             f"{record['tokens_per_second']:.0f} tokens/s", f"elapsed {duration(elapsed)}",
-             f"ETA {duration(seconds_per_step * max(total_steps - record['step'], 0))}"]
-    if "eval_loss" in record:
-        parts.append(f"eval loss {record['eval_loss']:.4f}")
-    if devices:
-        parts.append("memory in use: " + ", ".join(f"{row['device']} {row['bytes_in_use'] / 2**30:.2f} GiB"
-                                                   for row in devices))
-    elif compiled_bytes:
-        parts.append(f"memory per device (compiled step) {compiled_bytes / 2**20:.1f} MiB")
-    return " &nbsp; ".join(parts)
 
 # %% ../nbs/07_gui.ipynb #767b03c6
 def _row(*children):
@@ -374,14 +314,14 @@ def _row(*children):
 
 
 class ExportPanel:
-    "Save the run's newest adapter as a PEFT adapter, or merge it into a Hugging Face model folder."
+    """Save the run's newest checkpoint as a PEFT adapter, or merge it into a Hugging Face model folder: into a new or
+    empty folder, or an earlier export of the same kind only when "replace" is ticked; never the model or checkpoints."""
 
     def __init__(self, training: TrainingPanel):
         self.training = training
-        self.adapter_path = widgets.Text(description="PEFT adapter folder", style={"description_width": "170px"},
-                                         layout=widgets.Layout(width="520px"))
-        self.merged_path = widgets.Text(description="merged model folder", style={"description_width": "170px"},
-                                        layout=widgets.Layout(width="520px"))
+        wide = dict(style={"description_width": "170px"}, layout=widgets.Layout(width="520px"))
+        self.adapter_path = widgets.Text(description="PEFT adapter folder", placeholder="adapter", **wide)
+        self.merged_path = widgets.Text(description="merged model folder", placeholder="merged-model", **wide)
         self.save_button = widgets.Button(description="Save adapter", icon="save")
         self.merge_button = widgets.Button(description="Merge", icon="compress")
         self.overwrite = widgets.Checkbox(value=False, description="replace an earlier export in that folder",
@@ -392,36 +332,42 @@ class ExportPanel:
         self.widget = widgets.VBox([_row(self.adapter_path, self.save_button), _row(self.merged_path, self.merge_button),
                                     self.overwrite, self.status])
 
-    def _checkpoint(self):
-        newest = latest_checkpoint(self.training.checkpoint_path.value) if self.training.checkpoint_path.value else None
+    def _checkpoint(self) -> Path:
+        folder = self.training.checkpoint_path.value.strip()
+        newest = latest_checkpoint(folder) if folder else None
         if newest is None:
-            raise FileNotFoundError("No checkpoint yet: train first (or set the checkpoint folder on the training tab).")
+            raise FileNotFoundError(f"No checkpoint in {folder or 'the checkpoint folder'} yet: train first (or set the "
+                                    f"checkpoint folder on the training tab).")
         return newest
 
-    def _report(self, action):
+    def _report(self, action) -> bool:
         try:
-            self.status.value = f"<span style='color:#1b5e20'>{action()}</span>"
-        except Exception as error:
-            self.status.value = f"<span style='color:#b00020'>{error}</span>"
+            self.status.value = _html_text(action(), DONE)
+            return True
+        except Exception as error:  # the files chapter's hint for the command line, said as the panel does it
+            message = str(error).replace("pass --overwrite (overwrite=True)", f"tick '{self.overwrite.description}'")
+            self.status.value = _html_text(message, ERROR)
+            return False
 
-    def save_adapter(self):
-        from jora.formats import save_peft_adapter
-        from jora.formats import load_lora
+    def save_adapter(self) -> bool:
+        "Write the newest checkpoint as a PEFT adapter (with the prompt format and the tokenizer's files)."
+        from jora.formats import load_lora, save_peft_adapter
         def action():
-            base = model_path(self.training.checked_config())
-            lora, lora_config = load_lora(self._checkpoint())
+            base, checkpoint = model_path(self.training.checked_config()), self._checkpoint()
+            lora, lora_config = load_lora(checkpoint)
             written = save_peft_adapter(self.adapter_path.value, lora, lora_config, base, overwrite=self.overwrite.value,
                                         protected=[self.training.checkpoint_path.value])
-            return f"PEFT adapter written to {written}"
-        self._report(action)
+            return f"PEFT adapter of step {checkpoint_step(checkpoint)} ({checkpoint}) written to {written}"
+        return self._report(action)
 
-    def merge(self):
+    def merge(self) -> bool:
+        "Write the base model with the newest checkpoint's adapters merged into its weights."
         from jora.export import merge_to_hf
         def action():
-            base = model_path(self.training.checked_config())
-            written = merge_to_hf(base, self._checkpoint(), self.merged_path.value, overwrite=self.overwrite.value)
-            return f"merged model written to {written}"
-        self._report(action)
+            base, checkpoint = model_path(self.training.checked_config()), self._checkpoint()
+            written = merge_to_hf(base, checkpoint, self.merged_path.value, overwrite=self.overwrite.value)
+            return f"{base} with the adapters of step {checkpoint_step(checkpoint)} ({checkpoint}) merged, written to {written}"
+        return self._report(action)
 
 
 class TryPanel:
@@ -473,7 +419,6 @@ class TryPanel:
 
     def generate(self) -> dict:
         "Generate from the base model and, when there is one, with the adapter; show the texts (or what to fix)."
-        import html
         from jora.data import as_chat, prompt_ids
         from jora.model import generate
         self.button.disabled, self.output.value = True, "<i>generating...</i>"
@@ -491,19 +436,89 @@ class TryPanel:
             self.output.value = "".join(f"<p><b>{name}:</b> {html.escape(text)}</p>" for name, text in texts.items())
             return texts
         except Exception as error:
-            self.output.value = f"<span style='color:#b00020'>{html.escape(str(error))}</span>"
+            self.output.value = _html_text(error, ERROR)
             return {}
         finally:
             self.button.disabled = False
 
 
+# %% ../nbs/07_gui.ipynb #a7c3e020
+class EvaluatePanel:
+    """The test split's loss and accuracy (exact match or the WikiTableQuestions rule) for a checkpoint beside the base
+    model, as a table; on a background thread, with a busy sign."""
+
+    def __init__(self, training: TrainingPanel):
+        from jora.evaluate import ANSWER_RULES
+        self.training, self.thread, self.rows, self.error = training, None, [], None
+        wide = dict(style={"description_width": "170px"}, layout=widgets.Layout(width="640px"))
+        self.adapter = widgets.Text(description="adapter", placeholder="default: the training tab's newest checkpoint",
+                                    **wide)
+        self.rule = widgets.Dropdown(options=list(ANSWER_RULES), description="answers scored by",
+                                     style={"description_width": "170px"})
+        self.max_examples = widgets.Text(value="32", description="test examples", placeholder="all",
+                                         style={"description_width": "170px"})
+        self.max_new_tokens = widgets.IntSlider(value=32, min=1, max=256, description="new tokens")
+        self.button = widgets.Button(description="Evaluate", icon="check")
+        self.output = widgets.HTML()
+        self.button.on_click(lambda button: self.start())
+        self.widget = widgets.VBox([self.adapter, _row(self.rule, self.max_examples, self.max_new_tokens), self.button,
+                                    self.output])
+
+    def _settings(self) -> tuple:
+        "The training form's config and data, the adapter (given, or the newest checkpoint) and the example count."
+        config = self.training.checked_config()
+        adapter = self.adapter.value.strip() or self.training.checkpoint_path.value.strip()
+        if not adapter or not Path(adapter).exists():
+            raise ValueError(f"adapter: {adapter or '(empty)'} does not exist; give a checkpoint, a checkpoint folder or "
+                             f"a PEFT adapter folder (or train first).")
+        count = self.max_examples.value.strip()
+        if count and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"test examples: give a whole number above 0 (or nothing, for all), not {count!r}")
+        return config, self.training.data_path.value, adapter, int(count) if count else None
+
+    def start(self) -> bool:
+        "Evaluate on a background thread; the table (or what to fix) appears below."
+        if self.thread is not None and self.thread.is_alive():
+            return False
+        try:
+            settings = self._settings()
+        except ValueError as error:
+            self.output.value = _html_text(error, ERROR)
+            return False
+        self.rows, self.error, self.button.disabled = [], None, True
+        self.output.value = f"<i>evaluating {html.escape(settings[2])} and the base model on the test split...</i>"
+        self.thread = threading.Thread(target=self._run, args=settings, daemon=True)
+        self.thread.start()
+        return True
+
+    def _run(self, config, data_path, adapter, count) -> None:
+        import pandas as pd
+        from jora.evaluate import evaluate_checkpoint
+        try:
+            self.rows = evaluate_checkpoint(config, data_path, adapter, rule=self.rule.value, max_examples=count,
+                                            max_new_tokens=self.max_new_tokens.value)
+            self.output.value = (f"<p>{html.escape(str(data_path))}, test split:</p>"
+                                 + pd.DataFrame(self.rows).to_html(index=False, float_format="{:.4f}".format))
+        except Exception as error:
+            self.error = error
+            self.output.value = _html_text(error, ERROR)
+        finally:
+            self.button.disabled = False
+
+    def wait(self, timeout: float | None = None) -> None:
+        "Block until the evaluation (if any) ends."
+        if self.thread is not None:
+            self.thread.join(timeout)
+
 
 def panels(config: ParallamaConfig | None = None, data_path: str = "", checkpoint_path: str = ""):
-    "The three panels in tabs (Train, Export, Try it); returns the tab widget with `.training`, `.export`, `.try_it`."
+    """The panels in tabs (Train, Evaluate, Export, Try it); returns the tab widget with `.training`, `.evaluation`,
+    `.export`, `.try_it`."""
     training = TrainingPanel(config, data_path, checkpoint_path)
-    export, try_it = ExportPanel(training), TryPanel(training)
-    tabs = widgets.Tab(children=[training.widget, export.widget, try_it.widget], titles=["Train", "Export", "Try it"])
-    tabs.training, tabs.export, tabs.try_it = training, export, try_it
+    evaluation, export, try_it = EvaluatePanel(training), ExportPanel(training), TryPanel(training)
+    tabs = widgets.Tab(children=[training.widget, evaluation.widget, export.widget, try_it.widget],
+                       titles=["Train", "Evaluate", "Export", "Try it"])
+    tabs.training, tabs.evaluation, tabs.export, tabs.try_it = training, evaluation, export, try_it
     return tabs
 
 # %% ../nbs/07_gui.ipynb #b2c2d1b3

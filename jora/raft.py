@@ -17,13 +17,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator
 
+from .evaluate import answer_questions, normalize_answer, split_prediction, wtq_correct
+
 # %% auto #0
 __all__ = ['TARGET_QUESTION', 'REPLY_QUESTION', 'unescape_wtq', 'split_answers', 'read_wtq_table', 'read_wtq_questions',
-           'serialize_table', 'wtq_records', 'normalize_answer', 'answer_value', 'values_match', 'wtq_correct',
-           'split_prediction', 'parse_comment', 'link_target', 'read_threads', 'thread_context',
+           'serialize_table', 'wtq_records', 'parse_comment', 'link_target', 'read_threads', 'thread_context',
            'directionality_examples', 'thread_split', 'fourchan_records', 'parse_post_number', 'directionality_metrics',
            'baseline_predictions', 'random_baseline_metrics', 'CaseStudy', 'case_study_config', 'run_phase_one',
-           'run_phase_two', 'answer_questions', 'evaluate_study', 'run_case_study']
+           'run_phase_two', 'evaluate_study', 'run_case_study']
 
 # %% ../nbs/08_raft_4chan.ipynb #72c0fc31
 def unescape_wtq(text: str) -> str:
@@ -106,85 +107,6 @@ def wtq_records(root, split_file: str = "data/training.tsv", tokenizer=None, tab
                         "output": ", ".join(question["answers"]), "id": question["id"], "answers": question["answers"]})
     from jora.data import as_chat
     return [as_chat(record) for record in records] if chat else records
-
-# %% ../nbs/08_raft_4chan.ipynb #bc201b65
-def normalize_answer(text: str) -> str:
-    "WikiTableQuestions' string normalisation."
-    text = "".join(c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) != "Mn")
-    text = re.sub(r"[‘’´`]", "'", text)
-    text = re.sub(r"[“”]", '"', text)
-    text = re.sub(r"[‐‑‒–—−]", "-", text)
-    while True:
-        before = text
-        text = re.sub(r"((?<!^)\[[^\]]*\]|\[\d+\]|[•♦†‡*#+])*$", "", text.strip())  # citations and marks
-        text = re.sub(r"(?<!^)( \([^)]*\))*$", "", text.strip())  # trailing details in parentheses
-        text = re.sub(r'^"([^"]*)"$', r"\1", text.strip())  # outer quotes
-        if text == before:
-            break
-    if text.endswith("."):
-        text = text[:-1]
-    return re.sub(r"\s+", " ", text).lower().strip()
-
-
-# %% ../nbs/08_raft_4chan.ipynb #61f33b7f
-def _as_number(text: str):
-    for kind in (int, float):
-        try:
-            value = kind(text)
-        except ValueError:
-            continue
-        return value if value == value and abs(value) != float("inf") else None
-    return None
-
-
-def _as_date(text: str):
-    parts = text.lower().split("-")
-    if len(parts) != 3:
-        return None
-    try:
-        year = -1 if parts[0] in ("xx", "xxxx") else int(parts[0])
-        month = -1 if parts[1] == "xx" else int(parts[1])
-        day = -1 if parts[2] == "xx" else int(parts[2])
-    except ValueError:
-        return None
-    if (year, month, day) == (-1, -1, -1) or not (month == -1 or 1 <= month <= 12) or not (day == -1 or 1 <= day <= 31):
-        return None
-    return year, month, day
-
-
-# %% ../nbs/08_raft_4chan.ipynb #d771c6d3
-def answer_value(text: str) -> tuple:
-    "('number', x), ('date', (y, m, d)) or ('text', normalised), with the normalised text kept for cross-kind matches."
-    normalized = normalize_answer(text)
-    number = _as_number(normalized)
-    if number is not None:
-        return ("number", float(number), normalized)
-    date = _as_date(normalized)
-    if date is not None:
-        return ("number", float(date[0]), normalized) if date[1] == date[2] == -1 else ("date", date, normalized)
-    return ("text", normalized, normalized)
-
-
-def values_match(target: tuple, predicted: tuple) -> bool:
-    "Numbers within 1e-6, dates field by field, anything else by its normalised text."
-    if target[0] == "number" and predicted[0] == "number":
-        return abs(target[1] - predicted[1]) < 1e-6
-    if target[0] == "date" and predicted[0] == "date":
-        return target[1] == predicted[1]
-    return target[2] == predicted[2]
-
-
-# %% ../nbs/08_raft_4chan.ipynb #b8e60d4c
-def wtq_correct(answers: list[str], predicted: list[str]) -> bool:
-    "Official rule: as many predicted values as answers, and every answer matched by a predicted value."
-    targets, guesses = [answer_value(a) for a in answers], [answer_value(p) for p in predicted]
-    return len(targets) == len(guesses) and all(any(values_match(t, g) for g in guesses) for t in targets)
-
-
-def split_prediction(text: str) -> list[str]:
-    "A generated answer as values: split on ', ' or '|' (the output format of `wtq_records`)."
-    return [part.strip() for part in re.split(r"\s*\|\s*|,\s+", text.strip()) if part.strip()]
-
 
 # %% ../nbs/08_raft_4chan.ipynb #6f0848c2
 class _CommentParser(HTMLParser):
@@ -371,10 +293,11 @@ def case_study_config(study: CaseStudy, phase: int):
 
 # %% ../nbs/08_raft_4chan.ipynb #7656ee22
 def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
-    "Phase 1: LoRA on WikiTableQuestions, merged into the base model (work_dir/phase1-merged)."
+    """Phase 1: LoRA on WikiTableQuestions, merged into the base model (work_dir/phase1-merged); `progress` shows a
+    progress bar and a live loss plot."""
     from jora.data import load_tokenizer
     from jora.data import AlpacaDataset
-    from jora.train import train_lora
+    from jora.train import LossPlot, train_lora
     from jora.export import merge_to_hf
     config = case_study_config(study, 1)
     tokenizer = load_tokenizer(study.base_model)
@@ -382,7 +305,8 @@ def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
     dataset = AlpacaDataset(path=records, split="train", split_percentage=1.0, tokenizer=tokenizer,
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=config.ALPACA_MIX, general_path=config.ALPACA_PATH,
                             seed=config.SEED)
-    result = train_lora(config, dataset, Path(study.work_dir) / "phase1-checkpoints", progress=progress)
+    result = train_lora(config, dataset, Path(study.work_dir) / "phase1-checkpoints", progress=progress,
+                        callbacks=[LossPlot()] if progress else ())
     merged = merge_to_hf(study.base_model, result.checkpoint, Path(study.work_dir) / "phase1-merged",
                          overwrite=True)  # a rerun replaces its own earlier merge, and nothing else
     return {"result": result, "merged": merged, "examples": len(dataset)}
@@ -392,37 +316,14 @@ def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
 def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
     "Phase 2: LoRA on 4chan directionality (train threads) on top of the merged phase-1 model."
     from jora.data import AlpacaDataset
-    from jora.train import train_lora
+    from jora.train import LossPlot, train_lora
     config = case_study_config(study, 2)
     records = fourchan_records(study.fourchan, "train", seed=config.SEED, chat=study.chat)
     dataset = AlpacaDataset(path=records, split="train", split_percentage=1.0, tokenizer=config.LLAMA2_HF_PATH,
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=0, seed=config.SEED)
-    result = train_lora(config, dataset, Path(study.work_dir) / "phase2-checkpoints", progress=progress)
+    result = train_lora(config, dataset, Path(study.work_dir) / "phase2-checkpoints", progress=progress,
+                        callbacks=[LossPlot()] if progress else ())
     return {"result": result, "examples": len(dataset)}
-
-
-# %% ../nbs/08_raft_4chan.ipynb #c7394a9a
-def answer_questions(model_path, examples: list[dict], lora=None, max_len: int = 512, max_new_tokens: int = 8,
-                     batch_size: int = 8) -> list[str]:
-    "Greedy answers of a model (with optional adapters) to Alpaca or chat examples, prompts cut context-first."
-    import numpy as np
-    import jax.numpy as jnp
-    from jora.data import load_tokenizer, prompt_ids
-    from jora.model import generate
-    from jora.formats import load_hf_checkpoint
-    tokenizer = load_tokenizer(model_path)
-    config, params = load_hf_checkpoint(model_path, dtype=jnp.float32)
-    answers = []
-    for start in range(0, len(examples), batch_size):
-        prompts = [prompt_ids(example, tokenizer, max_len - max_new_tokens) for example in examples[start:start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = np.zeros((len(prompts), width), np.int32)
-        mask = np.zeros((len(prompts), width), np.int32)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
-        generated = generate(config, params, ids, attention_mask=mask, lora=lora, max_new_tokens=max_new_tokens)
-        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in generated]
-    return answers
 
 
 # %% ../nbs/08_raft_4chan.ipynb #2eb1cca9

@@ -8,6 +8,7 @@ Docs: https://jora-dev.github.io/jora/nbs/train.html.md"""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import threading
@@ -39,8 +40,8 @@ __all__ = ['parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'loa
            'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged', 'TrainResult',
            'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder', 'step_options',
            'run_train_step', 'Run', 'prepare_run', 'fresh_state', 'restore_state', 'micro_batch_groups', 'ctrl_c_sets',
-           'compiled_step', 'step_record', 'check_finite', 'write_checkpoint', 'train_lora', 'abstract_train_inputs',
-           'step_memory', 'longest_trainable_sequence']
+           'compiled_step', 'step_record', 'check_finite', 'write_checkpoint', 'train_lora', 'loss_figure',
+           'loss_plot_png', 'LossPlot', 'abstract_train_inputs', 'step_memory', 'longest_trainable_sequence']
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
 def parameter_count(params: dict) -> int:
@@ -482,6 +483,59 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
     return TrainResult(LoraWeights(state.adapters, run.lora_config.scale, run.lora_config.dropout), run.lora_config,
                        run.model_config, history, last_saved, stopped_early)
 
+
+# %% ../nbs/05_train.ipynb #b5e1f002
+def loss_figure(history: list[dict]):
+    "Train and eval loss, and the learning rate, against the step: a matplotlib `Figure` (no pyplot state, thread-safe)."
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(8, 2.8), dpi=80)
+    loss_axis, lr_axis = figure.subplots(1, 2)
+    steps = [record["step"] for record in history]
+    loss_axis.plot(steps, [record["loss"] for record in history], label="train")
+    evaluated = [record for record in history if "eval_loss" in record]
+    if evaluated:
+        loss_axis.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="eval")
+    loss_axis.set(xlabel="step", ylabel="loss", title="loss")
+    loss_axis.legend()
+    lr_axis.plot(steps, [record["lr"] for record in history])
+    lr_axis.set(xlabel="step", title="learning rate")
+    figure.tight_layout()
+    return figure
+
+
+def loss_plot_png(history: list[dict]) -> bytes:
+    "`loss_figure` as PNG bytes (what an image widget or a notebook output shows)."
+    buffer = io.BytesIO()
+    loss_figure(history).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+class LossPlot:
+    """A `train_lora` callback that draws `loss_figure` in the notebook cell while the run trains: redrawn at most every
+    `seconds` and at the end; each run (each `start` event) gets its own figure."""
+
+    def __init__(self, seconds: float = 2.0):
+        self.seconds, self.history, self.handle, self.drawn = seconds, [], None, 0.0
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "start":
+            self.history, self.handle = list(info.get("history", [])), None
+        elif event == "step":
+            self.history.append(info)
+        if event == "end" or (event == "step" and time.monotonic() - self.drawn > self.seconds):
+            self.draw()
+
+    def draw(self) -> None:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+        if not self.history or get_ipython() is None:  # outside a notebook or IPython there is nowhere to draw
+            return
+        image = Image(loss_plot_png(self.history))
+        if self.handle is None:
+            self.handle = display(image, display_id=True)
+        else:
+            self.handle.update(image)
+        self.drawn = time.monotonic()
 
 # %% ../nbs/05_train.ipynb #a6bf8c81
 def abstract_train_inputs(config: ParallamaConfig, model_config: LlamaConfig, mesh, optimizer, seq_len: int) -> tuple:

@@ -22,7 +22,8 @@ from jora.export import merge_to_hf
 from jora.formats import save_peft_adapter
 from jora.files import (CheckpointError, CheckpointWarning, UnsafeFolderError, WriteError, checkpoints,
                         describe_checkpoints, latest_checkpoint)
-from jora.gui import command_line, panels
+from jora.form import command_line
+from jora.gui import panels
 from jora.formats import checkpoint_tensor_files
 from jora.testing import save_tiny_hf_checkpoint
 from jora.train import train_lora
@@ -175,13 +176,12 @@ def test_panel_export_refuses_an_empty_path_and_a_users_folder(setup, finished_r
     assert "holds files jora did not write" in ui.export.status.value
     assert snapshot(tmp_path) == before
     ui.export.adapter_path.value = str(tmp_path / "adapter")
-    ui.export.save_adapter()
-    assert "PEFT adapter written to" in ui.export.status.value
-    ui.export.save_adapter()
-    assert "pass --overwrite" in ui.export.status.value
+    assert ui.export.save_adapter()
+    assert "PEFT adapter of step 4" in ui.export.status.value and f"written to {tmp_path / 'adapter'}" in ui.export.status.value
+    assert not ui.export.save_adapter()
+    assert "tick &#x27;replace an earlier export in that folder&#x27;" in ui.export.status.value
     ui.export.overwrite.value = True
-    ui.export.save_adapter()
-    assert "PEFT adapter written to" in ui.export.status.value
+    assert ui.export.save_adapter() and "PEFT adapter of step 4" in ui.export.status.value
 
 
 def test_demo_refuses_a_users_folder(tmp_path):

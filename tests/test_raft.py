@@ -6,7 +6,8 @@ import pytest
 
 from jora.raft import (directionality_examples, directionality_metrics, fourchan_records, link_target, parse_comment,
                        parse_post_number, read_threads, read_wtq_questions, read_wtq_table, serialize_table,
-                       split_answers, thread_split, unescape_wtq, wtq_correct, wtq_records)
+                       split_answers, thread_split, unescape_wtq, wtq_records)
+from jora.evaluate import wtq_correct
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 WTQ, POL = SAMPLES / "wikitablequestions-sample", SAMPLES / "4chan-sample" / "pol_sample.ndjson"

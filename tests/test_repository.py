@@ -86,7 +86,7 @@ assert "torch" not in {{name.split(".")[0] for name, module in sys.modules.items
 
 
 MODULE_ORDER = ["attention", "model", "sharding", "lora", "data", "files", "formats", "testing", "config", "train", "export",
-                "gui", "raft", "cli"]
+                "evaluate", "form", "gui", "raft", "cli"]
 
 
 def test_modules_import_one_way():
