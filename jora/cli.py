@@ -25,7 +25,8 @@ from .files import describe_checkpoints, output_folder, run_command
 from .formats import load_hf_checkpoint, load_peft_adapter
 from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
 from .train import load_model, run_mesh, train_lora
-from .evaluate import ANSWER_RULES, evaluate_checkpoint
+from .retrieval import CorpusIndex, read_corpus, read_questions
+from .evaluate import ANSWER_RULES, adapter_label, evaluate_checkpoint, retrieval_robustness
 from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict, config_from_toml
 
 # %% auto #0
@@ -147,12 +148,16 @@ def eval_argument_parser():
     import argparse
     parser = argparse.ArgumentParser(prog="jora eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      description="The test split's loss and accuracy of an adapter beside the base model.")
-    parser.add_argument("--data", required=True, help="the JSON or JSONL records the run trained on (its test split is used)")
+    parser.add_argument("--data", default=None, help="the JSON or JSONL records the run trained on (its test split is used)")
     parser.add_argument("--adapter", required=True, help="a checkpoint, a folder of checkpoints, or a PEFT adapter folder")
     parser.add_argument("--config", help="TOML file with ParallamaConfig fields (flags override it)")
     parser.add_argument("--rule", default="exact match", choices=list(ANSWER_RULES), help="how answers are scored")
     parser.add_argument("--max-examples", type=int, default=None, help="score at most this many test records")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="the longest answer generated")
+    parser.add_argument("--corpus", default=None, help="with --questions: measure robustness to retrieval noise on RAFT "
+                        "rows built from this corpus (JSONL/JSON/CSV or a folder of .txt files) instead")
+    parser.add_argument("--questions", default=None, help="question records (question, answer, oracle_ids) for --corpus")
+    parser.add_argument("--distractors", type=int, default=4, help="with --corpus: the most distractors (0, k/2, k are measured)")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return add_field_flags(parser)
 
@@ -161,7 +166,20 @@ def eval_main(argv: list[str] | None = None) -> int:
     "`jora eval`: print the base model's and the adapter's test loss and accuracy as a table."
     import pandas as pd
     arguments = eval_argument_parser().parse_args(argv)
-    rows = evaluate_checkpoint(config_from_arguments(arguments), arguments.data, arguments.adapter, rule=arguments.rule,
+    config = config_from_arguments(arguments)
+    if arguments.corpus or arguments.questions:
+        if not (arguments.corpus and arguments.questions):
+            raise ValueError("--corpus and --questions go together: the questions' oracle ids name documents of the corpus.")
+        index = CorpusIndex(read_corpus(arguments.corpus))
+        questions = read_questions(arguments.questions)[:arguments.max_examples]
+        for name, adapter in (("base model", None), (adapter_label(arguments.adapter), arguments.adapter)):
+            table = retrieval_robustness(config, questions, index, adapter, distractors=arguments.distractors,
+                                         rule=arguments.rule, max_new_tokens=arguments.max_new_tokens)
+            print(f"{name}:\n" + pd.DataFrame(table).to_string(index=False, float_format="{:.4f}".format))
+        return 0
+    if not arguments.data:
+        raise ValueError("Give --data (the records the run trained on), or --corpus and --questions.")
+    rows = evaluate_checkpoint(config, arguments.data, arguments.adapter, rule=arguments.rule,
                                max_examples=arguments.max_examples, max_new_tokens=arguments.max_new_tokens)
     print(pd.DataFrame(rows).to_string(index=False, float_format="{:.4f}".format))
     return 0

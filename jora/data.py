@@ -21,10 +21,10 @@ from .model import IGNORE_INDEX
 
 # %% auto #0
 __all__ = ['CHAT_ROLES', 'PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'PROMPT_FORMAT_FILE', 'ASSISTANT_TURNS', 'TOKENIZER_FILES',
-           'RecordError', 'read_records', 'prompt_format', 'format_prompt', 'prompt_parts', 'TruncationReport',
-           'prompt_tokens', 'answer_tokens', 'longest_fitting', 'cut_context', 'tokenize_record', 'is_chat',
-           'chat_messages', 'render_chat', 'assistant_spans', 'tokenize_chat_record', 'tokenize_example', 'as_chat',
-           'prompt_ids', 'split_records', 'mix_general_records', 'load_tokenizer', 'AlpacaDataset',
+           'RecordError', 'read_records', 'prompt_format', 'format_prompt', 'prompt_parts', 'listed',
+           'TruncationReport', 'prompt_tokens', 'answer_tokens', 'longest_fitting', 'cut_context', 'tokenize_record',
+           'is_chat', 'chat_messages', 'render_chat', 'assistant_spans', 'tokenize_chat_record', 'tokenize_example',
+           'as_chat', 'prompt_ids', 'split_records', 'mix_general_records', 'load_tokenizer', 'AlpacaDataset',
            'generate_alpaca_dataset', 'default_buckets', 'empty_rows', 'pack_examples', 'epoch_rows', 'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
@@ -161,6 +161,11 @@ def prompt_parts(record: dict) -> tuple[str, str, str]:
     return before.format(instruction=record["instruction"]), record["input"], after
 
 # %% ../nbs/03_data.ipynb #a2d94913
+def listed(numbers: list, most: int = 10) -> str:
+    "The first `most` of a list of record numbers, and ' ...' when there are more."
+    return f"{numbers[:most]}{' ...' if len(numbers) > most else ''}"
+
+
 @dataclass
 class TruncationReport:
     "What happened to each record on its way to tokens."
@@ -181,7 +186,7 @@ class TruncationReport:
             text += f", {self.answers_encoded_alone} outputs encoded apart from their prompt (a token crossed the join)"
         if self.left_out:
             text += f", {len(self.left_out)} left out because the prompt without context exceeds max_len " \
-                    f"(records {self.left_out[:10]}{' ...' if len(self.left_out) > 10 else ''})"
+                    f"(records {listed(self.left_out)})"
         return text + "."
 
 

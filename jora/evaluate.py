@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from .model import LoraWeights, generate
 from .lora import shard_lora
 from .config import ParallamaConfig
-from .data import generate_alpaca_dataset, is_chat, load_tokenizer, prompt_ids
+from .data import AlpacaDataset, generate_alpaca_dataset, is_chat, load_tokenizer, prompt_ids
+from .retrieval import CorpusIndex, context_budget, raft_rows
 from .files import checkpoint_step, latest_checkpoint
 from .formats import load_any_adapter, load_hf_checkpoint
 from .train import evaluate, load_model, lora_config_of, make_eval_step, model_path, run_mesh, step_options
@@ -25,7 +26,8 @@ from .train import evaluate, load_model, lora_config_of, make_eval_step, model_p
 # %% auto #0
 __all__ = ['ANSWER_RULES', 'unify_characters', 'normalize_answer', 'answer_value', 'values_match', 'wtq_correct',
            'split_prediction', 'expected_output', 'normalize_text', 'exact_match', 'wikitablequestions_match',
-           'answer_questions', 'split_loss', 'adapter_label', 'evaluate_checkpoint']
+           'answer_questions', 'split_loss', 'adapter_label', 'evaluate_checkpoint', 'robustness_settings',
+           'retrieval_robustness', 'robustness_figure']
 
 # %% ../nbs/06_evaluate.ipynb #bc201b65
 def unify_characters(text: str) -> str:
@@ -197,3 +199,63 @@ def evaluate_checkpoint(config: ParallamaConfig, data_path, adapter, *, rule: st
         rows.append({"model": name, "test loss": split_loss(config, test, model, mesh, weights, settings),
                      rule: right / len(examples), "right": f"{right}/{len(examples)}"})
     return rows
+
+# %% ../nbs/06_evaluate.ipynb #e7a10014
+def robustness_settings(distractors: int) -> list[dict]:
+    "The settings measured: 0, k/2 and k distractors, each with the oracle first, in the middle, last, and absent."
+    settings = []
+    for count in sorted({0, distractors // 2, distractors}):
+        settings += [{"distractors": count, "oracle": "present", "position": place} for place in sorted({0, count // 2, count})]
+        settings.append({"distractors": count, "oracle": "absent", "position": None})
+    return settings
+
+
+def retrieval_robustness(config: ParallamaConfig, questions: list[dict], index: CorpusIndex, adapter=None, *,
+                         distractors: int = 4, rule: str = "exact match", context_tokens: int | None = None,
+                         max_new_tokens: int = 32, model: tuple | None = None, mesh=None) -> list[dict]:
+    """Loss and accuracy (by `rule`) of the model, with `adapter` or without, on RAFT rows of `questions` for every
+    `robustness_settings(distractors)`: one row per setting (the oracle's position counted from 1, and the mean
+    number of distractors the prompts held). The contexts fit `context_tokens` (default: what MAX_SEQ_LEN leaves),
+    so no evidence is cut by the data chapter's truncation; the budget drops distractors first."""
+    mesh = mesh or run_mesh(config)
+    model = model or load_model(config, mesh)
+    lora, lora_config = load_any_adapter(adapter, model[0]) if adapter is not None else (None, None)
+    tokenizer = load_tokenizer(model_path(config))
+    context_tokens = context_tokens or context_budget(questions, tokenizer, config.MAX_SEQ_LEN)
+    table = []
+    for setting in robustness_settings(distractors):
+        rows, _ = raft_rows(questions, index, distractors=setting["distractors"], seed=config.SEED,
+                            oracle_probability=1.0 if setting["oracle"] == "present" else 0.0,
+                            oracle_position=setting["position"], tokenizer=tokenizer, context_tokens=context_tokens,
+                            fill_left_out=False)
+        answers = answer_questions(model_path(config), rows, lora, config.MAX_SEQ_LEN, max_new_tokens, model=model)
+        right = sum(ANSWER_RULES[rule](row, answer) for row, answer in zip(rows, answers))
+        dataset = AlpacaDataset(path=rows, split="train", split_percentage=1.0, tokenizer=tokenizer,
+                                max_len=config.MAX_SEQ_LEN, alpaca_mix=0, seed=config.SEED)
+        shown = sum(len(row["document_ids"]) - row["oracle_kept"] for row in rows) / len(rows)
+        table.append({**setting, "position": "-" if setting["position"] is None else setting["position"] + 1,
+                      "distractors shown": shown,  # fewer than asked where the budget dropped some
+                      "loss": split_loss(config, dataset, model, mesh, lora, lora_config), rule: right / len(rows),
+                      "right": f"{right}/{len(rows)}"})
+    return table
+
+
+def robustness_figure(tables: dict, rule: str = "exact match"):
+    "Loss and accuracy against the number of distractors, a line per model and oracle placement (first, last, absent)."
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(9, 3), dpi=80)
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
+    for name, table in tables.items():
+        for label, keep in (("oracle first", lambda r: r["oracle"] == "present" and r["position"] == 1),
+                            ("oracle last", lambda r: r["oracle"] == "present" and r["position"] == r["distractors"] + 1),
+                            ("oracle absent", lambda r: r["oracle"] == "absent")):
+            rows = [row for row in table if keep(row)]
+            style = "--" if label == "oracle absent" else "-" if label == "oracle first" else ":"
+            for axis, key in ((loss_axis, "loss"), (accuracy_axis, rule)):
+                axis.plot([r["distractors"] for r in rows], [r[key] for r in rows], style, marker="o",
+                          label=f"{name}, {label}")
+    loss_axis.set(xlabel="distractors", ylabel="answer loss", title="loss")
+    accuracy_axis.set(xlabel="distractors", ylabel=rule, title="accuracy")
+    accuracy_axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure

@@ -458,11 +458,16 @@ class EvaluatePanel:
         self.max_examples = widgets.Text(value="32", description="test examples", placeholder="all",
                                          style={"description_width": "170px"})
         self.max_new_tokens = widgets.IntSlider(value=32, min=1, max=256, description="new tokens")
+        self.corpus = widgets.Text(description="corpus (optional)", **wide,
+                                   placeholder="robustness to retrieval noise: documents (JSONL, CSV or a folder)")
+        self.questions = widgets.Text(description="questions", placeholder="question, answer and oracle_ids records",
+                                      **wide)
+        self.distractors = widgets.IntSlider(value=4, min=1, max=16, description="distractors")
         self.button = widgets.Button(description="Evaluate", icon="check")
         self.output = widgets.HTML()
         self.button.on_click(lambda button: self.start())
-        self.widget = widgets.VBox([self.adapter, _row(self.rule, self.max_examples, self.max_new_tokens), self.button,
-                                    self.output])
+        self.widget = widgets.VBox([self.adapter, _row(self.rule, self.max_examples, self.max_new_tokens), self.corpus,
+                                    _row(self.questions, self.distractors), self.button, self.output])
 
     def _settings(self) -> tuple:
         "The training form's config and data, the adapter (given, or the newest checkpoint) and the example count."
@@ -474,6 +479,8 @@ class EvaluatePanel:
         count = self.max_examples.value.strip()
         if count and not (count.isdigit() and int(count) > 0):
             raise ValueError(f"test examples: give a whole number above 0 (or nothing, for all), not {count!r}")
+        if bool(self.corpus.value.strip()) != bool(self.questions.value.strip()):
+            raise ValueError("corpus and questions go together: the questions' oracle ids name documents of the corpus.")
         return config, self.training.data_path.value, adapter, int(count) if count else None
 
     def start(self) -> bool:
@@ -495,6 +502,9 @@ class EvaluatePanel:
         import pandas as pd
         from jora.evaluate import evaluate_checkpoint
         try:
+            if self.corpus.value.strip():
+                self.output.value = self._robustness(config, adapter, count)
+                return
             self.rows = evaluate_checkpoint(config, data_path, adapter, rule=self.rule.value, max_examples=count,
                                             max_new_tokens=self.max_new_tokens.value)
             self.output.value = (f"<p>{html.escape(str(data_path))}, test split:</p>"
@@ -504,6 +514,24 @@ class EvaluatePanel:
             self.output.value = _html_text(error, ERROR)
         finally:
             self.button.disabled = False
+
+    def _robustness(self, config, adapter, count) -> str:
+        "Robustness to retrieval noise of the base model and the adapter: their tables and the plot, as HTML."
+        import base64
+        import pandas as pd
+        from jora.evaluate import adapter_label, retrieval_robustness, robustness_figure
+        from jora.retrieval import CorpusIndex, read_corpus, read_questions
+        from jora.train import figure_png
+        index = CorpusIndex(read_corpus(self.corpus.value.strip()))
+        questions = read_questions(self.questions.value.strip())[:count]
+        tables = {name: retrieval_robustness(config, questions, index, path, distractors=self.distractors.value,
+                                             rule=self.rule.value, max_new_tokens=self.max_new_tokens.value)
+                  for name, path in (("base model", None), (adapter_label(adapter), adapter))}
+        self.rows = [{"model": name, **row} for name, table in tables.items() for row in table]
+        image = base64.b64encode(figure_png(robustness_figure(tables, self.rule.value))).decode()
+        return (f"<p>{len(questions)} questions, {len(index)} documents:</p>"
+                + pd.DataFrame(self.rows).to_html(index=False, float_format="{:.4f}".format)
+                + f"<img src='data:image/png;base64,{image}'/>")
 
     def wait(self, timeout: float | None = None) -> None:
         "Block until the evaluation (if any) ends."

@@ -21,10 +21,11 @@ from .evaluate import answer_questions, normalize_answer, split_prediction, wtq_
 
 # %% auto #0
 __all__ = ['TARGET_QUESTION', 'REPLY_QUESTION', 'unescape_wtq', 'split_answers', 'read_wtq_table', 'read_wtq_questions',
-           'serialize_table', 'wtq_records', 'parse_comment', 'link_target', 'read_threads', 'thread_context',
-           'directionality_examples', 'thread_split', 'fourchan_records', 'parse_post_number', 'directionality_metrics',
-           'baseline_predictions', 'random_baseline_metrics', 'CaseStudy', 'case_study_config', 'run_phase_one',
-           'run_phase_two', 'evaluate_study', 'run_case_study']
+           'serialize_table', 'wtq_records', 'wtq_corpus', 'wtq_questions', 'parse_comment', 'link_target',
+           'read_threads', 'thread_context', 'directionality_examples', 'thread_split', 'fourchan_records',
+           'parse_post_number', 'directionality_metrics', 'baseline_predictions', 'random_baseline_metrics',
+           'CaseStudy', 'case_study_config', 'phase_one_records', 'run_phase_one', 'run_phase_two', 'evaluate_study',
+           'run_case_study']
 
 # %% ../nbs/08_raft_4chan.ipynb #72c0fc31
 def unescape_wtq(text: str) -> str:
@@ -107,6 +108,26 @@ def wtq_records(root, split_file: str = "data/training.tsv", tokenizer=None, tab
                         "output": ", ".join(question["answers"]), "id": question["id"], "answers": question["answers"]})
     from jora.data import as_chat
     return [as_chat(record) for record in records] if chat else records
+
+# %% ../nbs/08_raft_4chan.ipynb #e8a10002
+def wtq_corpus(root, tokenizer=None, table_tokens: int | None = None) -> list:
+    """Every table of a WikiTableQuestions release (`csv/*/*.csv`) as a document: its `context` path as id, serialised
+    (cut by rows to `table_tokens` when given, as `serialize_table` cuts)."""
+    from jora.retrieval import read_corpus
+    root = Path(root)
+    paths = sorted(root.glob("csv/*/*.csv"))
+    if not paths:
+        raise FileNotFoundError(f"No tables (csv/*/*.csv) under {root}: give the WikiTableQuestions release folder.")
+    contexts = [path.relative_to(root).as_posix() for path in paths]
+    return read_corpus([{"id": context, "text": serialize_table(read_wtq_table(root, context), tokenizer, table_tokens)}
+                        for context in contexts])
+
+
+def wtq_questions(root, split_file: str = "data/training.tsv") -> list[dict]:
+    "A data file's questions as RAFT questions: the answers joined as the answer (and kept), the question's table as oracle."
+    return [{"id": question["id"], "question": question["question"], "answer": ", ".join(question["answers"]),
+             "answers": question["answers"], "oracle_id": question["context"]}
+            for question in read_wtq_questions(root, split_file)]
 
 # %% ../nbs/08_raft_4chan.ipynb #6f0848c2
 class _CommentParser(HTMLParser):
@@ -274,7 +295,10 @@ class CaseStudy(NamedTuple):
     phase_two: "ParallamaConfig | None" = None
     wtq_train_file: str = "data/training.tsv"
     wtq_test_file: str = "data/pristine-unseen-tables.tsv"
-    table_tokens: int = 384
+    table_tokens: int = 384  # the context's token budget: one table, or the tables of a RAFT row
+    distractors: int = 0  # phase 1 with this many BM25-retrieved distractor tables per question (0: the paper's)
+    oracle_probability: float = 0.8  # with distractors: the share of questions trained with their own table
+    document_tokens: int | None = None  # with distractors: each table cut to this many tokens (None: whole tables)
     max_new_tokens: int = 8
     max_test_questions: int | None = None
     chat: bool = False  # train and ask in chat form (the base model's tokenizer needs a chat template)
@@ -292,6 +316,21 @@ def case_study_config(study: CaseStudy, phase: int):
 
 
 # %% ../nbs/08_raft_4chan.ipynb #7656ee22
+def phase_one_records(study: CaseStudy, tokenizer, config) -> tuple[list[dict], "RaftReport | None"]:
+    """Phase 1's training records: each question with its own table, or (with `study.distractors`) RAFT rows with
+    BM25-retrieved distractor tables from the whole release within `study.table_tokens` (and within what MAX_SEQ_LEN
+    leaves beside each question, so no row's evidence is cut later), and their report."""
+    if not study.distractors:
+        return wtq_records(study.wikitablequestions, study.wtq_train_file, tokenizer, study.table_tokens, study.chat), None
+    from jora.retrieval import CorpusIndex, context_budget, raft_rows
+    questions = wtq_questions(study.wikitablequestions, study.wtq_train_file)
+    budget = min(study.table_tokens, context_budget(questions, tokenizer, config.MAX_SEQ_LEN))
+    rows, report = raft_rows(questions, CorpusIndex(wtq_corpus(study.wikitablequestions, tokenizer, study.document_tokens)),
+                             distractors=study.distractors, oracle_probability=study.oracle_probability,
+                             seed=config.SEED, tokenizer=tokenizer, context_tokens=budget, chat=study.chat)
+    return rows, report
+
+
 def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
     """Phase 1: LoRA on WikiTableQuestions, merged into the base model (work_dir/phase1-merged); `progress` shows a
     progress bar and a live loss plot."""
@@ -301,7 +340,7 @@ def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
     from jora.export import merge_to_hf
     config = case_study_config(study, 1)
     tokenizer = load_tokenizer(study.base_model)
-    records = wtq_records(study.wikitablequestions, study.wtq_train_file, tokenizer, study.table_tokens, study.chat)
+    records, raft_report = phase_one_records(study, tokenizer, config)
     dataset = AlpacaDataset(path=records, split="train", split_percentage=1.0, tokenizer=tokenizer,
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=config.ALPACA_MIX, general_path=config.ALPACA_PATH,
                             seed=config.SEED)
@@ -309,7 +348,7 @@ def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
                         callbacks=[LossPlot()] if progress else ())
     merged = merge_to_hf(study.base_model, result.checkpoint, Path(study.work_dir) / "phase1-merged",
                          overwrite=True)  # a rerun replaces its own earlier merge, and nothing else
-    return {"result": result, "merged": merged, "examples": len(dataset)}
+    return {"result": result, "merged": merged, "examples": len(dataset), "raft_report": raft_report}
 
 
 # %% ../nbs/08_raft_4chan.ipynb #d8c8bb08

@@ -41,7 +41,8 @@ __all__ = ['parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'loa
            'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder', 'step_options',
            'run_train_step', 'Run', 'prepare_run', 'fresh_state', 'restore_state', 'micro_batch_groups', 'ctrl_c_sets',
            'compiled_step', 'step_record', 'check_finite', 'write_checkpoint', 'train_lora', 'loss_figure',
-           'loss_plot_png', 'LossPlot', 'abstract_train_inputs', 'step_memory', 'longest_trainable_sequence']
+           'figure_png', 'loss_plot_png', 'LossPlot', 'abstract_train_inputs', 'step_memory',
+           'longest_trainable_sequence']
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
 def parameter_count(params: dict) -> int:
@@ -503,11 +504,15 @@ def loss_figure(history: list[dict]):
     return figure
 
 
-def loss_plot_png(history: list[dict]) -> bytes:
-    "`loss_figure` as PNG bytes (what an image widget or a notebook output shows)."
+def figure_png(figure) -> bytes:
+    "A matplotlib figure as PNG bytes (what an image widget or `IPython.display.Image` shows)."
     buffer = io.BytesIO()
-    loss_figure(history).savefig(buffer, format="png")
+    figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def loss_plot_png(history: list[dict]) -> bytes:
+    return figure_png(loss_figure(history))
 
 
 class LossPlot:

@@ -78,3 +78,14 @@ def test_attention_microbenchmark_runs_every_path(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [row["path"] for row in rows] == ["short", "flash", "torch"]
     assert all(row["length"] == 80 and 0 < row["min_ms"] <= row["median_ms"] for row in rows)
+
+
+def test_retrieval_bench_reports_index_search_and_rows(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "retrieval.py"), "--documents", "1500", "--questions",
+                           "150", "--repeats", "1", "--results", str(tmp_path), "--no-wikitablequestions"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "retrieval.json").read_text())["rows"]
+    assert (row["documents"], row["questions"]) == (1500, 150) and row["oracle_in_top10"] > 0.9
+    assert row["index_seconds"]["median"] > 0 and row["queries_per_second"] > 0 and row["rows_per_second"] > 0
+    assert row["raft_rows_report"].startswith("150 rows:") and row["budgeted_questions"] == 150

@@ -423,7 +423,7 @@ def test_none_is_a_value_and_bad_values_are_named(tmp_path):
     for flags, message in [(["--lora-r", "2.5"], "--lora-r takes a whole number, not '2.5'"),
                            (["--lora-r", "none"], "--lora-r takes a whole number, not 'none'"),
                            (["--remat", "nothing"], "--remat takes one of none, full, projections"),
-                           (["--lr", "fast"], "--lr takes a number, not 'fast'"),
+                           (["--lr", "fast"], "--lr takes a finite number, not 'fast'"),
                            (["--pack", "maybe"], "--pack takes true or false")]:
         process = subprocess.run([*JORA, "train", "--data", "d", "--checkpoint-path", "c", *flags],
                                  capture_output=True, text=True)

@@ -432,3 +432,24 @@ def test_evaluation_panel_says_what_to_fix(workspace, tmp_path):
     assert not evaluation.start() and "test examples: give a whole number" in evaluation.output.value
     ui.training.fields["LORA_R"].value = "0"
     assert not evaluation.start() and "Fix the training form first: lora r" in evaluation.output.value
+
+
+def test_evaluation_panel_measures_robustness_to_retrieval_noise(workspace, tmp_path):
+    records = demo_raft_records(96)
+    table_ids = {record["input"]: f"table-{number}" for number, record in enumerate(records)}
+    (tmp_path / "tables.jsonl").write_text("\n".join(json.dumps({"id": name, "text": text}) for text, name in table_ids.items()))
+    (tmp_path / "questions.jsonl").write_text("\n".join(json.dumps(
+        {"question": r["instruction"], "answer": r["output"], "oracle_id": table_ids[r["input"]]}) for r in records[-3:]))
+    ui = panels(demo_config(workspace, MAX_STEPS=2, MAX_SEQ_LEN=384), workspace / "raft.jsonl", tmp_path / "run")
+    assert ui.training.start()
+    ui.training.wait(600)
+    evaluation = ui.evaluation
+    evaluation.corpus.value = str(tmp_path / "tables.jsonl")
+    assert not evaluation.start() and "corpus and questions go together" in evaluation.output.value
+    evaluation.questions.value, evaluation.distractors.value, evaluation.max_new_tokens.value = \
+        str(tmp_path / "questions.jsonl"), 2, 2
+    assert evaluation.start()
+    evaluation.wait(600)
+    assert evaluation.error is None, evaluation.output.value
+    assert len(evaluation.rows) == 2 * 9 and {row["model"] for row in evaluation.rows} == {"base model", "with adapter (step 2)"}
+    assert "data:image/png;base64," in evaluation.output.value and "distractors shown" in evaluation.output.value

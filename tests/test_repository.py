@@ -85,8 +85,8 @@ assert "torch" not in {{name.split(".")[0] for name, module in sys.modules.items
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-MODULE_ORDER = ["attention", "model", "sharding", "lora", "data", "files", "formats", "testing", "config", "train", "export",
-                "evaluate", "form", "gui", "raft", "cli"]
+MODULE_ORDER = ["attention", "model", "sharding", "lora", "data", "retrieval", "files", "formats", "testing", "config",
+                "train", "export", "evaluate", "form", "gui", "raft", "cli"]
 
 
 def test_modules_import_one_way():
