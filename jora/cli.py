@@ -26,7 +26,7 @@ from .formats import load_hf_checkpoint, load_peft_adapter
 from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
 from .train import load_model, run_mesh, train_lora
 from .retrieval import CorpusIndex, read_corpus, read_questions
-from .evaluate import ANSWER_RULES, adapter_label, evaluate_checkpoint, retrieval_robustness
+from .evaluate import ANSWER_RULES, adapter_label, compare_robustness, evaluate_checkpoint
 from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict, config_from_toml
 
 # %% auto #0
@@ -172,9 +172,11 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise ValueError("--corpus and --questions go together: the questions' oracle ids name documents of the corpus.")
         index = CorpusIndex(read_corpus(arguments.corpus))
         questions = read_questions(arguments.questions)[:arguments.max_examples]
-        for name, adapter in (("base model", None), (adapter_label(arguments.adapter), arguments.adapter)):
-            table = retrieval_robustness(config, questions, index, adapter, distractors=arguments.distractors,
-                                         rule=arguments.rule, max_new_tokens=arguments.max_new_tokens)
+        tables = compare_robustness(config, questions, index,
+                                    {"base model": None, adapter_label(arguments.adapter): arguments.adapter},
+                                    distractors=arguments.distractors, rule=arguments.rule,
+                                    max_new_tokens=arguments.max_new_tokens)
+        for name, table in tables.items():
             print(f"{name}:\n" + pd.DataFrame(table).to_string(index=False, float_format="{:.4f}".format))
         return 0
     if not arguments.data:

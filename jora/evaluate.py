@@ -27,7 +27,7 @@ from .train import evaluate, load_model, lora_config_of, make_eval_step, model_p
 __all__ = ['ANSWER_RULES', 'unify_characters', 'normalize_answer', 'answer_value', 'values_match', 'wtq_correct',
            'split_prediction', 'expected_output', 'normalize_text', 'exact_match', 'wikitablequestions_match',
            'answer_questions', 'split_loss', 'adapter_label', 'evaluate_checkpoint', 'robustness_settings',
-           'retrieval_robustness', 'robustness_figure']
+           'retrieval_robustness', 'compare_robustness', 'robustness_figure']
 
 # %% ../nbs/06_evaluate.ipynb #bc201b65
 def unify_characters(text: str) -> str:
@@ -238,6 +238,16 @@ def retrieval_robustness(config: ParallamaConfig, questions: list[dict], index: 
                       "loss": split_loss(config, dataset, model, mesh, lora, lora_config), rule: right / len(rows),
                       "right": f"{right}/{len(rows)}"})
     return table
+
+
+def compare_robustness(config: ParallamaConfig, questions: list[dict], index: CorpusIndex, adapters: dict,
+                       **options) -> dict[str, list[dict]]:
+    """`retrieval_robustness` of each of `adapters` (a label -> adapter, None for the base model), the model loaded
+    once; `options` go to `retrieval_robustness`."""
+    mesh = run_mesh(config)
+    model = load_model(config, mesh)
+    return {name: retrieval_robustness(config, questions, index, adapter, model=model, mesh=mesh, **options)
+            for name, adapter in adapters.items()}
 
 
 def robustness_figure(tables: dict, rule: str = "exact match"):

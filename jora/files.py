@@ -19,16 +19,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['MARKER', 'MANIFEST', 'CHECKPOINT_PREFIX', 'UnsafeFolderError', 'CheckpointError', 'WriteError', 'CheckpointWarning',
-           'write_failure', 'is_user_error', 'run_command', 'read_marker', 'check_output_folder', 'fsync_tree',
-           'write_json', 'output_folder', 'checkpoint_name', 'checkpoint_step', 'file_digest', 'write_manifest',
-           'checkpoint_problems', 'step_folders', 'checkpoints', 'latest_checkpoint', 'delete_checkpoint',
-           'rotate_checkpoints', 'set_aside', 'temporary_checkpoint_name', 'stale_work', 'clean_stale_work',
-           'probe_write', 'prepare_checkpoint_folder', 'check_free_space', 'describe_checkpoints']
+__all__ = ['MARKER', 'MANIFEST', 'CHECKPOINT_PREFIX', 'UnsafeFolderError', 'EarlierOutputError', 'CheckpointError', 'WriteError',
+           'CheckpointWarning', 'write_failure', 'is_user_error', 'run_command', 'read_marker', 'check_output_folder',
+           'fsync_tree', 'write_json', 'output_folder', 'checkpoint_name', 'checkpoint_step', 'file_digest',
+           'write_manifest', 'checkpoint_problems', 'step_folders', 'checkpoints', 'latest_checkpoint',
+           'delete_checkpoint', 'rotate_checkpoints', 'set_aside', 'temporary_checkpoint_name', 'stale_work',
+           'clean_stale_work', 'probe_write', 'prepare_checkpoint_folder', 'check_free_space', 'describe_checkpoints']
 
 # %% ../nbs/04_files.ipynb #0042c0b5
 class UnsafeFolderError(ValueError):
     "jora refuses to write here: the folder holds files jora did not write, the base model, or the checkpoints."
+
+
+class EarlierOutputError(UnsafeFolderError):
+    "The folder holds an earlier jora output of the same kind, replaced only when asked; `said(how)` words the asking."
+
+    def __init__(self, path, kind: str):
+        self.path, self.kind = path, kind
+        super().__init__(self.said("pass --overwrite (overwrite=True)"))
+
+    def said(self, how_to_replace: str) -> str:
+        "The message, with `how_to_replace` as the way to ask (a flag, a tick box)."
+        return (f"{self.path} holds an earlier jora {self.kind}; choose a new folder, or {how_to_replace} to replace "
+                f"the files jora wrote there.")
 
 
 class CheckpointError(ValueError):
@@ -136,8 +149,7 @@ def check_output_folder(path, kind: str, *, overwrite: bool = False, protected=(
     if marker.get("kind") != kind:
         raise UnsafeFolderError(f"{path} holds a jora {marker.get('kind')}, not a {kind}; choose another folder.")
     if not overwrite:
-        raise UnsafeFolderError(f"{path} holds an earlier jora {kind}; choose a new folder, or pass --overwrite "
-                                f"(overwrite=True) to replace the files jora wrote there.")
+        raise EarlierOutputError(path, kind)
     return target
 
 # %% ../nbs/04_files.ipynb #bab75b08

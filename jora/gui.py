@@ -20,7 +20,7 @@ import jax
 
 from .model import PROJECTIONS
 from .sharding import device_memory_stats
-from .files import checkpoint_step, latest_checkpoint
+from .files import EarlierOutputError, checkpoint_step, latest_checkpoint
 from .train import loss_plot_png, model_path, train_lora
 from .config import FIELD_HELP, ParallamaConfig, config_from_toml, config_to_toml, value_problem
 from .form import (CHOICES, FORM_GROUPS, checkpoint_folder_note, command_preview, form_problems, label, parse_form,
@@ -179,7 +179,7 @@ class TrainingPanel(TrainingForm):
     "The training form and its monitor. `panel.widget` is what to display; `panel.history` fills while it trains."
 
     def __init__(self, config: ParallamaConfig | None = None, data_path: str = "", checkpoint_path: str = ""):
-        super().__init__(config, data_path, checkpoint_path)
+        # the monitor's widgets first: the form's refresh (the override below) sets Start
         devices = jax.devices()
         self.devices = widgets.HTML(f"<b>{len(devices)} device{'s' if len(devices) > 1 else ''}:</b> "
                                     + ", ".join(f"{d.platform}:{d.id}" for d in devices))
@@ -193,6 +193,7 @@ class TrainingPanel(TrainingForm):
         self.history, self.result, self.error, self.thread, self.stop_event = [], None, None, None, threading.Event()
         self._last_plot, self._pace, self._compiled_bytes, self._nothing_to_do = 0.0, None, None, False
         self._started = time.monotonic()
+        super().__init__(config, data_path, checkpoint_path)
         self.start_button.on_click(lambda button: self.start())
         self.stop_button.on_click(lambda button: self.stop())
         self.widget = widgets.VBox([
@@ -205,9 +206,7 @@ class TrainingPanel(TrainingForm):
     def refresh(self) -> dict:
         "The form's checks, and Start enabled only for a valid form while nothing runs."
         errors = super().refresh()
-        running = getattr(self, "thread", None) is not None and self.thread.is_alive()
-        if hasattr(self, "start_button"):
-            self.start_button.disabled = bool(errors) or running
+        self.start_button.disabled = bool(errors) or (self.thread is not None and self.thread.is_alive())
         return errors
 
     def _draw(self, history: list[dict]) -> None:
@@ -344,9 +343,11 @@ class ExportPanel:
         try:
             self.status.value = _html_text(action(), DONE)
             return True
-        except Exception as error:  # the files chapter's hint for the command line, said as the panel does it
-            message = str(error).replace("pass --overwrite (overwrite=True)", f"tick '{self.overwrite.description}'")
-            self.status.value = _html_text(message, ERROR)
+        except EarlierOutputError as error:  # the way to replace it, as the panel asks
+            self.status.value = _html_text(error.said(f"tick '{self.overwrite.description}'"), ERROR)
+            return False
+        except Exception as error:
+            self.status.value = _html_text(error, ERROR)
             return False
 
     def save_adapter(self) -> bool:
@@ -519,14 +520,14 @@ class EvaluatePanel:
         "Robustness to retrieval noise of the base model and the adapter: their tables and the plot, as HTML."
         import base64
         import pandas as pd
-        from jora.evaluate import adapter_label, retrieval_robustness, robustness_figure
+        from jora.evaluate import adapter_label, compare_robustness, robustness_figure
         from jora.retrieval import CorpusIndex, read_corpus, read_questions
         from jora.train import figure_png
         index = CorpusIndex(read_corpus(self.corpus.value.strip()))
         questions = read_questions(self.questions.value.strip())[:count]
-        tables = {name: retrieval_robustness(config, questions, index, path, distractors=self.distractors.value,
-                                             rule=self.rule.value, max_new_tokens=self.max_new_tokens.value)
-                  for name, path in (("base model", None), (adapter_label(adapter), adapter))}
+        tables = compare_robustness(config, questions, index, {"base model": None, adapter_label(adapter): adapter},
+                                    distractors=self.distractors.value, rule=self.rule.value,
+                                    max_new_tokens=self.max_new_tokens.value)
         self.rows = [{"model": name, **row} for name, table in tables.items() for row in table]
         image = base64.b64encode(figure_png(robustness_figure(tables, self.rule.value))).decode()
         return (f"<p>{len(questions)} questions, {len(index)} documents:</p>"
