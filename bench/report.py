@@ -53,10 +53,40 @@ def memory_table(results: dict) -> pd.DataFrame:
 
 
 def longest_table(results: dict) -> pd.DataFrame:
-    "Longest trainable sequence per model, device count, layout and remat policy."
+    "Longest trainable sequence per model, device count, layout, context-parallel scheme and remat policy."
     rows = pd.DataFrame(results["rows"])
-    return rows.pivot_table(index=["model", "devices", "layout"], columns="remat", values="longest tokens",
-                            sort=False)[["none", "projections", "full"]].astype(int)
+    table = rows.pivot_table(index=["model", "devices", "layout", "context parallel"], columns="remat",
+                             values="longest tokens", sort=False)
+    return table[[remat for remat in ("none", "projections", "full") if remat in table]].astype("Int64")
+
+
+def longest_plot(results: dict):
+    "Longest trainable sequence (full remat) against devices, a line per layout and context-parallel scheme."
+    from matplotlib.figure import Figure
+    rows = pd.DataFrame(results["rows"]).query("remat == 'full'")
+    figure = Figure(figsize=(9, 3.4), dpi=100)
+    for axis, model in zip(figure.subplots(1, 2, sharey=True), ("Llama-2-7B", "Llama-3.1-8B")):
+        for (layout, scheme), line in rows.query("model == @model").groupby(["layout", "context parallel"], sort=False):
+            if layout == "one device":
+                continue
+            one = rows.query("model == @model and layout == 'one device'")
+            line = pd.concat([one, line]).sort_values("devices")
+            label = layout if scheme == "-" else f"{layout}, {scheme.replace('_', '-')}"
+            axis.plot(line["devices"], line["longest tokens"] / 1e3, "o-" if scheme == "ring" else "s--", label=label)
+        axis.axhline(1000, color="grey", linewidth=0.8, linestyle=":")
+        axis.set(xlabel="devices", xscale="log", xticks=[1, 2, 4, 8], xticklabels=["1", "2", "4", "8"],
+                 title=f"{model}, full remat, {results['budget GB']:.0f} GB per device")
+        axis.set_ylabel("longest sequence (thousand tokens)")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def communication_table(results: dict) -> pd.DataFrame:
+    "Bytes one device receives per step, and the step's memory, per model, length and context-parallel scheme."
+    rows = pd.DataFrame(results["rows"])
+    return rows.pivot_table(index=["model", "tokens"], columns="context parallel",
+                            values=["GB received per device", "memory GB"], sort=False)
 
 
 def plot(cpu: dict | None, memory: dict | None):
@@ -114,7 +144,16 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
                      f"chunks of {longest['options']['logits_chunk']} and attention blocks of "
                      f"{longest['options']['attention_block']}, the training defaults otherwise; "
                      f"published for comparison, one 80 GB GPU: {published}):\n\n"
-                     + longest_table(longest).reset_index().to_markdown(index=False))
+                     + longest_table(longest).reset_index().to_markdown(index=False)
+                     + ("\n\n![Longest trainable sequence against devices, full remat: each layout and context-parallel "
+                        "scheme.](bench/results/longest_sequence.png)" if (folder / "longest_sequence.png").exists()
+                        else ""))
+    communication = load("communication", folder)
+    if communication is not None:
+        parts.append(f"**What each context-parallel scheme sends per step** ({communication['date']}, "
+                     f"`python bench/communication.py`; {communication['step']}, {communication['mesh']}; GB one "
+                     f"device receives per step, from the compiled program's collectives, and its memory):\n\n"
+                     + communication_table(communication).to_markdown(floatfmt=".4g"))
     if gpu is not None:
         parts.append(f"**GPU step, Llama-2-7B shape** ({gpu['date']}, {gpu['rows'][0]['jora']['device']}; "
                      f"`{gpu['command']}`; paper, one GPU: {gpu['paper_one_gpu']['step_seconds']} s, "

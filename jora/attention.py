@@ -20,14 +20,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 # %% auto #0
-__all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'PALLAS_BLOCK', 'ATTENTION_IMPLEMENTATIONS', 'ROW_LAYOUTS',
-           'make_attention_mask', 'MaskParts', 'sequence_blocks', 'even_block_size', 'join_sequence_blocks',
-           'Placement', 'use_placement', 'current_mesh', 'rule_axis', 'dimension_axis', 'constrain',
-           'sequence_axis_size', 'reference_attention', 'key_block_range', 'block_scores', 'KeyBlocks', 'block_mask',
-           'attend_block', 'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout',
-           'blocked_attention', 'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention', 'row_segments',
-           'pallas_attention', 'cudnn_attention', 'AttentionCase', 'fused_attention_problem', 'choose_attention',
-           'device_platform', 'cudnn_is_available', 'attention']
+__all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'RING_AXIS_NAME', 'PALLAS_BLOCK', 'ATTENTION_IMPLEMENTATIONS',
+           'ROW_LAYOUTS', 'make_attention_mask', 'MaskParts', 'sequence_blocks', 'even_block_size',
+           'join_sequence_blocks', 'Placement', 'use_placement', 'current_mesh', 'rule_axis', 'dimension_axis',
+           'constrain', 'sequence_axis_size', 'reference_attention', 'key_block_range', 'blocks_may_meet',
+           'block_scores', 'KeyBlocks', 'block_mask', 'visible_blocks', 'attend_block', 'output_row_term',
+           'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout', 'blocked_attention',
+           'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention', 'ring_is_on', 'ring_order',
+           'sequence_order', 'ring_block_size', 'merge_attention', 'pass_on', 'ring_attention_local', 'ring_attention',
+           'row_segments', 'pallas_attention', 'cudnn_attention', 'AttentionCase', 'fused_attention_problem',
+           'choose_attention', 'device_platform', 'cudnn_is_available', 'attention']
 
 # %% ../nbs/00_attention.ipynb #e39b421e
 def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,
@@ -161,6 +163,15 @@ def key_block_range(query_slots: jax.Array, key_block: int, sliding_window: int 
     return jnp.clip(first_query - sliding_window + 1, 0, None) // key_block, last
 
 
+def blocks_may_meet(query_slots: jax.Array, key_slots: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Whether any query of a block may attend any key of a block, from their slots alone (in any order, padding -1):
+    False only when every key is after every query, or before every query's window."""
+    meet = jnp.min(key_slots) <= jnp.max(query_slots)
+    if sliding_window is not None:
+        meet &= jnp.max(key_slots) > jnp.min(query_slots) - sliding_window
+    return meet
+
+
 def block_scores(query: jax.Array, key: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """fp32 scores `[batch, kv_heads, groups * queries, keys]` of head-major blocks (the query heads that share a key/value
     head stacked, so each product is one plain matrix product), masked ones set to `MASKED_SCORE`."""
@@ -190,9 +201,28 @@ def block_mask(query_slots, query_segments, key_slots, key_valid, key_segments, 
     return make_attention_mask(query_slots, key_slots, key_valid, query_segments, key_segments, sliding_window)[:, 0]
 
 
-def attend_block(query, query_slots, query_segments, keys: KeyBlocks, sliding_window, scale) -> tuple:
+def visible_blocks(step, query_slots, keys: KeyBlocks, sliding_window, keys_in_order: bool):
+    """Run `step(index, carry)` over the key blocks a query block may see: when key slot i is position i, the range
+    `key_block_range` gives; in any other order (ring attention's), every block, skipping those `blocks_may_meet` rules
+    out. Returns the loop `carry -> carry`."""
+    if keys_in_order:
+        first, last = key_block_range(query_slots, keys.size, sliding_window)
+        return lambda carry: jax.lax.fori_loop(first, last, step, carry)
+
+    def maybe(state):   # a while loop, not a scan: a scan's partial evaluation would stack every block pair's scores
+        index, carry = state
+        slots = jax.lax.dynamic_slice_in_dim(keys.slots, index * keys.size, keys.size, 1)
+        meet = blocks_may_meet(query_slots, slots, sliding_window)
+        return index + 1, jax.lax.cond(meet, step, lambda _, c: c, index, carry)
+    count = keys.key.shape[2] // keys.size
+    return lambda carry: jax.lax.while_loop(lambda state: state[0] < count, maybe, (jnp.int32(0), carry))[1]
+
+
+def attend_block(query, query_slots, query_segments, keys: KeyBlocks, sliding_window, scale,
+                 keys_in_order: bool = True) -> tuple:
     """Flash attention's forward for one head-major query block `[batch, kv_heads, groups * queries, head_dim]`: walk
-    the key blocks it can see with a running maximum and sum. Returns the fp32 output and the log-sum-exp."""
+    the key blocks it can see with a running maximum and sum. Returns the fp32 output and the log-sum-exp (a row that
+    sees no key: output 0, log-sum-exp -inf)."""
     def step(index, carry):
         total, running_max, running_sum = carry
         key, value, key_slots, key_valid, key_segments = keys.block(index)
@@ -206,9 +236,8 @@ def attend_block(query, query_slots, query_segments, keys: KeyBlocks, sliding_wi
 
     rows = query.shape[:-1]
     start = (jnp.zeros(query.shape, jnp.float32), jnp.full(rows, MASKED_SCORE, jnp.float32), jnp.zeros(rows, jnp.float32))
-    first, last = key_block_range(query_slots, keys.size, sliding_window)
-    total, running_max, running_sum = jax.lax.fori_loop(first, last, step, start)
-    return total / running_sum[..., None], running_max + jnp.log(running_sum)
+    total, running_max, running_sum = visible_blocks(step, query_slots, keys, sliding_window, keys_in_order)(start)
+    return total / jnp.where(running_sum > 0, running_sum, 1)[..., None], running_max + jnp.log(running_sum)
 
 
 # %% ../nbs/00_attention.ipynb #8ea39493
@@ -230,7 +259,7 @@ def tile_gradients(query, log_sum_exp, output_grad, row_term, key, value, mask, 
 
 
 def attend_block_backward(query, output, log_sum_exp, output_grad, query_slots, query_segments, keys: KeyBlocks,
-                          key_grads: tuple, sliding_window, scale) -> tuple:
+                          key_grads: tuple, sliding_window, scale, keys_in_order: bool = True) -> tuple:
     """Flash attention's backward for one query block: recompute each visible block's weights from the log-sum-exp,
     return the query block's gradient and add its share to the key and value gradients."""
     row_term = output_row_term(output, output_grad)
@@ -245,8 +274,8 @@ def attend_block_backward(query, output, log_sum_exp, output_grad, query_slots, 
             grads, jax.lax.dynamic_slice_in_dim(grads, index * keys.size, keys.size, 2) + update, index * keys.size, 2)
         return query_grad + query_share, add(key_grad, key_share), add(value_grad, value_share)
 
-    first, last = key_block_range(query_slots, keys.size, sliding_window)
-    return jax.lax.fori_loop(first, last, step, (jnp.zeros(query.shape, jnp.float32), *key_grads))
+    walk = visible_blocks(step, query_slots, keys, sliding_window, keys_in_order)
+    return walk((jnp.zeros(query.shape, jnp.float32), *key_grads))
 
 
 # %% ../nbs/00_attention.ipynb #5a03348b
@@ -435,6 +464,138 @@ def _short_backward(sliding_window, residuals, output_grad):
 short_attention.defvjp(_short_forward, _short_backward)
 
 
+# %% ../nbs/00_attention.ipynb #1ccb9cf3
+RING_AXIS_NAME = "length"   # the named dimension whose mesh axis the ring runs over
+
+
+def ring_is_on() -> bool:
+    """Whether the current placement splits keys and values over the same devices as the queries ('key_length' and
+    'length' on one mesh axis of more than one device): then attention passes key/value blocks around a ring."""
+    axis = dimension_axis(RING_AXIS_NAME)
+    return axis is not None and dimension_axis("key_length") == axis and current_mesh().shape[axis] > 1
+
+
+def ring_order(time: int, devices: int) -> np.ndarray | None:
+    """The zig-zag order of `time` positions on a ring of `devices`: cut into `2 * devices` chunks, device i holds
+    chunks i and `2 * devices - 1 - i`, so each has as much causal work as the others. None when the chunks do not
+    cut evenly (the natural order is then kept; still correct, less balanced)."""
+    if devices < 2 or time % (2 * devices):
+        return None
+    chunks = np.arange(time).reshape(2 * devices, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[-1 - i]]) for i in range(devices)])
+
+
+def sequence_order(time: int) -> np.ndarray | None:
+    "The order the model lays a row's positions out in under the current placement (None: as they are)."
+    return ring_order(time, sequence_axis_size()) if ring_is_on() else None
+
+
+def ring_block_size(local: int, block: int | None) -> int:
+    "The largest block of at most `block` positions that cuts a zig-zag half of `local` positions exactly."
+    half = local // 2 if local % 2 == 0 else local
+    return max(size for size in range(1, min(half, block or half) + 1) if half % size == 0)
+
+# %% ../nbs/00_attention.ipynb #cb5c1643
+def merge_attention(output, log_sum_exp, block_output, block_log_sum_exp) -> tuple:
+    "Attention over two sets of keys from each set's output and log-sum-exp (a row that saw no key has -inf)."
+    merged = jnp.logaddexp(log_sum_exp, block_log_sum_exp)
+    share = lambda lse: jnp.where(jnp.isneginf(lse), 0.0, jnp.exp(lse - merged))[..., None]
+    return output * share(log_sum_exp) + block_output * share(block_log_sum_exp), merged
+
+
+def pass_on(x, axis: str, devices: int):
+    "Send `x` (a pytree; None stays None) to the next device of the ring."
+    ring = [(i, (i + 1) % devices) for i in range(devices)]
+    return jax.tree.map(lambda a: jax.lax.ppermute(a, axis, ring), x)
+
+
+def _passed_keys(keys: KeyBlocks, axis: str, devices: int) -> KeyBlocks:
+    arrays = pass_on((keys.key, keys.value, keys.slots, keys.valid, keys.segments), axis, devices)
+    return KeyBlocks(*arrays, keys.size)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def ring_attention_local(query, key, value, parts: MaskParts, axis: str, devices: int, size: int,
+                         sliding_window: int | None):
+    """One device's share of ring attention (run under `shard_map`): its queries against its own keys, then against
+    each other device's as they come round the ring, merged by log-sum-exp; blocks with nothing visible are skipped."""
+    return _ring_forward(query, key, value, parts, axis, devices, size, sliding_window)[0]
+
+
+def _ring_cut(query, key, value, parts, size):
+    layout = BlockLayout(1, size, size)
+    with use_placement(None, {}):   # inside shard_map: local arrays, no placement
+        return (layout, layout.queries(query, key.shape[2]), layout.vectors(parts.query_slots),
+                layout.vectors(parts.query_segments), layout.keys(key, value, parts))
+
+
+def _ring_forward(query, key, value, parts, axis, devices, size, sliding_window):
+    layout, blocks, slots, segments, keys = _ring_cut(query, key, value, parts, size)
+    scale = query.shape[-1] ** -0.5
+    attend_all = lambda keys: jax.lax.map(
+        lambda block: attend_block(*block, keys, sliding_window, scale, keys_in_order=False), (blocks, slots, segments))
+    output, log_sum_exp = attend_all(keys)
+    for _ in range(devices - 1):
+        keys = _passed_keys(keys, axis, devices)
+        output, log_sum_exp = merge_attention(output, log_sum_exp, *attend_all(keys))
+    with use_placement(None, {}):
+        output = layout.join(output, query.shape[1]).astype(query.dtype)
+    return output, (query, key, value, parts, output, log_sum_exp)
+
+
+def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
+    """The ring again: each device's query gradient stays home, each key block's gradients travel with it and arrive
+    home after the last pass."""
+    query, key, value, parts, output, log_sum_exp = residuals
+    layout, blocks, slots, segments, keys = _ring_cut(query, key, value, parts, size)
+    scale, kv_heads = query.shape[-1] ** -0.5, key.shape[2]
+    with use_placement(None, {}):
+        outputs, output_grads = layout.queries(output, kv_heads), layout.queries(output_grad, kv_heads)
+    key_grads = (jnp.zeros(keys.key.shape, jnp.float32),) * 2
+    query_grad = jnp.zeros(blocks.shape, jnp.float32)
+    for turn in range(devices):
+        def step(key_grads, block):
+            query_share, *key_grads = attend_block_backward(*block, keys, key_grads, sliding_window, scale,
+                                                            keys_in_order=False)
+            return tuple(key_grads), query_share
+        key_grads, query_share = jax.lax.scan(step, key_grads, (blocks, outputs, log_sum_exp, output_grads, slots,
+                                                                segments))
+        query_grad += query_share
+        key_grads = pass_on(key_grads, axis, devices)
+        if turn < devices - 1:
+            keys = _passed_keys(keys, axis, devices)
+    with use_placement(None, {}):
+        query_grad = layout.join(query_grad, query.shape[1]).astype(query.dtype)
+    back = lambda x, like: x[:, :, :like.shape[1]].transpose(0, 2, 1, 3).astype(like.dtype)
+    return query_grad, back(key_grads[0], key), back(key_grads[1], value), jax.tree.map(lambda _: None, parts)
+
+
+ring_attention_local.defvjp(_ring_forward, _ring_backward)
+
+# %% ../nbs/00_attention.ipynb #716e2f4d
+def ring_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *, block: int | None = None,
+                   sliding_window: int | None = None) -> jax.Array:
+    """Attention with the sequence split over the current placement's 'length' axis and keys and values passed round
+    that ring (`jax.lax.ppermute` under `jax.shard_map`): no device ever holds more than its own share of the keys,
+    plus the one block in flight. Queries and keys may be in any order (`ring_order`'s zig-zag): masks come from the
+    slots."""
+    mesh, axis = current_mesh(), dimension_axis(RING_AXIS_NAME)
+    devices, heads, kv_heads = mesh.shape[axis], query.shape[2], key.shape[2]
+    head_axis, kv_axis = dimension_axis("heads", heads), dimension_axis("kv_heads", kv_heads)
+    if head_axis != kv_axis:   # too few key/value heads to split: repeat them, so each device has its heads' keys
+        key, value = (jnp.repeat(t, heads // kv_heads, axis=2) for t in (key, value))
+        kv_axis = head_axis
+    batch_axis = dimension_axis("batch", query.shape[0])
+    segments = jnp.zeros_like(parts.key_slots) if parts.key_segments is None else parts.key_segments
+    query_segments = segments if parts.query_segments is None else parts.query_segments
+    parts = MaskParts(parts.query_slots, parts.key_slots, parts.key_valid, query_segments, segments)
+    rows, heads_spec = P(batch_axis, axis), (P(batch_axis, axis, head_axis, None), P(batch_axis, axis, kv_axis, None))
+    size = ring_block_size(query.shape[1] // devices, block)
+    local = lambda q, k, v, p: ring_attention_local(q, k, v, p, axis, devices, size, sliding_window)
+    run = jax.shard_map(local, mesh=mesh, out_specs=heads_spec[0], check_vma=False,
+                        in_specs=(heads_spec[0], heads_spec[1], heads_spec[1], MaskParts(rows, rows, rows, rows, rows)))
+    return run(query, key, value, parts)
+
 # %% ../nbs/00_attention.ipynb #81af32b7
 PALLAS_BLOCK = 128   # the Pallas kernel's query and key tile; sequences are padded to a multiple of it
 
@@ -574,6 +735,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskPar
             return cudnn_attention(query, key, value, parts, sliding_window)
         if kernel == "pallas":
             return pallas_attention(query, key, value, parts)
+        if ring_is_on() and not cached and query.shape[1] % sequence_axis_size() == 0:
+            return ring_attention(query, key, value, parts, block=block, sliding_window=sliding_window)
         if cached or block is None:
             return reference_attention(query, key, value, parts, sliding_window)
         layout = block_layout(query.shape[1], block)

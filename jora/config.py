@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .attention import ATTENTION_IMPLEMENTATIONS
+from .sharding import CONTEXT_PARALLEL_SCHEMES
 
 # %% auto #0
 __all__ = ['FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field', 'config_to_dict', 'field_type', 'value_problem',
@@ -62,6 +63,10 @@ FIELDS = {
     "MESH_MODEL": Field(int | None, None, "Devices",
                         "devices on the model (tensor-parallel) axis; default: the rest", low=1),
     "MESH_SEQ": Field(int, 1, "Devices", "devices on the sequence axis", low=1),
+    "CONTEXT_PARALLEL": Field(str, 'ring', "Devices",
+                              "how a row split over the seq devices attends: ring (each device keeps its keys and "
+                              "values and passes them round; least memory) or all_gather (each gathers them all)",
+                              choices=tuple(CONTEXT_PARALLEL_SCHEMES)),
     "REMAT": Field(str, 'full', "Model",
                    "rematerialisation policy: none, full or projections", choices=('none', 'full', 'projections')),
     "LOGITS_CHUNK": Field(int, 512, "Model",

@@ -20,7 +20,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from .attention import (MaskParts, attention, constrain, even_block_size, join_sequence_blocks, sequence_axis_size,
-                            sequence_blocks)
+                            sequence_blocks, sequence_order)
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
@@ -347,14 +347,20 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
                   positions=None, segment_ids=None, lora: LoraWeights | None = None,
                   dropout_key: jax.Array | None = None, remat: str | None = None,
                   attention_block: int | None = None, attention_implementation: str = "auto",
-                  row_layout: str = "any") -> jax.Array:
-    "Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype."
+                  row_layout: str = "any", restore_order: bool = True) -> jax.Array:
+    """Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype. Under ring attention the
+    positions are laid out in `sequence_order` (zig-zag) from the start; `restore_order=False` leaves them so (the loss
+    reorders its targets instead)."""
     input_ids = jnp.asarray(input_ids)
     batch, time = input_ids.shape
     valid = jnp.ones((batch, time), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     if positions is None:
         positions = positions_from_mask(valid)
     slots = jnp.broadcast_to(jnp.arange(time), (batch, time))
+    order = sequence_order(time)
+    if order is not None:
+        input_ids, valid, positions, slots, segment_ids = (
+            None if x is None else jnp.asarray(x)[:, order] for x in (input_ids, valid, positions, slots, segment_ids))
     mask_parts = MaskParts(slots, slots, valid, segment_ids, segment_ids)
     hidden = constrain(params["embed_tokens"][input_ids], "batch", "length", "embed")
     cos, sin = (constrain(t, "batch", "length", None) for t in rope_cos_sin(config, positions, hidden.dtype))
@@ -368,6 +374,8 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
         return hidden, None
 
     hidden, _ = jax.lax.scan(remat_layer(body, remat), hidden, (params["layers"], lora, layer_keys))
+    if order is not None and restore_order:
+        hidden = hidden[:, np.argsort(order)]
     return rms_norm(hidden, params["norm"], config.rms_norm_eps)
 
 
@@ -457,9 +465,11 @@ def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, lab
 def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array, *,
                        logits_chunk: int | None = None, **forward_options) -> tuple[jax.Array, jax.Array]:
     "Summed next-token cross-entropy (fp32) over labelled positions, and how many there are."
-    hidden = hidden_states(config, params, input_ids, **forward_options)
+    hidden = hidden_states(config, params, input_ids, restore_order=False, **forward_options)
     labels = jnp.asarray(labels)
     targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    order = sequence_order(labels.shape[1])   # the hidden states' layout (ring attention's zig-zag); a sum ignores it
+    targets = targets if order is None else targets[:, order]
     labelled = targets != IGNORE_INDEX
     if logits_chunk is None:
         total = _summed_token_loss(params, hidden, targets, labelled)

@@ -7,6 +7,10 @@ Docs: https://jora-dev.github.io/jora/nbs/sharding.html.md"""
 # %% ../nbs/01_sharding.ipynb #79c17ac7
 from __future__ import annotations
 
+import math
+import re
+from functools import cache
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -16,11 +20,13 @@ from .attention import rule_axis, use_placement
 from .model import PROJECTION_DIMENSIONS, LlamaConfig, dimension_sizes, param_dimensions, param_shapes
 
 # %% auto #0
-__all__ = ['MESH_AXES', 'LOGICAL_AXIS_RULES', 'CPU_MEMORY_ESTIMATE_OPTIONS', 'make_mesh', 'placement', 'dimension_units',
-           'axis_sizes', 'specs_from_dimensions', 'model_axis_sizes', 'check_model_axis', 'param_specs',
-           'named_shardings', 'shard_params', 'batch_spec', 'adapter_dimensions', 'adapter_shapes', 'adapter_specs',
-           'compiled_memory', 'device_memory_stats', 'abstract_params_and_adapters', 'abstract_optimizer_state',
-           'compile_for_memory_estimate', 'longest_length_within']
+__all__ = ['MESH_AXES', 'LOGICAL_AXIS_RULES', 'CONTEXT_PARALLEL_SCHEMES', 'COLLECTIVES', 'DTYPE_BYTES',
+           'CPU_MEMORY_ESTIMATE_OPTIONS', 'make_mesh', 'axis_rules', 'placement', 'dimension_units', 'axis_sizes',
+           'specs_from_dimensions', 'model_axis_sizes', 'check_model_axis', 'param_specs', 'named_shardings',
+           'shard_params', 'batch_spec', 'adapter_dimensions', 'adapter_shapes', 'adapter_specs', 'compiled_memory',
+           'device_memory_stats', 'shape_bytes', 'group_size', 'received_bytes', 'hlo_computations', 'collective_bytes',
+           'largest_arrays', 'abstract_params_and_adapters', 'abstract_optimizer_state', 'compile_for_memory_estimate',
+           'longest_length_within']
 
 # %% ../nbs/01_sharding.ipynb #16790a1d
 MESH_AXES = ("data", "seq", "model")
@@ -44,7 +50,7 @@ def make_mesh(data: int = 1, model: int | None = None, seq: int = 1, devices=Non
 LOGICAL_AXIS_RULES = {
     "batch": "data",        # rows of a batch
     "length": "seq",        # positions of a row: context parallelism
-    "key_length": None,     # keys and values at attention: every seq device sees the whole row (all-gather)
+    "key_length": None,     # keys and values at attention: set by the context-parallel scheme (below)
     "embed": None,          # the residual stream, whole on every device
     "heads": "model",       # query heads: q_proj's output, o_proj's input
     "kv_heads": "model",    # key/value heads: k_proj's and v_proj's output
@@ -55,9 +61,23 @@ LOGICAL_AXIS_RULES = {
 }
 
 
-def placement(mesh: Mesh | None):
-    "Put `LOGICAL_AXIS_RULES` on `mesh` in force for the enclosed code: the activations the model names go there."
-    return use_placement(mesh, LOGICAL_AXIS_RULES)
+CONTEXT_PARALLEL_SCHEMES = {  # where keys and values live at attention, when a row is split over the seq devices
+    "all_gather": None,   # whole on every seq device: each gathers every key and value (and their gradients)
+    "ring": "seq",        # each device keeps its own; blocks pass round the ring (the attention chapter's ring_attention)
+}
+
+
+def axis_rules(context_parallel: str = "ring") -> dict:
+    "`LOGICAL_AXIS_RULES` with keys and values placed by the named context-parallel scheme."
+    if context_parallel not in CONTEXT_PARALLEL_SCHEMES:
+        raise ValueError(f"Unknown context-parallel scheme {context_parallel!r}; choose one of "
+                         f"{list(CONTEXT_PARALLEL_SCHEMES)}.")
+    return {**LOGICAL_AXIS_RULES, "key_length": CONTEXT_PARALLEL_SCHEMES[context_parallel]}
+
+
+def placement(mesh: Mesh | None, context_parallel: str = "ring"):
+    "Put the rule table on `mesh` in force for the enclosed code: the activations the model names go there."
+    return use_placement(mesh, axis_rules(context_parallel))
 
 
 def dimension_units(config: LlamaConfig, lora_rank: int = 1) -> dict[str, int]:
@@ -162,6 +182,92 @@ def device_memory_stats(devices=None) -> list[dict]:
                          "peak_bytes_in_use": stats.get("peak_bytes_in_use", 0),
                          "bytes_limit": stats.get("bytes_limit", 0)})
     return rows
+
+# %% ../nbs/01_sharding.ipynb #14bf05e1
+COLLECTIVES = ("all-gather", "collective-permute", "all-reduce", "reduce-scatter", "all-to-all")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+               "f64": 8, "s64": 8, "u64": 8}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (?P<shape>.+?) (?P<op>[a-z][a-z0-9-]*)\(")
+_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def shape_bytes(shape: str) -> int:
+    "Bytes of an HLO result shape (`bf16[4,128]`, or a tuple of them)."
+    return sum(DTYPE_BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x) for dtype, dims in _ARRAY.findall(shape))
+
+
+def group_size(instruction: str, devices: int) -> int:
+    "How many devices one collective's groups hold (its `replica_groups`, in any of XLA's spellings)."
+    if named := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", instruction):
+        sizes = {axis: int(size) for axis, size in re.findall(r"'([^']+)'=(\d+)", named.group(1))}
+        return math.prod(sizes[axis.strip().strip("'")] for axis in named.group(2).split(",") if axis.strip())
+    if iota := re.search(r"replica_groups=\[([\d,]+)\]<=", instruction):
+        return int(iota.group(1).split(",")[-1])
+    if listed := re.search(r"replica_groups=\{\{([\d,]+)\}", instruction):
+        return len(listed.group(1).split(","))
+    return devices
+
+
+def received_bytes(collective: str, result_bytes: int, group: int) -> float:
+    "Bytes one device receives in a collective with this result size, over `group` devices (ring algorithms)."
+    others = (group - 1) / group
+    return {"all-gather": result_bytes * others, "collective-permute": result_bytes,
+            "all-reduce": 2 * result_bytes * others, "reduce-scatter": result_bytes * (group - 1),
+            "all-to-all": result_bytes * others}[collective]
+
+# %% ../nbs/01_sharding.ipynb #8559abc8
+def hlo_computations(text: str) -> tuple[dict[str, list[str]], str]:
+    "The instructions of each computation of an HLO module's text, and the entry computation's name."
+    computations, current, entry = {}, None, None
+    for line in text.splitlines():
+        if head := re.match(r"^(ENTRY )?%(\S+) \(", line):
+            current = head.group(2)
+            computations[current] = []
+            entry = current if head.group(1) else entry
+        elif current is not None and line.strip():
+            computations[current].append(line)
+    return computations, entry
+
+
+def collective_bytes(compiled, devices: int) -> dict[str, float]:
+    """Bytes one device receives per run of a compiled program, by kind of collective: every collective of the
+    optimized HLO, times the trip counts of the loops around it (XLA's `known_trip_count`; a conditional counts its
+    costliest branch). `devices`: the group size where the HLO does not say."""
+    computations, entry = hlo_computations(compiled.as_text())
+
+    @cache
+    def total(name: str) -> tuple:
+        sums = dict.fromkeys(COLLECTIVES, 0.0)
+        for line in computations.get(name, []):
+            if not (match := _INSTRUCTION.match(line)):
+                continue
+            operation = match.group("op").removesuffix("-start")
+            if operation in COLLECTIVES:
+                sums[operation] += received_bytes(operation, shape_bytes(match.group("shape")),
+                                                  group_size(line, devices))
+            called = [(1, [callee]) for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line)]
+            if operation == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                called.append((int(trips.group(1)) if trips else 1, [re.search(r"body=%([\w.\-]+)", line).group(1)]))
+            if branches := re.search(r"branch_computations=\{([^}]*)\}", line):
+                called.append((1, [branch.strip().lstrip("%") for branch in branches.group(1).split(",")]))
+            for times, names in called:
+                costliest = max((dict(total(callee)) for callee in names), key=lambda kinds: sum(kinds.values()))
+                for kind in sums:
+                    sums[kind] += times * costliest[kind]
+        return tuple(sums.items())
+
+    return dict(total(entry))
+
+
+def largest_arrays(compiled, count: int = 6) -> list[tuple[str, float]]:
+    "The largest distinct array shapes a compiled program makes, with their GB: what fills a device's memory."
+    sizes = {}
+    for line in compiled.as_text().splitlines():
+        if (match := _INSTRUCTION.match(line)) and not match.group("shape").startswith("("):
+            shape = match.group("shape").split("{")[0]
+            sizes[shape] = shape_bytes(shape) / 1e9
+    return sorted(sizes.items(), key=lambda item: -item[1])[:count]
 
 # %% ../nbs/01_sharding.ipynb #b4bebbc1
 def abstract_params_and_adapters(config: LlamaConfig, mesh: Mesh, *, targets=("q_proj", "v_proj"), rank: int = 16,

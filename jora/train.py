@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .model import LlamaConfig, LoraWeights, causal_lm_loss_sum
 from .sharding import (abstract_optimizer_state, abstract_params_and_adapters, batch_spec, compile_for_memory_estimate,
-                           compiled_memory, device_memory_stats, longest_length_within, make_mesh, placement)
+                           CONTEXT_PARALLEL_SCHEMES, compiled_memory, device_memory_stats, longest_length_within,
+                           make_mesh, placement)
 from .lora import LoraConfig, init_lora, shard_lora
 from .config import ParallamaConfig, config_to_dict
 from .data import batches, empty_rows
@@ -40,9 +41,9 @@ __all__ = ['parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'loa
            'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged', 'TrainResult',
            'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder', 'step_options',
            'run_train_step', 'Run', 'prepare_run', 'fresh_state', 'restore_state', 'micro_batch_groups', 'ctrl_c_sets',
-           'compiled_step', 'step_record', 'check_finite', 'write_checkpoint', 'train_lora', 'loss_figure',
-           'figure_png', 'loss_plot_png', 'LossPlot', 'abstract_train_inputs', 'step_memory',
-           'longest_trainable_sequence']
+           'compiled_step', 'device_memory_limit', 'memory_alternatives', 'check_step_fits', 'step_record',
+           'check_finite', 'write_checkpoint', 'train_lora', 'loss_figure', 'figure_png', 'loss_plot_png', 'LossPlot',
+           'abstract_train_inputs', 'step_memory', 'longest_trainable_sequence']
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
 def parameter_count(params: dict) -> int:
@@ -135,14 +136,15 @@ class TrainState(NamedTuple):
 
 def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfig, remat: str | None, mesh,
                     logits_chunk: int | None = None, attention_block: int | None = None, *,
-                    attention_implementation: str = "auto", row_layout: str = "any"):
+                    attention_implementation: str = "auto", row_layout: str = "any", context_parallel: str = "ring"):
     """The jitted step `(state, params, micro_batches) -> (state, metrics)`, its state donated. `row_layout` says what
-    the batches hold ('packed' or 'right_padded' rows), which decides the GPU attention kernel."""
+    the batches hold ('packed' or 'right_padded' rows), which decides the GPU attention kernel; `context_parallel`
+    how a row split over the seq devices attends ('ring' or 'all_gather')."""
     attention_options = dict(attention_block=attention_block, attention_implementation=attention_implementation,
                              row_layout=row_layout)
 
     def step(state: TrainState, params, micro_batches):
-        with placement(mesh):
+        with placement(mesh, context_parallel):
             return placed_step(state, params, micro_batches)
 
     def placed_step(state: TrainState, params, micro_batches):
@@ -177,10 +179,10 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
 # %% ../nbs/05_train.ipynb #067c6ea9
 def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, logits_chunk: int | None = None,
                    attention_block: int | None = None, *, attention_implementation: str = "auto",
-                   row_layout: str = "any"):
+                   row_layout: str = "any", context_parallel: str = "ring"):
     "The jitted `(adapters, params, batch) -> (summed loss, labelled tokens)`, without dropout."
     def evaluate(adapters, params, batch):
-        with placement(mesh):
+        with placement(mesh, context_parallel):
             return _loss_sum(model_config, params, adapters, batch, scale=lora_config.scale, dropout=0.0,
                              dropout_key=None, remat=None, logits_chunk=logits_chunk, attention_block=attention_block,
                              attention_implementation=attention_implementation, row_layout=row_layout)
@@ -278,10 +280,11 @@ def prepare_run_folder(config: ParallamaConfig, checkpoint_path, *, resume: bool
 
 # %% ../nbs/05_train.ipynb #f2473f18
 def step_options(config: ParallamaConfig) -> dict:
-    "The step's options a config sets: LM-head chunks, attention blocks, the attention kernel and the row layout."
+    """The step's options a config sets: LM-head chunks, attention blocks, the attention kernel, the row layout and
+    the context-parallel scheme."""
     return dict(logits_chunk=config.LOGITS_CHUNK or None, attention_block=config.ATTENTION_BLOCK or None,
                 attention_implementation=config.ATTENTION_IMPLEMENTATION,
-                row_layout="packed" if config.PACK else "right_padded")
+                row_layout="packed" if config.PACK else "right_padded", context_parallel=config.CONTEXT_PARALLEL)
 
 
 def run_train_step(config: ParallamaConfig, model_config: LlamaConfig, optimizer, mesh):
@@ -401,6 +404,39 @@ def compiled_step(cache: dict, train_step, inputs) -> tuple[Any, dict]:
                           "compiled_bytes_per_device": compiled_memory(cache[shape])["total"]}
 
 
+
+def device_memory_limit() -> int | None:
+    "The smallest memory limit of this process's devices, in bytes (None where they report none, as CPUs)."
+    limits = [row["bytes_limit"] for row in device_memory_stats() if row["bytes_limit"]]
+    return min(limits) if limits else None
+
+
+def memory_alternatives(config: ParallamaConfig) -> list[dict]:
+    "The settings to try when a step does not fit: the other context-parallel scheme (seq devices), full remat."
+    changes = [{"CONTEXT_PARALLEL": scheme} for scheme in CONTEXT_PARALLEL_SCHEMES
+               if config.MESH_SEQ > 1 and scheme != config.CONTEXT_PARALLEL]
+    return changes + ([{"REMAT": "full"}] if config.REMAT != "full" else [])
+
+
+def check_step_fits(run: Run, needed: int, length: int, limit: int | None = None) -> None:
+    """Raise a `MemoryError` before a step that needs more than the devices have (`limit`, default: what they report),
+    naming the settings that would fit, each measured by lowering, or what else to change."""
+    limit = device_memory_limit() if limit is None else limit
+    if limit is None or needed <= limit:
+        return
+    fitting = []
+    for change in memory_alternatives(run.config):
+        bytes_needed = step_memory(run.config._replace(**change), run.model_config, seq_len=length, mesh=run.mesh,
+                                   total_steps=run.total_steps)["total"]
+        if bytes_needed <= limit:
+            fitting.append(", ".join(f"{key}={value!r}" for key, value in change.items())
+                           + f" ({bytes_needed / 1e9:.1f} GB)")
+    advice = (f"These settings fit: {'; '.join(fitting)}." if fitting else
+              "No other context-parallel scheme or remat policy fits either: use more seq devices (MESH_SEQ), fewer "
+              "rows per micro-batch (BATCH_SIZE) or shorter rows (MAX_SEQ_LEN).")
+    raise MemoryError(f"The training step for micro-batches of {length} tokens needs {needed / 1e9:.1f} GB per device "
+                      f"and the devices have {limit / 1e9:.1f} GB. {advice}")
+
 def step_record(run: Run, metrics: dict, stacked: dict, seconds: float, step: int, epoch: int) -> dict:
     "One history entry: the step's loss, learning rate, gradient norm, tokens, speed and device memory."
     return {"step": step, "epoch": epoch, "loss": float(metrics["loss"]), "lr": float(run.schedule(step - 1)),
@@ -460,6 +496,8 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
             stacked = stack_micro_batches(group, config.N_ACCUMULATION_STEPS)
             inputs = (state, run.params, place_batch(stacked, run.mesh, leading=1))
             program, record = compiled_step(compiled, run.train_step, inputs)
+            if record:
+                check_step_fits(run, record["compiled_bytes_per_device"], stacked["input_ids"].shape[-1])
             started = time.perf_counter()
             state, metrics = program(*inputs)
             metrics = jax.device_get(metrics)

@@ -209,10 +209,10 @@ def packed_rows():
     return ids, labels, valid, segments, positions
 
 
-def long_loss_and_grads(params, lora, rows, mesh=None, remat=None, block=None, chunk=None):
+def long_loss_and_grads(params, lora, rows, mesh=None, remat=None, block=None, chunk=None, scheme="ring"):
     ids, labels, valid, segments, positions = rows
     def loss(adapters):
-        with placement(mesh):
+        with placement(mesh, scheme):
             return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
                                   positions=positions, lora=LoraWeights(adapters, lora.scale), remat=remat,
                                   attention_block=block, logits_chunk=chunk)
@@ -222,17 +222,19 @@ def long_loss_and_grads(params, lora, rows, mesh=None, remat=None, block=None, c
     return jax.jit(jax.value_and_grad(loss))(lora.adapters)
 
 
+@pytest.mark.parametrize("scheme", ["ring", "all_gather"])
 @pytest.mark.parametrize("data, seq, model", SEQUENCE_MESHES, ids=[f"{d}x{s}x{m}" for d, s, m in SEQUENCE_MESHES])
 @pytest.mark.parametrize("remat, block, chunk", LONG_STEP_OPTIONS,
                          ids=["whole", "full-remat-blocks", "projections-blocks", "no-remat-uneven-blocks"])
 def test_sequence_split_gives_the_one_device_loss_and_gradients(setup, packed_rows, data, seq, model, remat, block,
-                                                                 chunk):
-    "Split over 'seq' (with data and model), packed and padded rows, attention in blocks, LM head in chunks."
+                                                                 chunk, scheme):
+    """Split over 'seq' (with data and model), packed and padded rows, attention in blocks, LM head in chunks, keys
+    and values passed round a ring (zig-zag order) or gathered: the loss and every LoRA gradient within 1e-5."""
     params, lora, *_ = setup
     reference_loss, reference_grads = long_loss_and_grads(params, lora, packed_rows)
     mesh = make_mesh(data=data, seq=seq, model=model)
     loss, grads = long_loss_and_grads(shard_params(TINY_GQA, params, mesh), shard_lora(TINY_GQA, lora, mesh),
-                                      packed_rows, mesh, remat, block, chunk)
+                                      packed_rows, mesh, remat, block, chunk, scheme)
     assert relative_difference(loss, reference_loss) <= 1e-5
     for leaf, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
         assert relative_difference(leaf, expected) <= 1e-5
@@ -294,3 +296,40 @@ def test_longest_trainable_sequence_is_on_the_budget_boundary():
     assert length >= 256 and report["total"] <= budget
     assert step_memory(run, TINY_GQA, seq_len=length + 256, mesh=mesh)["total"] > budget
     assert longest_trainable_sequence(run, TINY_GQA, mesh, 1e3, granularity=256)[0] == 0
+
+
+def test_ring_attention_is_what_the_ring_scheme_traces(setup, packed_rows):
+    "The ring scheme passes keys and values with ppermute; the all-gather scheme has none (the switch is real)."
+    params, lora, *_ = setup
+    mesh = make_mesh(data=1, seq=4, model=1, devices=jax.devices()[:4])
+    ids, labels, valid, segments, positions = packed_rows
+
+    def traced(scheme):
+        def loss(adapters):
+            with placement(mesh, scheme):
+                return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
+                                      positions=positions, lora=LoraWeights(adapters, lora.scale), attention_block=8)
+        return str(jax.make_jaxpr(jax.grad(loss))(lora.adapters))
+
+    assert "ppermute" in traced("ring") and "ppermute" not in traced("all_gather")
+    with pytest.raises(ValueError, match="Unknown context-parallel scheme 'ulysses'"):
+        traced("ulysses")
+
+
+def test_a_step_that_does_not_fit_names_the_settings_that_would():
+    """Past the devices' memory, the error names the scheme that fits, with its lowered size, or says that none does.
+    At 8192 tokens on two seq devices the ring step is the smaller (its keys and values are never gathered)."""
+    from jora.train import Run, check_step_fits, step_memory
+    from jora.config import ParallamaConfig
+    mesh = make_mesh(data=1, seq=2, model=1, devices=jax.devices()[:2])
+    config = ParallamaConfig(N_ACCUMULATION_STEPS=1, DTYPE="float32", REMAT="full", MESH_SEQ=2, MESH_MODEL=1,
+                             CONTEXT_PARALLEL="all_gather", LOGITS_CHUNK=256, ATTENTION_BLOCK=256)
+    run = Run(config, mesh, TINY_GQA, None, None, None, None, 10, None, None)
+    sizes = {scheme: step_memory(config._replace(CONTEXT_PARALLEL=scheme), TINY_GQA, seq_len=8192, mesh=mesh,
+                                 total_steps=10)["total"] for scheme in ("all_gather", "ring")}
+    assert sizes["ring"] < sizes["all_gather"], sizes
+    check_step_fits(run, sizes["all_gather"], 8192, limit=sizes["all_gather"])      # fits: nothing said
+    with pytest.raises(MemoryError, match=r"needs .* GB per device .* These settings fit: CONTEXT_PARALLEL='ring'"):
+        check_step_fits(run, sizes["all_gather"], 8192, limit=sizes["ring"])
+    with pytest.raises(MemoryError, match="No other context-parallel scheme or remat policy fits either"):
+        check_step_fits(run, sizes["all_gather"], 8192, limit=1000)
