@@ -73,9 +73,10 @@ def longest_plot(results: dict):
             line = pd.concat([one, line]).sort_values("devices")
             label = layout if scheme == "-" else f"{layout}, {scheme.replace('_', '-')}"
             axis.plot(line["devices"], line["longest tokens"] / 1e3, "o-" if scheme == "ring" else "s--", label=label)
-        axis.axhline(1000, color="grey", linewidth=0.8, linestyle=":")
+        axis.axhline(1000, color="grey", linewidth=0.8, linestyle=":")  # a million tokens
         axis.set(xlabel="devices", xscale="log", xticks=[1, 2, 4, 8], xticklabels=["1", "2", "4", "8"],
                  title=f"{model}, full remat, {results['budget GB']:.0f} GB per device")
+        axis.minorticks_off()
         axis.set_ylabel("longest sequence (thousand tokens)")
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -83,10 +84,13 @@ def longest_plot(results: dict):
 
 
 def communication_table(results: dict) -> pd.DataFrame:
-    "Bytes one device receives per step, and the step's memory, per model, length and context-parallel scheme."
+    "GB one device receives per step, and the step's memory, for each scheme, per model and length."
     rows = pd.DataFrame(results["rows"])
-    return rows.pivot_table(index=["model", "tokens"], columns="context parallel",
-                            values=["GB received per device", "memory GB"], sort=False)
+    table = rows.pivot_table(index=["model", "tokens"], columns="context parallel",
+                             values=["GB received per device", "memory GB"], sort=False)
+    table.columns = [f"{scheme.replace('_', '-')}: {'GB received' if value.startswith('GB') else 'memory GB'}"
+                     for value, scheme in table.columns]
+    return table
 
 
 def plot(cpu: dict | None, memory: dict | None):
@@ -140,7 +144,8 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
     if longest is not None:
         published = "; ".join(f"{name}: {tokens:,}" for name, tokens in PUBLISHED_LONGEST.items())
         parts.append(f"**Longest trainable sequence at 80 GB per device** ({longest['date']}, lowering only the step "
-                     f"`train_lora` compiles, `nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16 with dropout 0.05, LM head "
+                     f"`train_lora` compiles on XLA:CPU, `python bench/longest_sequence.py`, explained in "
+                     f"`nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16 with dropout 0.05, LM head "
                      f"chunks of {longest['options']['logits_chunk']} and attention blocks of "
                      f"{longest['options']['attention_block']}, the training defaults otherwise; "
                      f"published for comparison, one 80 GB GPU: {published}):\n\n"
@@ -153,7 +158,7 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
         parts.append(f"**What each context-parallel scheme sends per step** ({communication['date']}, "
                      f"`python bench/communication.py`; {communication['step']}, {communication['mesh']}; GB one "
                      f"device receives per step, from the compiled program's collectives, and its memory):\n\n"
-                     + communication_table(communication).to_markdown(floatfmt=".4g"))
+                     + communication_table(communication).reset_index().to_markdown(index=False, floatfmt=".4g"))
     if gpu is not None:
         parts.append(f"**GPU step, Llama-2-7B shape** ({gpu['date']}, {gpu['rows'][0]['jora']['device']}; "
                      f"`{gpu['command']}`; paper, one GPU: {gpu['paper_one_gpu']['step_seconds']} s, "

@@ -543,6 +543,7 @@ def _ring_forward(query, key, value, parts, axis, devices, size, sliding_window)
     return output, (query, key, value, parts, output, log_sum_exp)
 
 
+# %% ../nbs/00_attention.ipynb #45fe14f7
 def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
     """The ring again: each device's query gradient stays home, each key block's gradients travel with it and arrive
     home after the last pass."""

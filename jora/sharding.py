@@ -24,9 +24,8 @@ __all__ = ['MESH_AXES', 'LOGICAL_AXIS_RULES', 'CONTEXT_PARALLEL_SCHEMES', 'COLLE
            'CPU_MEMORY_ESTIMATE_OPTIONS', 'make_mesh', 'axis_rules', 'placement', 'dimension_units', 'axis_sizes',
            'specs_from_dimensions', 'model_axis_sizes', 'check_model_axis', 'param_specs', 'named_shardings',
            'shard_params', 'batch_spec', 'adapter_dimensions', 'adapter_shapes', 'adapter_specs', 'compiled_memory',
-           'device_memory_stats', 'shape_bytes', 'group_size', 'received_bytes', 'hlo_computations', 'collective_bytes',
-           'largest_arrays', 'abstract_params_and_adapters', 'abstract_optimizer_state', 'compile_for_memory_estimate',
-           'longest_length_within']
+           'device_memory_stats', 'shape_bytes', 'collective_bytes', 'largest_arrays', 'abstract_params_and_adapters',
+           'abstract_optimizer_state', 'compile_for_memory_estimate', 'longest_length_within']
 
 # %% ../nbs/01_sharding.ipynb #16790a1d
 MESH_AXES = ("data", "seq", "model")
@@ -196,7 +195,7 @@ def shape_bytes(shape: str) -> int:
     return sum(DTYPE_BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x) for dtype, dims in _ARRAY.findall(shape))
 
 
-def group_size(instruction: str, devices: int) -> int:
+def _group_size(instruction: str, devices: int) -> int:
     "How many devices one collective's groups hold (its `replica_groups`, in any of XLA's spellings)."
     if named := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", instruction):
         sizes = {axis: int(size) for axis, size in re.findall(r"'([^']+)'=(\d+)", named.group(1))}
@@ -208,7 +207,7 @@ def group_size(instruction: str, devices: int) -> int:
     return devices
 
 
-def received_bytes(collective: str, result_bytes: int, group: int) -> float:
+def _received_bytes(collective: str, result_bytes: int, group: int) -> float:
     "Bytes one device receives in a collective with this result size, over `group` devices (ring algorithms)."
     others = (group - 1) / group
     return {"all-gather": result_bytes * others, "collective-permute": result_bytes,
@@ -216,7 +215,7 @@ def received_bytes(collective: str, result_bytes: int, group: int) -> float:
             "all-to-all": result_bytes * others}[collective]
 
 # %% ../nbs/01_sharding.ipynb #8559abc8
-def hlo_computations(text: str) -> tuple[dict[str, list[str]], str]:
+def _hlo_computations(text: str) -> tuple[dict[str, list[str]], str]:
     "The instructions of each computation of an HLO module's text, and the entry computation's name."
     computations, current, entry = {}, None, None
     for line in text.splitlines():
@@ -233,7 +232,7 @@ def collective_bytes(compiled, devices: int) -> dict[str, float]:
     """Bytes one device receives per run of a compiled program, by kind of collective: every collective of the
     optimized HLO, times the trip counts of the loops around it (XLA's `known_trip_count`; a conditional counts its
     costliest branch). `devices`: the group size where the HLO does not say."""
-    computations, entry = hlo_computations(compiled.as_text())
+    computations, entry = _hlo_computations(compiled.as_text())
 
     @cache
     def total(name: str) -> tuple:
@@ -243,8 +242,8 @@ def collective_bytes(compiled, devices: int) -> dict[str, float]:
                 continue
             operation = match.group("op").removesuffix("-start")
             if operation in COLLECTIVES:
-                sums[operation] += received_bytes(operation, shape_bytes(match.group("shape")),
-                                                  group_size(line, devices))
+                sums[operation] += _received_bytes(operation, shape_bytes(match.group("shape")),
+                                                  _group_size(line, devices))
             called = [(1, [callee]) for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line)]
             if operation == "while":
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)

@@ -41,9 +41,9 @@ __all__ = ['parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'loa
            'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged', 'TrainResult',
            'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder', 'step_options',
            'run_train_step', 'Run', 'prepare_run', 'fresh_state', 'restore_state', 'micro_batch_groups', 'ctrl_c_sets',
-           'compiled_step', 'device_memory_limit', 'memory_alternatives', 'check_step_fits', 'step_record',
-           'check_finite', 'write_checkpoint', 'train_lora', 'loss_figure', 'figure_png', 'loss_plot_png', 'LossPlot',
-           'abstract_train_inputs', 'step_memory', 'longest_trainable_sequence']
+           'compiled_step', 'device_memory_limit', 'readable_bytes', 'memory_alternatives', 'check_step_fits',
+           'step_record', 'check_finite', 'write_checkpoint', 'train_lora', 'loss_figure', 'figure_png',
+           'loss_plot_png', 'LossPlot', 'abstract_train_inputs', 'step_memory', 'longest_trainable_sequence']
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
 def parameter_count(params: dict) -> int:
@@ -411,6 +411,11 @@ def device_memory_limit() -> int | None:
     return min(limits) if limits else None
 
 
+def readable_bytes(size: float) -> str:
+    "A byte count as GB, or MB below a tenth of a GB (`72.3 GB`, `15.2 MB`)."
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
 def memory_alternatives(config: ParallamaConfig) -> list[dict]:
     "The settings to try when a step does not fit: the other context-parallel scheme (seq devices), full remat."
     changes = [{"CONTEXT_PARALLEL": scheme} for scheme in CONTEXT_PARALLEL_SCHEMES
@@ -430,12 +435,12 @@ def check_step_fits(run: Run, needed: int, length: int, limit: int | None = None
                                    total_steps=run.total_steps)["total"]
         if bytes_needed <= limit:
             fitting.append(", ".join(f"{key}={value!r}" for key, value in change.items())
-                           + f" ({bytes_needed / 1e9:.1f} GB)")
+                           + f" ({readable_bytes(bytes_needed)})")
     advice = (f"These settings fit: {'; '.join(fitting)}." if fitting else
               "No other context-parallel scheme or remat policy fits either: use more seq devices (MESH_SEQ), fewer "
               "rows per micro-batch (BATCH_SIZE) or shorter rows (MAX_SEQ_LEN).")
-    raise MemoryError(f"The training step for micro-batches of {length} tokens needs {needed / 1e9:.1f} GB per device "
-                      f"and the devices have {limit / 1e9:.1f} GB. {advice}")
+    raise MemoryError(f"The training step for micro-batches of {length} tokens needs {readable_bytes(needed)} per "
+                      f"device and the devices have {readable_bytes(limit)}. {advice}")
 
 def step_record(run: Run, metrics: dict, stacked: dict, seconds: float, step: int, epoch: int) -> dict:
     "One history entry: the step's loss, learning rate, gradient norm, tokens, speed and device memory."

@@ -89,3 +89,37 @@ def test_retrieval_bench_reports_index_search_and_rows(tmp_path):
     assert (row["documents"], row["questions"]) == (1500, 150) and row["oracle_in_top10"] > 0.9
     assert row["index_seconds"]["median"] > 0 and row["queries_per_second"] > 0 and row["rows_per_second"] > 0
     assert row["raft_rows_report"].startswith("150 rows:") and row["budgeted_questions"] == 150
+
+
+def load_bench_module(name: str):
+    "A bench/ script as a module (bench/ on the path, for its sibling imports)."
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_communication_bench_tells_the_schemes_apart():
+    """On a small model over eight seq devices, the ring step's traffic is collective-permutes and the all-gather
+    step's is all-gathers, each counted from the compiled program."""
+    communication = load_bench_module("communication")
+    from jora.model import LlamaConfig
+    small = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    ring, gathered = (communication.measure(small, scheme, 8192) for scheme in ("ring", "all_gather"))
+    assert ring["collective-permute GB"] > 10 * ring.get("all-gather GB", 0), ring
+    assert gathered["all-gather GB"] > 10 * gathered.get("collective-permute GB", 0), gathered
+    assert ring["memory GB"] > 0 and gathered["memory GB"] > 0
+
+
+def test_longest_sequence_bench_chooses_its_rows_and_keeps_each_once():
+    "Rows are filtered by the flags; a row measured again replaces the old one (by its key)."
+    longest = load_bench_module("longest_sequence")
+    arguments = longest.argparse.Namespace(devices=[8], remat=["full"], scheme=["ring"], model=["Llama-3.1-8B"])
+    rows = [row for row, _, _ in longest.rows_to_measure(arguments)]
+    assert rows == [dict(model="Llama-3.1-8B", devices=8, layout="context", scheme="ring", remat="full"),
+                    dict(model="Llama-3.1-8B", devices=8, layout="context x tensor", scheme="ring", remat="full")]
+    everything = longest.argparse.Namespace(devices=None, remat=None, scheme=None, model=None)
+    keys = [tuple(row.values()) for row, _, _ in longest.rows_to_measure(everything)]
+    assert len(keys) == len(set(keys)) == 3 * (1 + 3 + 5 + 5 + 1 + 5)
