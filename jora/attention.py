@@ -534,10 +534,11 @@ def _ring_forward(query, key, value, parts, axis, devices, size, sliding_window)
     scale = query.shape[-1] ** -0.5
     attend_all = lambda keys: jax.lax.map(
         lambda block: attend_block(*block, keys, sliding_window, scale, keys_in_order=False), (blocks, slots, segments))
-    output, log_sum_exp = attend_all(keys)
-    for _ in range(devices - 1):
-        keys = _passed_keys(keys, axis, devices)
-        output, log_sum_exp = merge_attention(output, log_sum_exp, *attend_all(keys))
+    def turn(_, state):   # a loop, not unrolled turns: one turn's blocks are alive at a time
+        arrays, output, log_sum_exp = state
+        passed = _passed_keys(KeyBlocks(*arrays, keys.size), axis, devices)
+        return (passed[:-1], *merge_attention(output, log_sum_exp, *attend_all(passed)))
+    _, output, log_sum_exp = jax.lax.fori_loop(1, devices, turn, (keys[:-1], *attend_all(keys)))
     with use_placement(None, {}):
         output = layout.join(output, query.shape[1]).astype(query.dtype)
     return output, (query, key, value, parts, output, log_sum_exp)
@@ -552,19 +553,23 @@ def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
     scale, kv_heads = query.shape[-1] ** -0.5, key.shape[2]
     with use_placement(None, {}):
         outputs, output_grads = layout.queries(output, kv_heads), layout.queries(output_grad, kv_heads)
-    key_grads = (jnp.zeros(keys.key.shape, jnp.float32),) * 2
-    query_grad = jnp.zeros(blocks.shape, jnp.float32)
-    for turn in range(devices):
+
+    def attend_all(keys, key_grads, query_grad):   # this device's query blocks against the key block at hand
         def step(key_grads, block):
             query_share, *key_grads = attend_block_backward(*block, keys, key_grads, sliding_window, scale,
                                                             keys_in_order=False)
             return tuple(key_grads), query_share
         key_grads, query_share = jax.lax.scan(step, key_grads, (blocks, outputs, log_sum_exp, output_grads, slots,
                                                                 segments))
-        query_grad += query_share
-        key_grads = pass_on(key_grads, axis, devices)
-        if turn < devices - 1:
-            keys = _passed_keys(keys, axis, devices)
+        return key_grads, query_grad + query_share
+
+    def turn(_, state):   # the next key block arrives with the gradients gathered for it so far
+        arrays, key_grads, query_grad = state
+        passed = _passed_keys(KeyBlocks(*arrays, keys.size), axis, devices)
+        return (passed[:-1], *attend_all(passed, pass_on(key_grads, axis, devices), query_grad))
+    start = attend_all(keys, (jnp.zeros(keys.key.shape, jnp.float32),) * 2, jnp.zeros(blocks.shape, jnp.float32))
+    _, key_grads, query_grad = jax.lax.fori_loop(1, devices, turn, (keys[:-1], *start))
+    key_grads = pass_on(key_grads, axis, devices)   # one more hop: each block's gradients arrive home
     with use_placement(None, {}):
         query_grad = layout.join(query_grad, query.shape[1]).astype(query.dtype)
     back = lambda x, like: x[:, :, :like.shape[1]].transpose(0, 2, 1, 3).astype(like.dtype)
