@@ -259,11 +259,21 @@ def collective_bytes(compiled, devices: int) -> dict[str, float]:
     return dict(total(entry))
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>\S+) \(.*\{\s*$")
+_FUSION_BODY = re.compile(r" fusion\(.*?\bcalls=%(?P<name>[\w.\-]+)")
+
+
 def largest_arrays(compiled, count: int = 6) -> list[tuple[str, float]]:
-    "The largest distinct array shapes a compiled program makes, with their GB: what fills a device's memory."
-    sizes = {}
-    for line in compiled.as_text().splitlines():
-        if (match := _INSTRUCTION.match(line)) and not match.group("shape").startswith("("):
+    """The largest distinct array shapes a compiled program keeps in memory, with their GB: what fills a device. The
+    values inside a fusion never reach memory (a fused convert of a stack is computed element by element), so only
+    the instructions outside fusion bodies count."""
+    text = compiled.as_text()
+    fused = {match.group("name") for match in _FUSION_BODY.finditer(text)}
+    sizes, computation = {}, None
+    for line in text.splitlines():
+        if header := _COMPUTATION.match(line):
+            computation = header.group("name")
+        elif computation not in fused and (match := _INSTRUCTION.match(line)) and not match.group("shape").startswith("("):
             shape = match.group("shape").split("{")[0]
             sizes[shape] = shape_bytes(shape) / 1e9
     return sorted(sizes.items(), key=lambda item: -item[1])[:count]
