@@ -1,5 +1,5 @@
-"""Masks built a block at a time, flash attention written in XLA with causal block skipping, and the fused GPU kernels
-(cuDNN, Pallas), chosen per platform when the step is lowered.
+"""Masks built a block at a time, flash attention written in XLA with causal block skipping, and ring attention over
+the devices that share one sequence.
 
 Docs: https://jora-dev.github.io/jora/nbs/attention.html.md"""
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import cache, partial
+from functools import partial
 from typing import Mapping, NamedTuple
 
 import jax
@@ -20,16 +20,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 # %% auto #0
-__all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'RING_AXIS_NAME', 'PALLAS_BLOCK', 'ATTENTION_IMPLEMENTATIONS',
-           'ROW_LAYOUTS', 'make_attention_mask', 'MaskParts', 'sequence_blocks', 'even_block_size',
-           'join_sequence_blocks', 'Placement', 'use_placement', 'current_mesh', 'rule_axis', 'dimension_axis',
-           'constrain', 'sequence_axis_size', 'reference_attention', 'key_block_range', 'blocks_may_meet',
-           'block_scores', 'KeyBlocks', 'block_mask', 'visible_blocks', 'attend_block', 'output_row_term',
-           'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout', 'blocked_attention',
-           'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention', 'ring_is_on', 'ring_order',
-           'sequence_order', 'ring_block_size', 'merge_attention', 'pass_on', 'ring_attention_local', 'ring_attention',
-           'row_segments', 'pallas_attention', 'cudnn_attention', 'AttentionCase', 'fused_attention_problem',
-           'choose_attention', 'device_platform', 'cudnn_is_available', 'attention']
+__all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'RING_AXIS_NAME', 'make_attention_mask', 'MaskParts',
+           'sequence_blocks', 'even_block_size', 'join_sequence_blocks', 'Placement', 'use_placement', 'current_mesh',
+           'rule_axis', 'dimension_axis', 'constrain', 'sequence_axis_size', 'reference_attention', 'key_block_range',
+           'blocks_may_meet', 'block_scores', 'KeyBlocks', 'block_mask', 'visible_blocks', 'attend_block',
+           'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout',
+           'blocked_attention', 'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention', 'ring_is_on',
+           'ring_order', 'sequence_order', 'ring_block_size', 'merge_attention', 'pass_on', 'ring_attention_local',
+           'ring_attention']
 
 # %% ../nbs/00_attention.ipynb #e39b421e
 def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,
@@ -601,160 +599,3 @@ def ring_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: Ma
     run = jax.shard_map(local, mesh=mesh, out_specs=heads_spec[0], check_vma=False,
                         in_specs=(heads_spec[0], heads_spec[1], heads_spec[1], MaskParts(rows, rows, rows, rows, rows)))
     return run(query, key, value, parts)
-
-# %% ../nbs/00_attention.ipynb #81af32b7
-PALLAS_BLOCK = 128   # the Pallas kernel's query and key tile; sequences are padded to a multiple of it
-
-
-def row_segments(parts: MaskParts) -> jax.Array:
-    "One id per position `[batch, time]`: its packed segment + 1, or 0 for padding (which then attends only padding)."
-    segments = jnp.zeros_like(parts.key_slots) if parts.key_segments is None else parts.key_segments
-    return jnp.where(parts.key_valid, segments + 1, 0).astype(jnp.int32)
-
-
-def pallas_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
-                     interpret: bool = False) -> jax.Array:
-    """JAX's Pallas flash kernel (`jax.experimental.pallas.ops.gpu.attention.mha`, Triton on GPU): causal, with
-    segment ids for packed rows and padding. The kernel wants as many key/value heads as query heads and whole tiles,
-    so heads are repeated and the sequence padded; in a placement it runs per device under `shard_map`."""
-    from jax.experimental.pallas.ops.gpu.attention import mha
-    groups, time = query.shape[2] // key.shape[2], query.shape[1]
-    key, value = (jnp.repeat(t, groups, axis=2) for t in (key, value))
-    pad = (-time) % PALLAS_BLOCK
-    tiles = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=-1 if x.ndim == 2 else 0)
-    kernel = partial(mha, sm_scale=query.shape[-1] ** -0.5, causal=True, interpret=interpret)
-    if current_mesh() is not None:
-        rows = P(dimension_axis("batch", query.shape[0]), None)
-        heads = P(rows[0], None, dimension_axis("heads", query.shape[2]), None)
-        kernel = jax.shard_map(kernel, mesh=current_mesh(), in_specs=(heads, heads, heads, rows), out_specs=heads,
-                               check_vma=False)
-    return kernel(tiles(query), tiles(key), tiles(value), tiles(row_segments(parts)))[:, :time]
-
-
-def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts,
-                    sliding_window: int | None = None) -> jax.Array:
-    """cuDNN's fused attention through `jax.nn.dot_product_attention`: causal, with per-row lengths instead of a mask
-    (rows unpacked, padding at the end), and Mistral's window where set. Needs a GPU with cuDNN when traced."""
-    lengths = jnp.maximum(parts.key_valid.sum(axis=1), 1).astype(jnp.int32)   # an empty filler row must stay finite
-    window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(query, key, value, scale=query.shape[-1] ** -0.5, is_causal=True,
-                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                        local_window_size=window, implementation="cudnn")
-
-
-# %% ../nbs/00_attention.ipynb #b42732bc
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
-ROW_LAYOUTS = ("any", "right_padded", "packed")
-
-
-class AttentionCase(NamedTuple):
-    "What decides which attention can run: the call's dtype, head size, rows, window, seq devices and cache."
-    dtype: str
-    head_dim: int
-    row_layout: str = "any"
-    sliding_window: int | None = None
-    sequence_devices: int = 1
-    cached: bool = False
-
-
-def fused_attention_problem(kernel: str, case: AttentionCase) -> str | None:
-    "Why `kernel` ('cudnn' or 'pallas') cannot compute `case`, or None when it can."
-    if case.cached:
-        return "generation attends a key/value cache, which the fused kernels do not take"
-    if case.sequence_devices > 1:
-        return (f"the sequence is split over {case.sequence_devices} 'seq' devices and the fused kernels need every "
-                "query of a row on one device")
-    if kernel == "pallas" and case.sliding_window is not None:
-        return "the Pallas kernel has no sliding window"
-    if kernel == "cudnn":
-        if case.dtype not in ("bfloat16", "float16"):
-            return f"cuDNN fused attention takes bfloat16 or float16, not {case.dtype} (set DTYPE=bfloat16)"
-        if case.row_layout != "right_padded":
-            return ("cuDNN takes a length per row, so rows must be unpacked and padded at the end (PACK=False); "
-                    f"these rows are {case.row_layout!r}")
-        if case.head_dim > 128 or case.head_dim % 8:
-            return f"cuDNN fused attention takes head sizes that are multiples of 8 up to 128, not {case.head_dim}"
-    return None
-
-
-def choose_attention(requested: str, case: AttentionCase, *, platform: str, cudnn_available: bool) -> str:
-    """The attention a `platform` ('cpu', 'cuda', ...) runs for `case`: 'auto' takes cuDNN, else Pallas, on CUDA and XLA
-    elsewhere; a named kernel that cannot run raises a `ValueError` that says why."""
-    if requested not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"Unknown attention implementation {requested!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.")
-    if requested == "xla":
-        return "xla"
-    if requested == "auto":
-        if platform != "cuda":
-            return "xla"
-        usable = [k for k in ("cudnn", "pallas") if fused_attention_problem(k, case) is None
-                  and (k != "cudnn" or cudnn_available)]
-        return usable[0] if usable else "xla"
-    if platform != "cuda":
-        raise ValueError(f"attention implementation {requested!r} needs an NVIDIA GPU, and this program runs on "
-                         f"{platform}; use 'auto' (fused kernels on GPU, XLA elsewhere) or 'xla'.")
-    if requested == "cudnn" and not cudnn_available:
-        raise ValueError("attention implementation 'cudnn' needs cuDNN, which JAX does not find here; use 'auto'.")
-    problem = fused_attention_problem(requested, case)
-    if problem:
-        raise ValueError(f"attention implementation {requested!r} cannot run here: {problem}. Use 'auto' or 'xla'.")
-    return requested
-
-
-# %% ../nbs/00_attention.ipynb #fc125d4c
-def device_platform() -> str:
-    "'cuda' for NVIDIA GPUs, else the platform name of the current placement's (or the default) devices."
-    device = current_mesh().devices.flat[0] if current_mesh() is not None else jax.devices()[0]
-    kind = device.client.platform_version.lower() if device.platform == "gpu" else ""
-    return "cuda" if device.platform == "gpu" and "rocm" not in kind else device.platform
-
-
-@cache
-def cudnn_is_available() -> bool:
-    "Whether cuDNN fused attention can be traced in this process (it checks for cuDNN when traced)."
-    if device_platform() != "cuda":
-        return False
-    try:
-        tiny = jax.ShapeDtypeStruct((1, 8, 1, 8), jnp.bfloat16)
-        jax.eval_shape(partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"), tiny, tiny, tiny)
-        return True
-    except (RuntimeError, NotImplementedError, ValueError):
-        return False
-
-
-# %% ../nbs/00_attention.ipynb #f2cc7186
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
-              sliding_window: int | None = None, block: int | None = None, implementation: str = "auto",
-              row_layout: str = "any", cached: bool = False) -> jax.Array:
-    """Attention of `query` `[batch, time, heads, head_dim]` over `key`/`value` `[batch, keys, kv_heads, head_dim]`.
-    `implementation` 'auto' leaves the choice to lowering (`jax.lax.platform_dependent`): the fused kernel on CUDA,
-    the XLA path elsewhere. The XLA path takes queries `block` at a time (flash attention in XLA; up to
-    `SHORT_SEQUENCE` positions on one device, `short_attention`'s small tiles) or, without a block or with a cache,
-    in one call."""
-    if row_layout not in ROW_LAYOUTS:
-        raise ValueError(f"Unknown row layout {row_layout!r}; choose one of {ROW_LAYOUTS}.")
-    case = AttentionCase(jnp.dtype(query.dtype).name, query.shape[-1], row_layout, sliding_window,
-                         sequence_axis_size(), cached)
-
-    def run(kernel):
-        if kernel == "cudnn":
-            return cudnn_attention(query, key, value, parts, sliding_window)
-        if kernel == "pallas":
-            return pallas_attention(query, key, value, parts)
-        if ring_is_on() and not cached and query.shape[1] % sequence_axis_size() == 0:
-            return ring_attention(query, key, value, parts, block=block, sliding_window=sliding_window)
-        if cached or block is None:
-            return reference_attention(query, key, value, parts, sliding_window)
-        layout = block_layout(query.shape[1], block)
-        if layout.groups == 1 and query.shape[1] <= SHORT_SEQUENCE:
-            return short_attention(query, key, value, parts, sliding_window)
-        return blocked_attention(query, key, value, parts, layout, sliding_window)
-
-    if implementation != "auto":
-        return run(choose_attention(implementation, case, platform=device_platform(),
-                                    cudnn_available=cudnn_is_available()))
-    on_cuda = choose_attention("auto", case, platform="cuda", cudnn_available=cudnn_is_available())
-    if on_cuda == "xla":
-        return run("xla")
-    return jax.lax.platform_dependent(cuda=lambda: run(on_cuda), default=lambda: run("xla"))
-

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .attention import ATTENTION_IMPLEMENTATIONS
+from .kernels import ATTENTION_IMPLEMENTATIONS
 from .sharding import CONTEXT_PARALLEL_SCHEMES
 
 # %% auto #0

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from .attention import (MaskParts, attention, constrain, even_block_size, join_sequence_blocks, sequence_axis_size,
+from .attention import (MaskParts, constrain, even_block_size, join_sequence_blocks, sequence_axis_size,
                             sequence_blocks, sequence_order)
+from .kernels import attention
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',

@@ -18,8 +18,9 @@ import numpy as np
 import optax
 import pytest
 
-from jora.attention import (SHORT_SEQUENCE, MaskParts, attention, block_layout, blocked_attention, pallas_attention,
-                            reference_attention, short_attention)
+from jora.attention import (SHORT_SEQUENCE, MaskParts, block_layout, blocked_attention, reference_attention,
+                            short_attention)
+from jora.kernels import attention, pallas_attention
 from jora.lora import LoraConfig, init_lora
 from jora.model import LlamaConfig, init_params
 from jora.train import TrainState, make_train_step

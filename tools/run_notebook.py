@@ -1,0 +1,43 @@
+"""Run notebooks top to bottom and store what they show, the way the notebook tests run them.
+
+    python tools/run_notebook.py nbs/00_attention.ipynb [more notebooks ...]
+
+Cells marked `#| eval: false` (long searches that write a results file) are neither run nor changed: their stored
+outputs stay. Every other code cell gets the outputs of this run. Run `nbdev-clean` afterwards, as before a commit.
+"""
+import copy
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+exec((ROOT / "tests" / "conftest.py").read_text())   # the tests' environment: eight CPU devices, offline, quiet
+
+import nbformat
+from nbclient import NotebookClient
+
+sys.path.insert(0, str(ROOT / "tests"))
+from test_notebooks import skipped  # noqa: E402  (the one definition of a cell the tests do not run)
+
+
+def run(path: Path) -> None:
+    "Execute `path` in its own folder and write the fresh outputs of every cell that ran back into it."
+    stored = nbformat.read(path, as_version=4)
+    runnable = copy.deepcopy(stored)
+    for cell in runnable.cells:
+        if skipped(cell):
+            cell.source = ""
+    NotebookClient(runnable, timeout=1800, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    for before, after in zip(stored.cells, runnable.cells):
+        if before.cell_type == "code" and not skipped(before):
+            before.outputs, before.execution_count = after.outputs, after.execution_count
+    nbformat.write(stored, path)
+    print(f"{path}: ran and stored")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for name in sys.argv[1:]:
+        run(Path(name).resolve())
