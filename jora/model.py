@@ -25,11 +25,12 @@ from .kernels import attention
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
-           'PROJECTION_DIMENSIONS', 'REMAT_POLICIES', 'IGNORE_INDEX', 'RopeScaling', 'LlamaConfig', 'dimension_sizes',
-           'projection_shape', 'has_bias', 'param_dimensions', 'param_shapes', 'init_params', 'rms_norm',
-           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'decoder_layer',
-           'remat_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward',
-           'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate']
+           'PROJECTION_DIMENSIONS', 'FEED_FORWARD_CHUNK', 'REMAT_POLICIES', 'IGNORE_INDEX', 'RopeScaling',
+           'LlamaConfig', 'dimension_sizes', 'projection_shape', 'has_bias', 'param_dimensions', 'param_shapes',
+           'init_params', 'rms_norm', 'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'LoraWeights',
+           'project', 'feed_forward_pieces', 'feed_forward', 'decoder_layer', 'remat_layer', 'positions_from_mask',
+           'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward', 'chunk_token_loss', 'causal_lm_loss_sum',
+           'causal_lm_loss', 'sample_top_p', 'generate']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -285,11 +286,45 @@ def project(x: jax.Array, layer: dict, name: str, lora: LoraWeights | None = Non
         y = y + (lora.scale * ((source @ adapter["lora_A"]) @ adapter["lora_B"])).astype(y.dtype)
     return checkpoint_name(y, name)
 
+# %% ../nbs/00_model.ipynb #0b9e4d7a
+FEED_FORWARD_CHUNK = 8192   # most positions per device the MLP takes at once in a fully rematerialised layer
+
+
+def feed_forward_pieces(time: int, devices: int, chunk: int | None) -> int:
+    """How many pieces the MLP takes a row of `time` positions split over `devices` in: the fewest that leave at most
+    `chunk` positions per device and cut every device's share evenly (1, the whole row, without a `chunk`)."""
+    local = time // devices
+    if not chunk or local <= chunk or time % devices:
+        return 1
+    return next(count for count in range(-(-local // chunk), local + 1) if local % count == 0)
+
+
+def feed_forward(x: jax.Array, layer: dict, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
+                 chunk: int | None = None) -> jax.Array:
+    """The SwiGLU MLP `down(silu(gate(x)) * up(x))` of one layer; with `chunk`, in pieces of at most `chunk` positions
+    per device, each recomputed in the backward and with its own dropout."""
+    def mlp(x, key):
+        proj = partial(project, layer=layer, lora=lora, dropout_key=key)
+        gated = constrain(jax.nn.silu(proj(x, name="gate_proj")) * proj(x, name="up_proj"), "batch", "length", "mlp")
+        return proj(gated, name="down_proj")
+
+    batch, time, width = x.shape
+    count = feed_forward_pieces(time, sequence_axis_size(), chunk)
+    if count == 1:
+        return mlp(x, dropout_key)
+    pieces = constrain(x.reshape(batch, time // count, count, width), "batch", "length", None, "embed")
+    piece = jax.checkpoint(lambda index, key: mlp(jax.lax.dynamic_index_in_dim(pieces, index, 2, keepdims=False), key))
+    keys = None if dropout_key is None else jax.random.split(dropout_key, count)
+    outputs = constrain(jax.lax.map(lambda inputs: piece(*inputs), (jnp.arange(count), keys)),
+                        None, "batch", "length", "embed")
+    return outputs.transpose(1, 2, 0, 3).reshape(batch, time, width)
+
 # %% ../nbs/00_model.ipynb #4e535494
 def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask_parts: MaskParts, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
                   cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None,
-                  attention_block: int | None = None, attention_implementation: str = "auto", row_layout: str = "any"):
+                  attention_block: int | None = None, attention_implementation: str = "auto", row_layout: str = "any",
+                  feed_forward_chunk: int | None = None):
     "One pre-norm decoder block; returns the new hidden states and the (updated) key/value cache."
     batch, time, _ = hidden.shape
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -309,8 +344,8 @@ def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.
     attended = constrain(attended.reshape(batch, time, heads * head_dim), "batch", "length", "heads")
     hidden = constrain(hidden + proj(attended, name="o_proj"), "batch", "length", "embed")
     x = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_norm_eps)
-    gated = constrain(jax.nn.silu(proj(x, name="gate_proj")) * proj(x, name="up_proj"), "batch", "length", "mlp")
-    return constrain(hidden + proj(gated, name="down_proj"), "batch", "length", "embed"), cache
+    mlp = feed_forward(x, layer, lora, dropout_key, feed_forward_chunk)
+    return constrain(hidden + mlp, "batch", "length", "embed"), cache
 
 # %% ../nbs/00_model.ipynb #f98cad56
 REMAT_POLICIES = {
@@ -348,10 +383,12 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
                   positions=None, segment_ids=None, lora: LoraWeights | None = None,
                   dropout_key: jax.Array | None = None, remat: str | None = None,
                   attention_block: int | None = None, attention_implementation: str = "auto",
-                  row_layout: str = "any", restore_order: bool = True) -> jax.Array:
+                  row_layout: str = "any", feed_forward_chunk: int | None = None,
+                  restore_order: bool = True) -> jax.Array:
     """Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype. Under ring attention the
     positions are laid out in `sequence_order` (zig-zag) from the start; `restore_order=False` leaves them so (the loss
-    reorders its targets instead)."""
+    reorders its targets instead). Under full remat the MLP goes `FEED_FORWARD_CHUNK` positions per device at a time
+    unless `feed_forward_chunk` says otherwise (0: the whole row)."""
     input_ids = jnp.asarray(input_ids)
     batch, time = input_ids.shape
     valid = jnp.ones((batch, time), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
@@ -366,12 +403,14 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
     hidden = constrain(params["embed_tokens"][input_ids], "batch", "length", "embed")
     cos, sin = (constrain(t, "batch", "length", None) for t in rope_cos_sin(config, positions, hidden.dtype))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, config.num_hidden_layers)
+    if feed_forward_chunk is None and remat == "full":
+        feed_forward_chunk = FEED_FORWARD_CHUNK
 
     def body(hidden, per_layer):
         layer, layer_lora, layer_key = per_layer
         hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, layer_key,
                                   attention_block=attention_block, attention_implementation=attention_implementation,
-                                  row_layout=row_layout)
+                                  row_layout=row_layout, feed_forward_chunk=feed_forward_chunk)
         return hidden, None
 
     hidden, _ = jax.lax.scan(remat_layer(body, remat), hidden, (params["layers"], lora, layer_keys))
