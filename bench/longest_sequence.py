@@ -58,7 +58,7 @@ def rows_to_measure(arguments):
             for layout, axes in layouts(devices).items():
                 schemes = ("all_gather", "ring") if "seq" in axes else ("-",)
                 for scheme in schemes:
-                    for remat in ("none", "projections", "full"):
+                    for remat in ("none", "projections", "full", "nested"):
                         row = dict(model=name, devices=devices, layout=layout, scheme=scheme, remat=remat)
                         if ((arguments.devices and devices not in arguments.devices)
                                 or (arguments.remat and remat not in arguments.remat)
@@ -71,7 +71,7 @@ def rows_to_measure(arguments):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, nargs="*")
-    parser.add_argument("--remat", nargs="*", choices=("none", "projections", "full"))
+    parser.add_argument("--remat", nargs="*", choices=("none", "projections", "full", "nested"))
     parser.add_argument("--scheme", nargs="*", choices=("all_gather", "ring", "-"))
     parser.add_argument("--model", nargs="*", choices=list(MODELS))
     parser.add_argument("--budget", type=float, default=80e9)

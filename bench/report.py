@@ -57,13 +57,15 @@ def longest_table(results: dict) -> pd.DataFrame:
     rows = pd.DataFrame(results["rows"])
     table = rows.pivot_table(index=["model", "devices", "layout", "context parallel"], columns="remat",
                              values="longest tokens", sort=False)
-    return table[[remat for remat in ("none", "projections", "full") if remat in table]].astype("Int64")
+    return table[[remat for remat in ("none", "projections", "full", "nested") if remat in table]].astype("Int64")
 
 
 def longest_plot(results: dict):
-    "Longest trainable sequence (full remat) against devices, a line per layout and context-parallel scheme."
+    """Longest trainable sequence against devices with full remat, a line per layout and context-parallel scheme, and
+    with nested remat for the ring scheme (dotted)."""
     from matplotlib.figure import Figure
-    rows = pd.DataFrame(results["rows"]).query("remat == 'full'")
+    every = pd.DataFrame(results["rows"])
+    rows = every.query("remat == 'full'")
     figure = Figure(figsize=(9, 3.4), dpi=100)
     for axis, model in zip(figure.subplots(1, 2, sharey=True), ("Llama-2-7B", "Llama-3.1-8B")):
         for (layout, scheme), line in rows.query("model == @model").groupby(["layout", "context parallel"], sort=False):
@@ -73,9 +75,16 @@ def longest_plot(results: dict):
             line = pd.concat([one, line]).sort_values("devices")
             label = layout if scheme == "-" else f"{layout}, {scheme.replace('_', '-')}"
             axis.plot(line["devices"], line["longest tokens"] / 1e3, "o-" if scheme == "ring" else "s--", label=label)
+            if scheme == "ring":
+                nested = every[(every["model"] == model) & (every["remat"] == "nested") & (
+                    ((every["layout"] == layout) & (every["context parallel"] == "ring"))
+                    | (every["layout"] == "one device"))]
+                if len(nested) > 1:
+                    nested = nested.sort_values("devices")
+                    axis.plot(nested["devices"], nested["longest tokens"] / 1e3, "^:", label=f"{label}, nested remat")
         axis.axhline(1000, color="grey", linewidth=0.8, linestyle=":")  # a million tokens
         axis.set(xlabel="devices", xscale="log", xticks=[1, 2, 4, 8], xticklabels=["1", "2", "4", "8"],
-                 title=f"{model}, full remat, {results['budget GB']:.0f} GB per device")
+                 title=f"{model}, {results['budget GB']:.0f} GB per device")
         axis.minorticks_off()
         axis.set_ylabel("longest sequence (thousand tokens)")
         axis.legend(fontsize=7)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .kernels import ATTENTION_IMPLEMENTATIONS
+from .model import REMAT_POLICIES
 from .sharding import CONTEXT_PARALLEL_SCHEMES
 
 # %% auto #0
@@ -68,7 +69,8 @@ FIELDS = {
                               "values and passes them round; least memory) or all_gather (each gathers them all)",
                               choices=tuple(CONTEXT_PARALLEL_SCHEMES)),
     "REMAT": Field(str, 'full', "Model",
-                   "rematerialisation policy: none, full or projections", choices=('none', 'full', 'projections')),
+                   "rematerialisation policy: none, full, projections, or nested (the least memory: "
+                   "layers in rematerialised groups, one more forward pass)", choices=tuple(REMAT_POLICIES)),
     "LOGITS_CHUNK": Field(int, 512, "Model",
                           "positions per LM-head chunk in the loss; unlabelled chunks are skipped (0: all positions "
                           "at once)", low=0),

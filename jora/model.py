@@ -28,9 +28,9 @@ __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIO
            'PROJECTION_DIMENSIONS', 'FEED_FORWARD_CHUNK', 'REMAT_POLICIES', 'IGNORE_INDEX', 'RopeScaling',
            'LlamaConfig', 'dimension_sizes', 'projection_shape', 'has_bias', 'param_dimensions', 'param_shapes',
            'init_params', 'rms_norm', 'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'LoraWeights',
-           'project', 'feed_forward_pieces', 'feed_forward', 'decoder_layer', 'remat_layer', 'positions_from_mask',
-           'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward', 'chunk_token_loss', 'causal_lm_loss_sum',
-           'causal_lm_loss', 'sample_top_p', 'generate']
+           'project', 'feed_forward_pieces', 'feed_forward', 'decoder_layer', 'remat_layer', 'layer_groups',
+           'scan_layers', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward',
+           'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -352,6 +352,7 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "projections": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    "nested": jax.checkpoint_policies.nothing_saveable,   # each layer as "full", inside rematerialised groups
 }
 
 
@@ -362,6 +363,23 @@ def remat_layer(layer_fn, remat: str | None):
     if remat not in REMAT_POLICIES:
         raise ValueError(f"Unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}.")
     return jax.checkpoint(layer_fn, policy=REMAT_POLICIES[remat])
+
+
+def layer_groups(count: int) -> int:
+    "How many groups `nested` remat scans `count` layers in: the divisor of `count` nearest its square root."
+    return min((d for d in range(1, count + 1) if count % d == 0), key=lambda d: (abs(d - math.sqrt(count)), d))
+
+
+def scan_layers(body, hidden: jax.Array, layers, remat: str | None) -> jax.Array:
+    """Run `body(hidden, layer) -> (hidden, None)` over the stacked `layers` (a pytree of `[layers, ...]` arrays), each
+    rematerialised under `remat`; `nested` scans groups of layers, each group rematerialised whole."""
+    if remat != "nested":
+        return jax.lax.scan(remat_layer(body, remat), hidden, layers)[0]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    groups = layer_groups(count)
+    grouped = jax.tree.map(lambda x: x.reshape(groups, count // groups, *x.shape[1:]), layers)
+    group = jax.checkpoint(lambda hidden, group: (jax.lax.scan(remat_layer(body, remat), hidden, group)[0], None))
+    return jax.lax.scan(group, hidden, grouped)[0]
 
 # %% ../nbs/00_model.ipynb #75064cbb
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -387,7 +405,7 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
                   restore_order: bool = True) -> jax.Array:
     """Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype. Under ring attention the
     positions are laid out in `sequence_order` (zig-zag) from the start; `restore_order=False` leaves them so (the loss
-    reorders its targets instead). Under full remat the MLP goes `FEED_FORWARD_CHUNK` positions per device at a time
+    reorders its targets instead). Under full (or nested) remat the MLP goes `FEED_FORWARD_CHUNK` positions per device at a time
     unless `feed_forward_chunk` says otherwise (0: the whole row)."""
     input_ids = jnp.asarray(input_ids)
     batch, time = input_ids.shape
@@ -403,7 +421,7 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
     hidden = constrain(params["embed_tokens"][input_ids], "batch", "length", "embed")
     cos, sin = (constrain(t, "batch", "length", None) for t in rope_cos_sin(config, positions, hidden.dtype))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, config.num_hidden_layers)
-    if feed_forward_chunk is None and remat == "full":
+    if feed_forward_chunk is None and remat in ("full", "nested"):
         feed_forward_chunk = FEED_FORWARD_CHUNK
 
     def body(hidden, per_layer):
@@ -413,7 +431,7 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
                                   row_layout=row_layout, feed_forward_chunk=feed_forward_chunk)
         return hidden, None
 
-    hidden, _ = jax.lax.scan(remat_layer(body, remat), hidden, (params["layers"], lora, layer_keys))
+    hidden = scan_layers(body, hidden, (params["layers"], lora, layer_keys), remat)
     if order is not None and restore_order:
         hidden = hidden[:, np.argsort(order)]
     return rms_norm(hidden, params["norm"], config.rms_norm_eps)

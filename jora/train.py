@@ -417,10 +417,11 @@ def readable_bytes(size: float) -> str:
 
 
 def memory_alternatives(config: ParallamaConfig) -> list[dict]:
-    "The settings to try when a step does not fit: the other context-parallel scheme (seq devices), full remat."
+    """The settings to try when a step does not fit: the other context-parallel scheme (seq devices), full remat,
+    nested remat."""
     changes = [{"CONTEXT_PARALLEL": scheme} for scheme in CONTEXT_PARALLEL_SCHEMES
                if config.MESH_SEQ > 1 and scheme != config.CONTEXT_PARALLEL]
-    return changes + ([{"REMAT": "full"}] if config.REMAT != "full" else [])
+    return changes + [{"REMAT": remat} for remat in ("full", "nested") if config.REMAT != remat]
 
 
 def check_step_fits(run: Run, needed: int, length: int, limit: int | None = None) -> None:

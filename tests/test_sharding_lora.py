@@ -277,6 +277,51 @@ def test_mlp_pieces_draw_their_own_dropout_the_same_on_any_mesh_of_one_seq_devic
         assert relative_difference(leaf, expected) <= 1e-5
 
 
+FOUR_LAYERS = dataclasses.replace(TINY_GQA, num_hidden_layers=4)
+
+
+@pytest.mark.parametrize("data, seq, model", [(1, 1, 1), (2, 2, 2)], ids=["1x1x1", "2x2x2"])
+def test_nested_remat_gives_the_loss_and_gradients_of_no_remat(packed_rows, data, seq, model):
+    """Four layers scanned in two rematerialised groups (`nested`), on one device and on a 2x2x2 mesh: the loss and
+    every LoRA gradient of the step without remat on one device, within 1e-5."""
+    params = init_params(FOUR_LAYERS, jax.random.key(0), std=0.1)
+    lora = init_lora(FOUR_LAYERS, ALL_TARGETS, jax.random.key(1))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), lora)
+    ids, labels, valid, segments, positions = packed_rows
+
+    def loss_and_grads(params, adapters, remat, mesh=None):
+        def loss(adapters):
+            with placement(mesh):
+                return causal_lm_loss(FOUR_LAYERS, params, ids, labels, attention_mask=valid, segment_ids=segments,
+                                      positions=positions, lora=LoraWeights(adapters, lora.scale), remat=remat,
+                                      attention_block=8)
+        return jax.jit(jax.value_and_grad(loss))(adapters)
+
+    reference_loss, reference_grads = loss_and_grads(params, lora.adapters, None)
+    mesh = make_mesh(data=data, seq=seq, model=model)
+    loss, grads = loss_and_grads(shard_params(FOUR_LAYERS, params, mesh), shard_lora(FOUR_LAYERS, lora, mesh).adapters,
+                                 "nested", mesh)
+    assert relative_difference(loss, reference_loss) <= 1e-5
+    for leaf, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+        assert relative_difference(leaf, expected) <= 1e-5
+
+
+def test_nested_remat_keeps_fewer_layer_inputs_than_full():
+    """32 layers, 16384 tokens on four seq devices (the training defaults otherwise): `nested` keeps the inputs of 4
+    groups, and of one group's 8 layers while it is recomputed, instead of 32 layer inputs; its step needs at least
+    half of those 20 layer inputs' bytes less than `full`. The groups are the divisor nearest the square root."""
+    from jora.config import ParallamaConfig
+    from jora.model import layer_groups
+    from jora.train import step_memory
+    model = dataclasses.replace(TINY_GQA, num_hidden_layers=32, hidden_size=128, intermediate_size=256, head_dim=16)
+    mesh = make_mesh(data=1, seq=4, model=1, devices=jax.devices()[:4])
+    sizes = {remat: step_memory(ParallamaConfig(REMAT=remat, MESH_SEQ=4, N_ACCUMULATION_STEPS=1), model,
+                                seq_len=16384, mesh=mesh)["temporaries"] for remat in ("full", "nested")}
+    layer_input = 16384 // 4 * 128 * 2   # one layer's input on one device, bf16
+    assert sizes["full"] - sizes["nested"] >= 0.5 * (32 - 12) * layer_input, sizes
+    assert [layer_groups(count) for count in (1, 2, 4, 16, 32, 40)] == [1, 1, 2, 4, 4, 5]
+
+
 def test_attention_blocks_match_whole_attention_with_a_sliding_window(setup):
     "Blocks that do not divide the sequence, a Mistral-style window and padding: the same logits as one call."
     params, *_ = setup
