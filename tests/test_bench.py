@@ -122,4 +122,4 @@ def test_longest_sequence_bench_chooses_its_rows_and_keeps_each_once():
                     dict(model="Llama-3.1-8B", devices=8, layout="context x tensor", scheme="ring", remat="full")]
     everything = longest.argparse.Namespace(devices=None, remat=None, scheme=None, model=None)
     keys = [tuple(row.values()) for row, _, _ in longest.rows_to_measure(everything)]
-    assert len(keys) == len(set(keys)) == 3 * (1 + 3 + 5 + 5 + 1 + 5)
+    assert len(keys) == len(set(keys)) == 4 * (1 + 3 + 5 + 5 + 1 + 5)
