@@ -3,7 +3,8 @@
     python tools/run_notebook.py nbs/00_attention.ipynb [more notebooks ...]
 
 Cells marked `#| eval: false` (long searches that write a results file) are neither run nor changed: their stored
-outputs stay. Every other code cell gets the outputs of this run. Run `nbdev-clean` afterwards, as before a commit.
+outputs stay. Every other code cell gets the outputs of this run, less live widgets (progress bars), whose state
+does not outlive the kernel. Run `nbdev-clean` afterwards, as before a commit.
 """
 import copy
 import os
@@ -17,7 +18,7 @@ import nbformat
 from nbclient import NotebookClient
 
 sys.path.insert(0, str(ROOT / "tests"))
-from test_notebooks import skipped  # noqa: E402  (the one definition of a cell the tests do not run)
+from test_notebooks import WIDGET, skipped  # noqa: E402  (the one definition of a cell the tests do not run)
 
 
 def run(path: Path) -> None:
@@ -31,7 +32,9 @@ def run(path: Path) -> None:
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     for before, after in zip(stored.cells, runnable.cells):
         if before.cell_type == "code" and not skipped(before):
-            before.outputs, before.execution_count = after.outputs, after.execution_count
+            # a live widget (a progress bar) has no state once the kernel is gone: keep its text outputs only
+            before.outputs = [output for output in after.outputs if WIDGET not in output.get("data", {})]
+            before.execution_count = after.execution_count
     nbformat.write(stored, path)
     print(f"{path}: ran and stored")
 
