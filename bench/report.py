@@ -156,11 +156,12 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
                      f"`train_lora` compiles on XLA:CPU, `python bench/longest_sequence.py`, explained in "
                      f"`nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16 with dropout 0.05, LM head "
                      f"chunks of {longest['options']['logits_chunk']} and attention blocks of "
-                     f"{longest['options']['attention_block']}, the training defaults otherwise; "
+                     f"{longest['options']['attention_block']}, the training defaults otherwise; `nested` is the "
+                     f"remat policy that scans the layers in rematerialised groups, for one more forward pass; "
                      f"published for comparison, one 80 GB GPU: {published}):\n\n"
                      + longest_table(longest).reset_index().to_markdown(index=False)
                      + ("\n\n![Longest trainable sequence against devices, full remat: each layout and context-parallel "
-                        "scheme.](bench/results/longest_sequence.png)" if (folder / "longest_sequence.png").exists()
+                        "scheme, and nested remat for the ring scheme.](bench/results/longest_sequence.png)" if (folder / "longest_sequence.png").exists()
                         else ""))
     communication = load("communication", folder)
     if communication is not None:

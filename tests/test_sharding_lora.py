@@ -312,13 +312,18 @@ def test_nested_remat_keeps_fewer_layer_inputs_than_full():
     half of those 20 layer inputs' bytes less than `full`. The groups are the divisor nearest the square root."""
     from jora.config import ParallamaConfig
     from jora.model import layer_groups
-    from jora.train import step_memory
+    from jora.train import Run, check_step_fits, step_memory
     model = dataclasses.replace(TINY_GQA, num_hidden_layers=32, hidden_size=128, intermediate_size=256, head_dim=16)
     mesh = make_mesh(data=1, seq=4, model=1, devices=jax.devices()[:4])
     sizes = {remat: step_memory(ParallamaConfig(REMAT=remat, MESH_SEQ=4, N_ACCUMULATION_STEPS=1), model,
                                 seq_len=16384, mesh=mesh)["temporaries"] for remat in ("full", "nested")}
     layer_input = 16384 // 4 * 128 * 2   # one layer's input on one device, bf16
     assert sizes["full"] - sizes["nested"] >= 0.5 * (32 - 12) * layer_input, sizes
+    config = ParallamaConfig(REMAT="full", MESH_SEQ=4, N_ACCUMULATION_STEPS=1)   # and the planner offers it
+    needed = step_memory(config, model, seq_len=16384, mesh=mesh)["total"]
+    run = Run(config, mesh, model, None, None, None, None, 10, None, None)
+    with pytest.raises(MemoryError, match=r"These settings fit: .*REMAT='nested' \([\d.]+ MB\)"):
+        check_step_fits(run, needed, 16384, limit=needed - (sizes["full"] - sizes["nested"]) // 2)
     assert [layer_groups(count) for count in (1, 2, 4, 16, 32, 40)] == [1, 1, 2, 4, 4, 5]
 
 
