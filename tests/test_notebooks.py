@@ -51,15 +51,21 @@ def differences(stored, executed) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda path: path.name)
-def test_notebook_runs_and_shows_what_the_code_prints(notebook):
+def executed(notebook: Path, timeout: int = 900):
+    "The notebook as stored, and a copy run top to bottom in its own folder with the skipped cells left empty."
     stored = nbformat.read(notebook, as_version=4)
     runnable = copy.deepcopy(stored)
     for cell in runnable.cells:
         if skipped(cell):
             cell.source = ""
-    NotebookClient(runnable, timeout=900, kernel_name="python3",
+    NotebookClient(runnable, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    return stored, runnable
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda path: path.name)
+def test_notebook_runs_and_shows_what_the_code_prints(notebook):
+    stored, runnable = executed(notebook)
     stale = differences(stored, runnable)
     assert not stale, (f"{notebook.relative_to(ROOT)}: {len(stale)} cell(s) show output the code no longer prints; "
                        f"run the notebook again (or mark a cell `{VARIES}: <why>`):\n\n" + "\n\n".join(stale))

@@ -6,30 +6,21 @@ Cells marked `#| eval: false` (long searches that write a results file) are neit
 outputs stay. Every other code cell gets the outputs of this run, less live widgets (progress bars), whose state
 does not outlive the kernel. Run `nbdev-clean` afterwards, as before a commit.
 """
-import copy
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 exec((ROOT / "tests" / "conftest.py").read_text())   # the tests' environment: eight CPU devices, offline, quiet
 
-import nbformat
-from nbclient import NotebookClient
+import nbformat  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from test_notebooks import WIDGET, skipped  # noqa: E402  (the one definition of a cell the tests do not run)
+from test_notebooks import WIDGET, executed, skipped  # noqa: E402  (run exactly as the notebook tests run them)
 
 
 def run(path: Path) -> None:
     "Execute `path` in its own folder and write the fresh outputs of every cell that ran back into it."
-    stored = nbformat.read(path, as_version=4)
-    runnable = copy.deepcopy(stored)
-    for cell in runnable.cells:
-        if skipped(cell):
-            cell.source = ""
-    NotebookClient(runnable, timeout=1800, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    stored, runnable = executed(path, timeout=1800)
     for before, after in zip(stored.cells, runnable.cells):
         if before.cell_type == "code" and not skipped(before):
             # a live widget (a progress bar) has no state once the kernel is gone: keep its text outputs only
