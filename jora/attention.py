@@ -188,6 +188,11 @@ class KeyBlocks(NamedTuple):
     segments: jax.Array | None
     size: int
 
+    @property
+    def arrays(self) -> tuple:
+        "Everything but the static block size: what a loop carries."
+        return tuple(self[:-1])
+
     def block(self, index) -> tuple:
         "Block `index`: its keys, values and mask vectors."
         cut = lambda x, axis: None if x is None else jax.lax.dynamic_slice_in_dim(x, index * self.size, self.size, axis)
@@ -508,8 +513,7 @@ def pass_on(x, axis: str, devices: int):
 
 
 def _passed_keys(keys: KeyBlocks, axis: str, devices: int) -> KeyBlocks:
-    arrays = pass_on((keys.key, keys.value, keys.slots, keys.valid, keys.segments), axis, devices)
-    return KeyBlocks(*arrays, keys.size)
+    return KeyBlocks(*pass_on(keys.arrays, axis, devices), keys.size)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -535,8 +539,8 @@ def _ring_forward(query, key, value, parts, axis, devices, size, sliding_window)
     def turn(_, state):   # a loop, not unrolled turns: one turn's blocks are alive at a time
         arrays, output, log_sum_exp = state
         passed = _passed_keys(KeyBlocks(*arrays, keys.size), axis, devices)
-        return (passed[:-1], *merge_attention(output, log_sum_exp, *attend_all(passed)))
-    _, output, log_sum_exp = jax.lax.fori_loop(1, devices, turn, (keys[:-1], *attend_all(keys)))
+        return (passed.arrays, *merge_attention(output, log_sum_exp, *attend_all(passed)))
+    _, output, log_sum_exp = jax.lax.fori_loop(1, devices, turn, (keys.arrays, *attend_all(keys)))
     with use_placement(None, {}):
         output = layout.join(output, query.shape[1]).astype(query.dtype)
     return output, (query, key, value, parts, output, log_sum_exp)
@@ -564,9 +568,9 @@ def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
     def turn(_, state):   # the next key block arrives with the gradients gathered for it so far
         arrays, key_grads, query_grad = state
         passed = _passed_keys(KeyBlocks(*arrays, keys.size), axis, devices)
-        return (passed[:-1], *attend_all(passed, pass_on(key_grads, axis, devices), query_grad))
+        return (passed.arrays, *attend_all(passed, pass_on(key_grads, axis, devices), query_grad))
     start = attend_all(keys, (jnp.zeros(keys.key.shape, jnp.float32),) * 2, jnp.zeros(blocks.shape, jnp.float32))
-    _, key_grads, query_grad = jax.lax.fori_loop(1, devices, turn, (keys[:-1], *start))
+    _, key_grads, query_grad = jax.lax.fori_loop(1, devices, turn, (keys.arrays, *start))
     key_grads = pass_on(key_grads, axis, devices)   # one more hop: each block's gradients arrive home
     with use_placement(None, {}):
         query_grad = layout.join(query_grad, query.shape[1]).astype(query.dtype)
