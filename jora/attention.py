@@ -26,8 +26,8 @@ __all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'RING_AXIS_NAM
            'blocks_may_meet', 'block_scores', 'KeyBlocks', 'block_mask', 'visible_blocks', 'attend_block',
            'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout',
            'blocked_attention', 'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention', 'ring_is_on',
-           'ring_order', 'sequence_order', 'ring_block_size', 'merge_attention', 'pass_on', 'ring_attention_local',
-           'ring_attention']
+           'ring_order', 'sequence_order', 'ring_block_size', 'merge_attention', 'pass_on', 'around_the_ring',
+           'ring_attention_local', 'run_on_ring', 'ring_attention']
 
 # %% ../nbs/00_attention.ipynb #e39b421e
 def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,
@@ -512,8 +512,13 @@ def pass_on(x, axis: str, devices: int):
     return jax.tree.map(lambda a: jax.lax.ppermute(a, axis, ring), x)
 
 
-def _passed_keys(keys: KeyBlocks, axis: str, devices: int) -> KeyBlocks:
-    return KeyBlocks(*pass_on(keys.arrays, axis, devices), keys.size)
+def around_the_ring(visit, travelling, state, axis: str, devices: int) -> tuple:
+    """`visit(travelling, state) -> (travelling, state)` on this device's own `travelling` blocks (a pytree; `visit`
+    may update them, as the backward does their gradients), then on each other device's as they come round the ring:
+    one loop (`fori_loop`), so one set of blocks is in flight at a time. Returns the blocks, one hop short of home, and
+    the state."""
+    turn = lambda _, carry: visit(pass_on(carry[0], axis, devices), carry[1])
+    return jax.lax.fori_loop(1, devices, turn, visit(travelling, state))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -534,17 +539,17 @@ def _ring_cut(query, key, value, parts, size):
 def _ring_forward(query, key, value, parts, axis, devices, size, sliding_window):
     layout, blocks, slots, segments, keys = _ring_cut(query, key, value, parts, size)
     scale = query.shape[-1] ** -0.5
-    attend_all = lambda keys: jax.lax.map(
-        lambda block: attend_block(*block, keys, sliding_window, scale, keys_in_order=False), (blocks, slots, segments))
-    def turn(_, state):   # a loop, not unrolled turns: one turn's blocks are alive at a time
-        arrays, output, log_sum_exp = state
-        passed = _passed_keys(KeyBlocks(*arrays, keys.size), axis, devices)
-        return (passed.arrays, *merge_attention(output, log_sum_exp, *attend_all(passed)))
-    _, output, log_sum_exp = jax.lax.fori_loop(1, devices, turn, (keys.arrays, *attend_all(keys)))
+
+    def visit(arrays, state):   # this device's query blocks against the key blocks at hand, merged into the state
+        at_hand = KeyBlocks(*arrays, keys.size)
+        attended = jax.lax.map(lambda block: attend_block(*block, at_hand, sliding_window, scale, keys_in_order=False),
+                               (blocks, slots, segments))
+        return arrays, merge_attention(*state, *attended)
+    nothing = (jnp.zeros(blocks.shape, jnp.float32), jnp.full(blocks.shape[:-1], -jnp.inf, jnp.float32))
+    _, (output, log_sum_exp) = around_the_ring(visit, keys.arrays, nothing, axis, devices)
     with use_placement(None, {}):
         output = layout.join(output, query.shape[1]).astype(query.dtype)
     return output, (query, key, value, parts, output, log_sum_exp)
-
 
 # %% ../nbs/00_attention.ipynb #45fe14f7
 def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
@@ -556,21 +561,19 @@ def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
     with use_placement(None, {}):
         outputs, output_grads = layout.queries(output, kv_heads), layout.queries(output_grad, kv_heads)
 
-    def attend_all(keys, key_grads, query_grad):   # this device's query blocks against the key block at hand
+    def visit(travelling, query_grad):   # the key blocks at hand, with the gradients gathered for them so far
+        arrays, key_grads = travelling
         def step(key_grads, block):
-            query_share, *key_grads = attend_block_backward(*block, keys, key_grads, sliding_window, scale,
-                                                            keys_in_order=False)
+            query_share, *key_grads = attend_block_backward(*block, KeyBlocks(*arrays, keys.size), key_grads,
+                                                            sliding_window, scale, keys_in_order=False)
             return tuple(key_grads), query_share
         key_grads, query_share = jax.lax.scan(step, key_grads, (blocks, outputs, log_sum_exp, output_grads, slots,
                                                                 segments))
-        return key_grads, query_grad + query_share
+        return (arrays, key_grads), query_grad + query_share
 
-    def turn(_, state):   # the next key block arrives with the gradients gathered for it so far
-        arrays, key_grads, query_grad = state
-        passed = _passed_keys(KeyBlocks(*arrays, keys.size), axis, devices)
-        return (passed.arrays, *attend_all(passed, pass_on(key_grads, axis, devices), query_grad))
-    start = attend_all(keys, (jnp.zeros(keys.key.shape, jnp.float32),) * 2, jnp.zeros(blocks.shape, jnp.float32))
-    _, key_grads, query_grad = jax.lax.fori_loop(1, devices, turn, (keys.arrays, *start))
+    zeros = lambda shape: jnp.zeros(shape, jnp.float32)
+    travelling = (keys.arrays, (zeros(keys.key.shape), zeros(keys.value.shape)))
+    (_, key_grads), query_grad = around_the_ring(visit, travelling, zeros(blocks.shape), axis, devices)
     key_grads = pass_on(key_grads, axis, devices)   # one more hop: each block's gradients arrive home
     with use_placement(None, {}):
         query_grad = layout.join(query_grad, query.shape[1]).astype(query.dtype)
@@ -581,12 +584,10 @@ def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
 ring_attention_local.defvjp(_ring_forward, _ring_backward)
 
 # %% ../nbs/00_attention.ipynb #716e2f4d
-def ring_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *, block: int | None = None,
-                   sliding_window: int | None = None) -> jax.Array:
-    """Attention with the sequence split over the current placement's 'length' axis and keys and values passed round
-    that ring (`jax.lax.ppermute` under `jax.shard_map`): no device ever holds more than its own share of the keys,
-    plus the one block in flight. Queries and keys may be in any order (`ring_order`'s zig-zag): masks come from the
-    slots."""
+def run_on_ring(local, query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts) -> jax.Array:
+    """`local(query, key, value, parts, axis, devices)` on each device's share of the sequence, under `jax.shard_map`
+    over the current placement's 'length' axis (the ring): key/value heads too few to split over the model axis are
+    repeated, and missing segment ids filled in, so `local` sees whole mask parts."""
     mesh, axis = current_mesh(), dimension_axis(RING_AXIS_NAME)
     devices, heads, kv_heads = mesh.shape[axis], query.shape[2], key.shape[2]
     head_axis, kv_axis = dimension_axis("heads", heads), dimension_axis("kv_heads", kv_heads)
@@ -598,8 +599,18 @@ def ring_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: Ma
     query_segments = segments if parts.query_segments is None else parts.query_segments
     parts = MaskParts(parts.query_slots, parts.key_slots, parts.key_valid, query_segments, segments)
     rows, heads_spec = P(batch_axis, axis), (P(batch_axis, axis, head_axis, None), P(batch_axis, axis, kv_axis, None))
-    size = ring_block_size(query.shape[1] // devices, block)
-    local = lambda q, k, v, p: ring_attention_local(q, k, v, p, axis, devices, size, sliding_window)
-    run = jax.shard_map(local, mesh=mesh, out_specs=heads_spec[0], check_vma=False,
-                        in_specs=(heads_spec[0], heads_spec[1], heads_spec[1], MaskParts(rows, rows, rows, rows, rows)))
+    run = jax.shard_map(lambda q, k, v, p: local(q, k, v, p, axis, devices), mesh=mesh, out_specs=heads_spec[0],
+                        in_specs=(heads_spec[0], heads_spec[1], heads_spec[1], MaskParts(rows, rows, rows, rows, rows)),
+                        check_vma=False)
     return run(query, key, value, parts)
+
+
+def ring_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *, block: int | None = None,
+                   sliding_window: int | None = None) -> jax.Array:
+    """Attention with the sequence split over the current placement's 'length' axis and keys and values passed round
+    that ring (`jax.lax.ppermute` under `jax.shard_map`): no device ever holds more than its own share of the keys,
+    plus the one block in flight. Queries and keys may be in any order (`ring_order`'s zig-zag): masks come from the
+    slots."""
+    size = ring_block_size(query.shape[1] // sequence_axis_size(), block)
+    local = lambda q, k, v, p, axis, devices: ring_attention_local(q, k, v, p, axis, devices, size, sliding_window)
+    return run_on_ring(local, query, key, value, parts)

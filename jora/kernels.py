@@ -8,6 +8,9 @@ Docs: https://jora-dev.github.io/jora/nbs/kernels.html.md"""
 # %% ../nbs/00_kernels.ipynb #b93d0e57
 from __future__ import annotations
 
+import contextvars
+import math
+from contextlib import contextmanager
 from functools import cache, partial
 from typing import NamedTuple
 
@@ -15,13 +18,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .attention import (SHORT_SEQUENCE, MaskParts, block_layout, blocked_attention, current_mesh, dimension_axis,
-                            reference_attention, ring_attention, ring_is_on, sequence_axis_size, short_attention)
+from .attention import (SHORT_SEQUENCE, MaskParts, around_the_ring, block_layout, blocked_attention, current_mesh,
+                            dimension_axis, merge_attention, pass_on, reference_attention, ring_attention, ring_is_on,
+                            run_on_ring, sequence_axis_size, short_attention)
 
 # %% auto #0
-__all__ = ['PALLAS_BLOCK', 'ATTENTION_IMPLEMENTATIONS', 'ROW_LAYOUTS', 'row_segments', 'pallas_attention', 'cudnn_attention',
-           'AttentionCase', 'fused_attention_problem', 'choose_attention', 'device_platform', 'cudnn_is_available',
-           'attention']
+__all__ = ['PALLAS_BLOCK', 'PAIR_KINDS', 'LOG_TWO', 'ATTENTION_IMPLEMENTATIONS', 'ROW_LAYOUTS', 'row_segments',
+           'pallas_attention', 'cudnn_attention', 'pair_kind', 'tile_segments', 'pallas_pair', 'pallas_pair_backward',
+           'RingRuns', 'pallas_ring_local', 'pallas_ring_attention', 'AttentionCase', 'fused_attention_problem',
+           'choose_attention', 'device_platform', 'cudnn_is_available', 'pallas_interpreted', 'attention']
 
 # %% ../nbs/00_kernels.ipynb #81af32b7
 PALLAS_BLOCK = 128   # the Pallas kernel's query and key tile; sequences are padded to a multiple of it
@@ -63,30 +68,178 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: M
                                         local_window_size=window, implementation="cudnn")
 
 
+# %% ../nbs/00_kernels.ipynb #be786630
+PAIR_KINDS = ("skipped", "causal", "full")   # how a run of queries meets a run of keys, by index
+
+
+def pair_kind(query_slots: jax.Array, key_slots: jax.Array) -> jax.Array:
+    """How a run of queries meets a run of keys of the same length, each consecutive positions (one row's slots): the
+    index into `PAIR_KINDS` of causal (the same positions), full (every key before every query) or skipped."""
+    return jnp.where(query_slots[0] == key_slots[0], 1, jnp.where(key_slots[-1] < query_slots[0], 2, 0))
+
+# %% ../nbs/00_kernels.ipynb #3b8c8d42
+LOG_TWO = math.log(2.0)   # the Pallas kernel's log-sum-exp is in base 2
+
+
+def tile_segments(batch: int, run: int, length: int) -> jax.Array | None:
+    "Segment ids that keep a run's tile padding to itself: 1 for its `run` positions, 0 up to `length` (None: no padding)."
+    return None if run == length else jnp.broadcast_to((jnp.arange(length) < run).astype(jnp.int32), (batch, length))
+
+
+def _by_kind(kind, pair, skipped, *operands):
+    return jax.lax.switch(kind, [skipped, partial(pair, causal=True), partial(pair, causal=False)], *operands)
+
+
+def pallas_pair(query, key, value, segments, kind, interpret: bool = False) -> tuple:
+    """One run of queries `[batch, run, heads, head_dim]` against one run of keys through the Pallas kernel, causal or
+    in full by `kind`: the fp32 output and the natural log-sum-exp `[batch, run, heads]` (skipped: 0 and -inf)."""
+    from jax.experimental.pallas.ops.gpu.attention import mha
+    def pair(query, key, value, segments, causal):
+        groups = query.shape[2] // key.shape[2]
+        key, value = (jnp.repeat(t, groups, axis=2) for t in (key, value))
+        output, log_sum_exp = mha(query, key, value, segments, sm_scale=query.shape[-1] ** -0.5, causal=causal,
+                                  interpret=interpret, return_residuals=True)
+        return output.astype(jnp.float32), log_sum_exp.swapaxes(1, 2) * LOG_TWO
+    skipped = lambda query, *_: (jnp.zeros(query.shape, jnp.float32), jnp.full(query.shape[:-1], -jnp.inf))
+    return _by_kind(kind, pair, skipped, query, key, value, segments)
+
+# %% ../nbs/00_kernels.ipynb #4583132d
+def pallas_pair_backward(query, key, value, segments, output, log_sum_exp, output_grad, kind,
+                         interpret: bool = False) -> tuple:
+    """The Pallas kernel's backward for one pair, given the row's `output` and natural `log_sum_exp`: the pair's fp32
+    shares of the query, key and value gradients (key/value heads summed over their query heads)."""
+    from jax.experimental.pallas.ops.gpu.attention import BlockSizes, _mha_backward
+    def pair(query, key, value, segments, causal):
+        groups, kv_heads = query.shape[2] // key.shape[2], key.shape[2]
+        residuals = (query, jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2), segments, output,
+                     (log_sum_exp / LOG_TWO).swapaxes(1, 2))
+        query_grad, key_grad, value_grad, _ = _mha_backward(
+            sm_scale=query.shape[-1] ** -0.5, causal=causal, block_sizes=BlockSizes.get_default(),
+            backward_pass_impl="triton", num_warps=None, num_stages=2, grid=None, interpret=interpret, debug=False,
+            return_residuals=False, res=residuals, do=output_grad)
+        heads_of = lambda g: g.astype(jnp.float32).reshape(*g.shape[:2], kv_heads, groups, -1).sum(3)
+        return query_grad.astype(jnp.float32), heads_of(key_grad), heads_of(value_grad)
+    skipped = lambda query, key, value, _: tuple(jnp.zeros(t.shape, jnp.float32) for t in (query, key, value))
+    return _by_kind(kind, pair, skipped, query, key, value, segments)
+
+# %% ../nbs/00_kernels.ipynb #3c2c11f4
+class RingRuns(NamedTuple):
+    "A device's share of a ring's row cut into `count` runs of `run` consecutive positions, padded to `length`."
+    count: int
+    run: int
+    length: int
+
+    @classmethod
+    def of(cls, local: int) -> RingRuns:
+        count = 2 if local % 2 == 0 else 1   # the zig-zag halves (or halves of one run), else the share whole
+        run = local // count
+        return cls(count, run, -(-run // PALLAS_BLOCK) * PALLAS_BLOCK)
+
+    def cut(self, x: jax.Array) -> jax.Array:
+        "`[batch, local, ...]` -> `[count, batch, length, ...]`."
+        runs = x.reshape(x.shape[0], self.count, self.run, *x.shape[2:]).swapaxes(0, 1)
+        return jnp.pad(runs, [(0, 0), (0, 0), (0, self.length - self.run)] + [(0, 0)] * (x.ndim - 2))
+
+    def join(self, runs: jax.Array, like: jax.Array) -> jax.Array:
+        return runs[:, :, :self.run].swapaxes(0, 1).reshape(like.shape).astype(like.dtype)
+
+
+def _each_pair(query_slots, key_slots, update, state):
+    "`state = update(i, j, kind, state)` for every run i of queries and run j of keys."
+    for i in range(len(query_slots)):
+        for j in range(len(key_slots)):
+            state = update(i, j, pair_kind(query_slots[i], key_slots[j]), state)
+    return state
+
+# %% ../nbs/00_kernels.ipynb #625e9475
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def pallas_ring_local(query, key, value, query_slots, key_slots, axis: str, devices: int, interpret: bool = False):
+    """One device's share of ring attention with the Pallas kernel, under `shard_map`: its runs of queries against
+    each run of keys, its own and then each other device's as they come round, merged by log-sum-exp. Every row of
+    the batch has the same slots (the model's do)."""
+    return _pallas_ring_forward(query, key, value, query_slots, key_slots, axis, devices, interpret)[0]
+
+
+def _pallas_ring_forward(query, key, value, query_slots, key_slots, axis, devices, interpret):
+    runs = RingRuns.of(query.shape[1])
+    queries, segments = runs.cut(query), tile_segments(query.shape[0], runs.run, runs.length)
+    run_slots = lambda slots: slots[0].reshape(runs.count, runs.run)
+
+    def visit(keys, state):
+        def update(i, j, kind, state):
+            output, log_sum_exp = state
+            merged = merge_attention(output[i], log_sum_exp[i],
+                                     *pallas_pair(queries[i], keys[0][j], keys[1][j], segments, kind, interpret))
+            return output.at[i].set(merged[0]), log_sum_exp.at[i].set(merged[1])
+        return keys, _each_pair(run_slots(query_slots), keys[2], update, state)
+    nothing = (jnp.zeros(queries.shape, jnp.float32), jnp.full(queries.shape[:-1], -jnp.inf))
+    keys = (runs.cut(key), runs.cut(value), run_slots(key_slots))
+    _, (output, log_sum_exp) = around_the_ring(visit, keys, nothing, axis, devices)
+    output = runs.join(output, query)
+    return output, (query, key, value, query_slots, key_slots, output, log_sum_exp)
+
+# %% ../nbs/00_kernels.ipynb #488d7043
+def _pallas_ring_backward(axis, devices, interpret, residuals, output_grad):
+    query, key, value, query_slots, key_slots, output, log_sum_exp = residuals
+    runs = RingRuns.of(query.shape[1])
+    queries, outputs, output_grads = runs.cut(query), runs.cut(output), runs.cut(output_grad)
+    segments = tile_segments(query.shape[0], runs.run, runs.length)
+    run_slots = lambda slots: slots[0].reshape(runs.count, runs.run)
+
+    def visit(travelling, query_grad):   # the key runs at hand, with the gradients gathered for them so far
+        keys, (key_grad, value_grad) = travelling
+        def update(i, j, kind, grads):
+            shares = pallas_pair_backward(queries[i], keys[0][j], keys[1][j], segments, outputs[i], log_sum_exp[i],
+                                          output_grads[i], kind, interpret)
+            return grads[0].at[i].add(shares[0]), grads[1].at[j].add(shares[1]), grads[2].at[j].add(shares[2])
+        query_grad, key_grad, value_grad = _each_pair(run_slots(query_slots), keys[2], update,
+                                                      (query_grad, key_grad, value_grad))
+        return (keys, (key_grad, value_grad)), query_grad
+
+    keys = (runs.cut(key), runs.cut(value), run_slots(key_slots))
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    (_, key_grads), query_grad = around_the_ring(visit, (keys, (zeros(keys[0]), zeros(keys[1]))), zeros(queries),
+                                                 axis, devices)
+    key_grad, value_grad = pass_on(key_grads, axis, devices)   # one more hop: each run's gradients arrive home
+    return runs.join(query_grad, query), runs.join(key_grad, key), runs.join(value_grad, value), None, None
+
+
+pallas_ring_local.defvjp(_pallas_ring_forward, _pallas_ring_backward)
+
+
+def pallas_ring_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
+                          interpret: bool = False) -> jax.Array:
+    """Ring attention over the current placement's 'length' axis with the Pallas kernel per pair of runs: for rows
+    unpacked and padded at the end (see `fused_attention_problem`), in any zig-zag or natural order."""
+    local = lambda q, k, v, p, axis, devices: pallas_ring_local(q, k, v, p.query_slots, p.key_slots, axis, devices,
+                                                                interpret)
+    return run_on_ring(local, query, key, value, parts)
+
 # %% ../nbs/00_kernels.ipynb #b42732bc
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 ROW_LAYOUTS = ("any", "right_padded", "packed")
 
 
 class AttentionCase(NamedTuple):
-    "What decides which attention can run: the call's dtype, head size, rows, window, seq devices and cache."
+    """What decides which attention can run: the call's dtype, head size, rows, window, seq devices (and whether keys
+    go round them in a ring) and cache."""
     dtype: str
     head_dim: int
     row_layout: str = "any"
     sliding_window: int | None = None
     sequence_devices: int = 1
     cached: bool = False
+    ring: bool = False
 
 
 def fused_attention_problem(kernel: str, case: AttentionCase) -> str | None:
     "Why `kernel` ('cudnn' or 'pallas') cannot compute `case`, or None when it can."
     if case.cached:
         return "generation attends a key/value cache, which the fused kernels do not take"
-    if case.sequence_devices > 1:
-        return (f"the sequence is split over {case.sequence_devices} 'seq' devices and the fused kernels need every "
-                "query of a row on one device")
     if kernel == "pallas" and case.sliding_window is not None:
         return "the Pallas kernel has no sliding window"
+    if case.sequence_devices > 1:
+        return _split_sequence_problem(kernel, case)
     if kernel == "cudnn":
         if case.dtype not in ("bfloat16", "float16"):
             return f"cuDNN fused attention takes bfloat16 or float16, not {case.dtype} (set DTYPE=bfloat16)"
@@ -95,6 +248,20 @@ def fused_attention_problem(kernel: str, case: AttentionCase) -> str | None:
                     f"these rows are {case.row_layout!r}")
         if case.head_dim > 128 or case.head_dim % 8:
             return f"cuDNN fused attention takes head sizes that are multiples of 8 up to 128, not {case.head_dim}"
+    return None
+
+# %% ../nbs/00_kernels.ipynb #5bc6d257
+def _split_sequence_problem(kernel: str, case: AttentionCase) -> str | None:
+    split = f"the sequence is split over {case.sequence_devices} 'seq' devices"
+    if not case.ring:
+        return (f"{split} with keys and values gathered (CONTEXT_PARALLEL='all_gather'), and the fused kernels need "
+                "a row's queries on one device; CONTEXT_PARALLEL='ring' runs the Pallas kernel on the ring")
+    if kernel == "cudnn":
+        return f"{split} on a ring, which merges blocks by their log-sum-exp, and JAX's cuDNN call does not return it"
+    if case.row_layout != "right_padded":
+        return (f"{split} on a ring, which calls the Pallas kernel per pair of blocks with one array of segment ids for "
+                "both, so it cannot keep packed or left-padded rows apart: rows must be unpacked and padded at the "
+                f"end (PACK=False); these rows are {case.row_layout!r}")
     return None
 
 
@@ -121,7 +288,6 @@ def choose_attention(requested: str, case: AttentionCase, *, platform: str, cudn
         raise ValueError(f"attention implementation {requested!r} cannot run here: {problem}. Use 'auto' or 'xla'.")
     return requested
 
-
 # %% ../nbs/00_kernels.ipynb #fc125d4c
 def device_platform() -> str:
     "'cuda' for NVIDIA GPUs, else the platform name of the current placement's (or the default) devices."
@@ -144,6 +310,20 @@ def cudnn_is_available() -> bool:
 
 
 # %% ../nbs/00_kernels.ipynb #f2cc7186
+_INTERPRET = contextvars.ContextVar("jora_pallas_interpret", default=False)
+
+
+@contextmanager
+def pallas_interpreted():
+    """Inside it, `attention(..., implementation='pallas')` runs the Pallas kernels in interpret mode on any platform:
+    slow, for checking the GPU path's numerics on a CPU (a function jitted outside keeps what it traced)."""
+    token = _INTERPRET.set(True)
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+# %% ../nbs/00_kernels.ipynb #e1f62189
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
               sliding_window: int | None = None, block: int | None = None, implementation: str = "auto",
               row_layout: str = "any", cached: bool = False) -> jax.Array:
@@ -154,15 +334,17 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskPar
     in one call."""
     if row_layout not in ROW_LAYOUTS:
         raise ValueError(f"Unknown row layout {row_layout!r}; choose one of {ROW_LAYOUTS}.")
+    ring = ring_is_on() and not cached and query.shape[1] % sequence_axis_size() == 0
     case = AttentionCase(jnp.dtype(query.dtype).name, query.shape[-1], row_layout, sliding_window,
-                         sequence_axis_size(), cached)
+                         sequence_axis_size(), cached, ring)
+    interpret = _INTERPRET.get()
 
     def run(kernel):
         if kernel == "cudnn":
             return cudnn_attention(query, key, value, parts, sliding_window)
         if kernel == "pallas":
-            return pallas_attention(query, key, value, parts)
-        if ring_is_on() and not cached and query.shape[1] % sequence_axis_size() == 0:
+            return (pallas_ring_attention if ring else pallas_attention)(query, key, value, parts, interpret=interpret)
+        if ring:
             return ring_attention(query, key, value, parts, block=block, sliding_window=sliding_window)
         if cached or block is None:
             return reference_attention(query, key, value, parts, sliding_window)
@@ -172,10 +354,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskPar
         return blocked_attention(query, key, value, parts, layout, sliding_window)
 
     if implementation != "auto":
-        return run(choose_attention(implementation, case, platform=device_platform(),
-                                    cudnn_available=cudnn_is_available()))
+        return run(choose_attention(implementation, case, platform="cuda" if interpret else device_platform(),
+                                    cudnn_available=cudnn_is_available() and not interpret))
     on_cuda = choose_attention("auto", case, platform="cuda", cudnn_available=cudnn_is_available())
     if on_cuda == "xla":
         return run("xla")
     return jax.lax.platform_dependent(cuda=lambda: run(on_cuda), default=lambda: run("xla"))
-

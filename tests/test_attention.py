@@ -9,6 +9,9 @@
   tensor with two sequence-sized dimensions (no `[time x time]` or `[block x time]` scores); lowered for the CPU, it
   holds none either above `SHORT_SEQUENCE` positions, and below it no `[time x time]` (its tiles are 64 queries wide).
 - Under full rematerialisation attention's forward runs twice per layer (forward, recompute), its backward once.
+- Ring attention with the Pallas kernel per pair of runs equals the reference in interpret mode on 2, 4 and 8
+  simulated devices (zig-zag and natural order, grouped-query heads, rows padded at the end), and the ring's training
+  step lowered for CUDA calls it.
 """
 import re
 
@@ -88,6 +91,31 @@ def test_short_sequence_tiles_equal_the_reference(case, window):
     check_against_reference(lambda q, k, v: short_attention(q, k, v, parts, window), query, key, value, parts, window)
 
 
+RING_CASES = {  # name: (seq devices, time, heads, kv heads, zig-zag order)
+    "two devices, one run each": (2, 30, 4, 2, False),
+    "four devices, zig-zag": (4, 64, 4, 1, True),
+    "four devices, natural order": (4, 64, 4, 4, False),
+    "eight devices, zig-zag, runs of 13 padded to a tile": (8, 208, 2, 1, True),
+    "two devices, runs of whole tiles (no padding)": (2, 512, 2, 1, True),
+}
+
+
+@pytest.mark.parametrize("case", RING_CASES)
+def test_pallas_kernel_on_the_ring_equals_the_reference_in_interpret_mode(case):
+    from jax.sharding import Mesh
+    from jora.attention import ring_order, use_placement
+    from jora.kernels import pallas_ring_attention
+    devices, time, heads, kv_heads, zig_zag = RING_CASES[case]
+    query, key, value, parts = make_case(time, heads, kv_heads, (time, time - 11), ())
+    order = ring_order(time, devices) if zig_zag else np.arange(time)
+    query, key, value = (x[:, order] for x in (query, key, value))
+    parts = MaskParts(*(x[:, order] for x in parts[:3]), None, None)
+    rules = {"batch": None, "length": "seq", "key_length": "seq", "heads": None, "kv_heads": None}
+    with use_placement(Mesh(jax.devices()[:devices], ("seq",)), rules):
+        check_against_reference(jax.jit(lambda q, k, v: pallas_ring_attention(q, k, v, parts, interpret=True)),
+                                query, key, value, parts)
+
+
 def test_a_named_kernel_that_cannot_run_says_why():
     query, key, value, parts = make_case(*CASES["causal"])
     for name in ("pallas", "cudnn"):
@@ -141,6 +169,26 @@ def test_training_step_lowered_for_cuda_calls_the_fused_kernel_and_holds_no_scor
     shapes = tensor_shapes(text)
     assert any(TIME in shape for shape in shapes)                      # the sequence is there ...
     assert not [shape for shape in shapes if sequence_sized(shape) >= 2]   # ... but never twice in one tensor
+
+
+def test_ring_training_step_lowered_for_cuda_calls_the_kernel_per_pair_and_holds_no_scores():
+    """On a 1x4x1 mesh with the ring scheme and rows padded at the end, the real training step lowered for CUDA passes
+    key runs round the ring and calls the Triton kernel on them (forward, recompute, backward), with no tensor that
+    is sequence-sized twice."""
+    from jora.sharding import make_mesh, shard_params
+    from jora.lora import shard_lora
+    lora_config, optimizer, (state, params, batch) = training_step_inputs()
+    mesh = make_mesh(data=1, seq=4, model=1, devices=jax.devices()[:4])
+    state = state._replace(adapters=shard_lora(TINY, init_lora(TINY, lora_config, jax.random.key(1)), mesh).adapters)
+    step = make_train_step(TINY, optimizer, lora_config, "full", mesh, logits_chunk=32, attention_block=BLOCK,
+                           attention_implementation="auto", row_layout="right_padded", context_parallel="ring")
+    exported = jax.export.export(step, platforms=("cuda",), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(state, shard_params(TINY, params, mesh),
+                                                                             batch)
+    text = exported.mlir_module()
+    assert "collective_permute" in text and "__gpu$xla.gpu.triton" in text
+    assert text.count("mha_forward") >= 2 and "mha_backward" in text
+    assert not [shape for shape in tensor_shapes(text) if sequence_sized(shape) >= 2]
 
 
 @pytest.mark.parametrize("time, at_least", [(TIME, 100), (SHORT, SHORT)])

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jora.lora import LoraConfig, init_lora, lora_parameter_count, merge_lora, shard_lora
 from jora.model import IGNORE_INDEX, LlamaConfig, LoraWeights, causal_lm_loss, forward, init_params
 from jora.formats import load_hf_checkpoint
+from jora.kernels import pallas_interpreted
 from jora.testing import save_tiny_hf_checkpoint
 from jora.sharding import adapter_specs, make_mesh, param_specs, placement, shard_params
 
@@ -210,7 +211,7 @@ def packed_rows():
 
 
 def long_loss_and_grads(params, lora, rows, mesh=None, remat=None, block=None, chunk=None, scheme="ring",
-                        pieces=None, dropout_key=None):
+                        pieces=None, dropout_key=None, implementation="auto", row_layout="any"):
     ids, labels, valid, segments, positions = rows
     dropout = 0.0 if dropout_key is None else lora.dropout
     def loss(adapters):
@@ -218,9 +219,10 @@ def long_loss_and_grads(params, lora, rows, mesh=None, remat=None, block=None, c
             return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
                                   positions=positions, lora=LoraWeights(adapters, lora.scale, dropout), remat=remat,
                                   attention_block=block, logits_chunk=chunk, feed_forward_chunk=pieces,
-                                  dropout_key=dropout_key)
+                                  dropout_key=dropout_key, attention_implementation=implementation,
+                                  row_layout=row_layout)
     if mesh is not None:
-        ids, labels, valid, segments, positions = (jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
+        ids, labels, valid, segments, positions = (None if x is None else jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
                                                    for x in rows)
     return jax.jit(jax.value_and_grad(loss))(lora.adapters)
 
@@ -454,3 +456,39 @@ def test_ring_logits_come_back_in_the_natural_order(setup, packed_rows):
         logits = jax.jit(lambda p: forward(TINY_GQA, p, ids, attention_mask=valid, segment_ids=segments,
                                            positions=positions, attention_block=8))(shard_params(TINY_GQA, params, mesh))
     assert relative_difference(logits, expected) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def padded_rows():
+    "Two 64-token rows, unpacked, the second padded at its end: the rows the Pallas kernel takes on the ring."
+    rng = np.random.default_rng(4)
+    ids = rng.integers(3, TINY_GQA.vocab_size, (2, 64))
+    valid = np.ones_like(ids)
+    valid[1, 50:] = 0
+    labels = np.where(valid.astype(bool), ids, IGNORE_INDEX)
+    labels[:, :40] = IGNORE_INDEX   # a long prompt, the answer at the end
+    return ids, labels, valid, None, np.broadcast_to(np.arange(64), ids.shape).copy()
+
+
+@pytest.mark.parametrize("data, seq, model", SEQUENCE_MESHES, ids=[f"{d}x{s}x{m}" for d, s, m in SEQUENCE_MESHES])
+def test_ring_with_the_pallas_kernel_gives_the_one_device_loss_and_gradients(setup, padded_rows, data, seq, model):
+    """Ring attention with JAX's Pallas kernel per pair of runs (interpret mode on the CPU), full remat, rows padded at
+    the end: the loss and every LoRA gradient equal the one-device XLA step's within 1e-5."""
+    params, lora, *_ = setup
+    reference_loss, reference_grads = long_loss_and_grads(params, lora, padded_rows)
+    mesh = make_mesh(data=data, seq=seq, model=model)
+    with pallas_interpreted():
+        loss, grads = long_loss_and_grads(shard_params(TINY_GQA, params, mesh), shard_lora(TINY_GQA, lora, mesh),
+                                          padded_rows, mesh, "full", block=8, implementation="pallas",
+                                          row_layout="right_padded")
+    assert relative_difference(loss, reference_loss) <= 1e-5
+    for leaf, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+        assert relative_difference(leaf, expected) <= 1e-5
+
+
+def test_the_pallas_kernel_on_the_ring_refuses_packed_rows_and_says_why(setup, packed_rows):
+    params, lora, *_ = setup
+    mesh = make_mesh(data=1, seq=4, model=1, devices=jax.devices()[:4])
+    with pallas_interpreted(), pytest.raises(ValueError, match=r"packed or left-padded rows.*PACK=False"):
+        long_loss_and_grads(params, lora, packed_rows, mesh, "full", block=8, implementation="pallas",
+                            row_layout="packed")
