@@ -515,8 +515,8 @@ def pass_on(x, axis: str, devices: int):
 def around_the_ring(visit, travelling, state, axis: str, devices: int) -> tuple:
     """`visit(travelling, state) -> (travelling, state)` on this device's own `travelling` blocks (a pytree; `visit`
     may update them, as the backward does their gradients), then on each other device's as they come round the ring:
-    one loop (`fori_loop`), so one set of blocks is in flight at a time. Returns the blocks, one hop short of home, and
-    the state."""
+    one loop (`fori_loop`), so one set of blocks is in flight at a time. `state` may be None before the first visit.
+    Returns the blocks, one hop short of home, and the state."""
     turn = lambda _, carry: visit(pass_on(carry[0], axis, devices), carry[1])
     return jax.lax.fori_loop(1, devices, turn, visit(travelling, state))
 
@@ -544,9 +544,8 @@ def _ring_forward(query, key, value, parts, axis, devices, size, sliding_window)
         at_hand = KeyBlocks(*arrays, keys.size)
         attended = jax.lax.map(lambda block: attend_block(*block, at_hand, sliding_window, scale, keys_in_order=False),
                                (blocks, slots, segments))
-        return arrays, merge_attention(*state, *attended)
-    nothing = (jnp.zeros(blocks.shape, jnp.float32), jnp.full(blocks.shape[:-1], -jnp.inf, jnp.float32))
-    _, (output, log_sum_exp) = around_the_ring(visit, keys.arrays, nothing, axis, devices)
+        return arrays, attended if state is None else merge_attention(*state, *attended)
+    _, (output, log_sum_exp) = around_the_ring(visit, keys.arrays, None, axis, devices)
     with use_placement(None, {}):
         output = layout.join(output, query.shape[1]).astype(query.dtype)
     return output, (query, key, value, parts, output, log_sum_exp)

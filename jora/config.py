@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .kernels import ATTENTION_IMPLEMENTATIONS
-from .model import REMAT_POLICIES
+from .memory import REMAT_POLICIES
 from .sharding import CONTEXT_PARALLEL_SCHEMES
 
 # %% auto #0

@@ -16,7 +16,7 @@ import numpy as np
 from .model import LlamaConfig
 from .sharding import adapter_shapes
 from .files import check_output_folder, checkpoint_step, output_folder, run_command
-from .formats import checkpoint_tensor_files, hf_weight_names, load_any_adapter
+from .formats import checkpoint_tensor_files, hf_weight_names, load_any_adapter, load_hf_config
 from .formats import load_peft_adapter, save_peft_adapter   # written in the formats chapter; still importable from here
 
 # %% auto #0
@@ -44,7 +44,7 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
     protected = [hf_path, _adapter_folder(Path(lora_path))]
     check_output_folder(save_path, "merged model", overwrite=overwrite, protected=protected)  # before any reading
     hf_path, save_path = Path(hf_path), Path(save_path)
-    model_config = LlamaConfig.from_hf(hf_path)
+    model_config = load_hf_config(hf_path)
     lora, lora_config = load_any_adapter(lora_path, model_config)
     for name in lora_config.targets:
         expected = adapter_shapes(model_config, (name,), lora_config.r)[name]["lora_A"]

@@ -16,6 +16,7 @@ import numpy as np
 from .model import IGNORE_INDEX, LlamaConfig
 from .sharding import check_model_axis
 from .files import UnsafeFolderError, check_output_folder, checkpoint_step, latest_checkpoint, read_marker, step_folders
+from .formats import load_hf_config
 from .config import FIELDS, ParallamaConfig, _flag, field_label, parse_field_text, value_problem
 
 # %% auto #0
@@ -111,7 +112,7 @@ def mesh_problems(config: ParallamaConfig, model_folder: str | None, device_coun
         errors["BATCH_SIZE"] = f"must be divisible by {label('MESH_DATA')} ({config.MESH_DATA})"
     if model_folder and used <= devices:
         try:
-            check_model_axis(LlamaConfig.from_hf(model_folder),
+            check_model_axis(load_hf_config(model_folder),
                              config.MESH_MODEL or devices // (config.MESH_DATA * config.MESH_SEQ))
         except ValueError as error:
             errors["MESH_MODEL"] = str(error)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in (names both ways), jora's converted parameters, LoRA files and training checkpoints, PEFT adapters in and out.
+"""Hugging Face configs and checkpoints in (names both ways), jora's converted parameters, LoRA files and training checkpoints, PEFT adapters in and out.
 
 Docs: https://jora-dev.github.io/jora/nbs/formats.html.md"""
 
@@ -15,15 +15,15 @@ import warnings
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .model import (ATTENTION_PROJECTIONS, PROJECTIONS, LlamaConfig, LoraWeights, RopeScaling, has_bias,
-                        param_shapes, projection_shape)
+from .model import (ATTENTION_PROJECTIONS, PROJECTIONS, SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, LlamaConfig,
+                        LoraWeights, RopeScaling, _as_id_tuple, has_bias, param_shapes, projection_shape)
 from .sharding import param_specs
 from .lora import LoraConfig
 from .data import PROMPT_FORMAT_FILE, TOKENIZER_FILES, load_tokenizer, prompt_format
@@ -32,9 +32,81 @@ from .files import (MANIFEST, CheckpointError, CheckpointWarning, WriteError, ch
                         temporary_checkpoint_name, write_failure, write_json, write_manifest)
 
 # %% auto #0
-__all__ = ['PARAMS_KIND', 'module_group', 'hf_weight_names', 'hf_tensor_shapes', 'checkpoint_tensor_files', 'load_hf_checkpoint',
-           'save_params', 'is_params_folder', 'load_params', 'save_lora', 'load_lora', 'save_checkpoint',
-           'load_optimizer_state', 'peft_key', 'save_peft_adapter', 'load_peft_adapter', 'load_any_adapter']
+__all__ = ['PARAMS_KIND', 'load_hf_config', 'module_group', 'hf_weight_names', 'hf_tensor_shapes', 'checkpoint_tensor_files',
+           'load_hf_checkpoint', 'save_params', 'is_params_folder', 'load_params', 'save_lora', 'load_lora',
+           'save_checkpoint', 'load_optimizer_state', 'peft_key', 'save_peft_adapter', 'load_peft_adapter',
+           'load_any_adapter']
+
+# %% ../nbs/04_formats.ipynb #1c814822
+def _read_hf_config(path_or_dict) -> tuple[dict, str]:
+    "Return the config dictionary and a description of where it came from (for error messages)."
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict), "the given config dictionary"
+    path = Path(path_or_dict)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No Hugging Face config at {path}: pass a model folder that holds config.json "
+                                f"(as written by `save_pretrained`) or the path of the config.json itself.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-download or re-save the model's config.json.") from None
+
+
+def _rope_scaling_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
+    "Rotary base and scaling from either transformers 4 (`rope_scaling`) or 5 (`rope_parameters`) keys."
+    parameters = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**parameters, **scaling}
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    chosen = scaling or parameters  # an explicit rope_scaling entry decides the kind
+    rope_type = chosen.get("rope_type", chosen.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; jora implements "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}. Remove or change the rope scaling entry.")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", factor=float(merged["factor"]))
+    return theta, RopeScaling(
+        "llama3", factor=float(merged["factor"]), low_freq_factor=float(merged["low_freq_factor"]),
+        high_freq_factor=float(merged["high_freq_factor"]),
+        original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
+
+
+
+def _config_from_hf_dict(hf: dict, source: str) -> LlamaConfig:
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; jora runs "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Llama 2/3/3.1/3.2, TinyLlama, Mistral).")
+    activation = hf.get("hidden_act", "silu")
+    if activation != "silu":
+        raise ValueError(f"{source}: hidden_act {activation!r} is not supported; Llama-family MLPs use 'silu'.")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: missing required keys {missing}; is this a Llama-family config.json?")
+    theta, scaling = _rope_scaling_from_hf(hf, source)
+    heads = int(hf["num_attention_heads"])
+    return LlamaConfig(
+        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=int(hf["num_hidden_layers"]),
+        num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=_as_id_tuple(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"), model_type=model_type)
+
+
+def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> LlamaConfig:
+    "A Hugging Face config as a `LlamaConfig`: a model folder, a `config.json` path, or its parsed dictionary."
+    return _config_from_hf_dict(*_read_hf_config(path_or_dict))
 
 # %% ../nbs/04_formats.ipynb #2d2376d6
 def module_group(name: str) -> str:
@@ -152,7 +224,7 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple
     every tensor goes straight to its tensor-parallel sharding (`jora.sharding.param_specs`)."""
     from safetensors import safe_open
     path = Path(path)
-    config = LlamaConfig.from_hf(path)
+    config = load_hf_config(path)
     files = checkpoint_tensor_files(path)
     specs = param_specs(config, mesh=mesh)
     shapes = param_shapes(config)

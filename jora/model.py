@@ -7,30 +7,27 @@ Docs: https://jora-dev.github.io/jora/nbs/model.html.md"""
 # %% ../nbs/00_model.ipynb #7c3407e3
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from .attention import (MaskParts, constrain, even_block_size, join_sequence_blocks, sequence_axis_size,
-                            sequence_blocks, sequence_order)
+from .attention import MaskParts, constrain, sequence_axis_size, sequence_order
 from .kernels import attention
+from .memory import (FEED_FORWARD_CHUNK, PROJECTION_OUTPUT, chunked_token_loss, feed_forward_pieces, in_pieces,
+                         scan_layers)
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
-           'PROJECTION_DIMENSIONS', 'FEED_FORWARD_CHUNK', 'REMAT_POLICIES', 'IGNORE_INDEX', 'RopeScaling',
-           'LlamaConfig', 'dimension_sizes', 'projection_shape', 'has_bias', 'param_dimensions', 'param_shapes',
-           'init_params', 'rms_norm', 'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'LoraWeights',
-           'project', 'feed_forward_pieces', 'feed_forward', 'decoder_layer', 'remat_layer', 'layer_groups',
-           'scan_layers', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward',
-           'chunk_token_loss', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate']
+           'PROJECTION_DIMENSIONS', 'IGNORE_INDEX', 'RopeScaling', 'LlamaConfig', 'dimension_sizes', 'projection_shape',
+           'has_bias', 'param_dimensions', 'param_shapes', 'init_params', 'rms_norm', 'rope_inverse_frequencies',
+           'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'feed_forward', 'decoder_layer',
+           'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward', 'causal_lm_loss_sum',
+           'causal_lm_loss', 'sample_top_p', 'generate']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -80,81 +77,10 @@ class LlamaConfig:
         "How many query heads share one key/value head (1 for multi-head attention)."
         return self.num_attention_heads // self.num_key_value_heads
 
-    @classmethod
-    def from_hf(cls, path_or_dict: str | Path | Mapping[str, Any]) -> "LlamaConfig":
-        "Read a Hugging Face config: a model folder, a `config.json` path, or its parsed dictionary."
-        hf, source = _read_hf_config(path_or_dict)
-        return _config_from_hf_dict(cls, hf, source)
-
-# %% ../nbs/00_model.ipynb #4d90a929
-def _read_hf_config(path_or_dict) -> tuple[dict, str]:
-    "Return the config dictionary and a description of where it came from (for error messages)."
-    if isinstance(path_or_dict, Mapping):
-        return dict(path_or_dict), "the given config dictionary"
-    path = Path(path_or_dict)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"No Hugging Face config at {path}: pass a model folder that holds config.json "
-                                f"(as written by `save_pretrained`) or the path of the config.json itself.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), str(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); re-download or re-save the model's config.json.") from None
-
-
-def _rope_scaling_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
-    "Rotary base and scaling from either transformers 4 (`rope_scaling`) or 5 (`rope_parameters`) keys."
-    parameters = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    merged = {**parameters, **scaling}
-    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    chosen = scaling or parameters  # an explicit rope_scaling entry decides the kind
-    rope_type = chosen.get("rope_type", chosen.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; jora implements "
-                         f"{', '.join(SUPPORTED_ROPE_TYPES)}. Remove or change the rope scaling entry.")
-    if rope_type == "default":
-        return theta, None
-    if rope_type == "linear":
-        return theta, RopeScaling("linear", factor=float(merged["factor"]))
-    return theta, RopeScaling(
-        "llama3", factor=float(merged["factor"]), low_freq_factor=float(merged["low_freq_factor"]),
-        high_freq_factor=float(merged["high_freq_factor"]),
-        original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
-
 
 def _as_id_tuple(value) -> tuple[int, ...]:
     if value is None: return ()
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
-
-
-def _config_from_hf_dict(cls, hf: dict, source: str) -> LlamaConfig:
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported; jora runs "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Llama 2/3/3.1/3.2, TinyLlama, Mistral).")
-    activation = hf.get("hidden_act", "silu")
-    if activation != "silu":
-        raise ValueError(f"{source}: hidden_act {activation!r} is not supported; Llama-family MLPs use 'silu'.")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in hf]
-    if missing:
-        raise ValueError(f"{source}: missing required keys {missing}; is this a Llama-family config.json?")
-    theta, scaling = _rope_scaling_from_hf(hf, source)
-    heads = int(hf["num_attention_heads"])
-    return cls(
-        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=int(hf["num_hidden_layers"]),
-        num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
-        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=_as_id_tuple(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"), model_type=model_type)
 
 # %% ../nbs/00_model.ipynb #f9b69c27
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -284,21 +210,9 @@ def project(x: jax.Array, layer: dict, name: str, lora: LoraWeights | None = Non
                                         source.shape)
             source = jnp.where(keep, source / (1 - lora.dropout), 0)
         y = y + (lora.scale * ((source @ adapter["lora_A"]) @ adapter["lora_B"])).astype(y.dtype)
-    return checkpoint_name(y, name)
+    return checkpoint_name(y, PROJECTION_OUTPUT)
 
 # %% ../nbs/00_model.ipynb #0b9e4d7a
-FEED_FORWARD_CHUNK = 8192   # most positions per device the MLP takes at once in a fully rematerialised layer
-
-
-def feed_forward_pieces(time: int, devices: int, chunk: int | None) -> int:
-    """How many pieces the MLP takes a row of `time` positions split over `devices` in: the fewest that leave at most
-    `chunk` positions per device and cut every device's share evenly (1, the whole row, without a `chunk`)."""
-    local = time // devices
-    if not chunk or local <= chunk or time % devices:
-        return 1
-    return next(count for count in range(-(-local // chunk), local + 1) if local % count == 0)
-
-
 def feed_forward(x: jax.Array, layer: dict, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
                  chunk: int | None = None) -> jax.Array:
     """The SwiGLU MLP `down(silu(gate(x)) * up(x))` of one layer; with `chunk`, in pieces of at most `chunk` positions
@@ -308,16 +222,8 @@ def feed_forward(x: jax.Array, layer: dict, lora: LoraWeights | None = None, dro
         gated = constrain(jax.nn.silu(proj(x, name="gate_proj")) * proj(x, name="up_proj"), "batch", "length", "mlp")
         return proj(gated, name="down_proj")
 
-    batch, time, width = x.shape
-    count = feed_forward_pieces(time, sequence_axis_size(), chunk)
-    if count == 1:
-        return mlp(x, dropout_key)
-    pieces = constrain(x.reshape(batch, time // count, count, width), "batch", "length", None, "embed")
-    piece = jax.checkpoint(lambda index, key: mlp(jax.lax.dynamic_index_in_dim(pieces, index, 2, keepdims=False), key))
-    keys = None if dropout_key is None else jax.random.split(dropout_key, count)
-    outputs = constrain(jax.lax.map(lambda inputs: piece(*inputs), (jnp.arange(count), keys)),
-                        None, "batch", "length", "embed")
-    return outputs.transpose(1, 2, 0, 3).reshape(batch, time, width)
+    count = feed_forward_pieces(x.shape[1], sequence_axis_size(), chunk)
+    return mlp(x, dropout_key) if count == 1 else in_pieces(mlp, x, count, dropout_key)
 
 # %% ../nbs/00_model.ipynb #4e535494
 def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -346,40 +252,6 @@ def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.
     x = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_norm_eps)
     mlp = feed_forward(x, layer, lora, dropout_key, feed_forward_chunk)
     return constrain(hidden + mlp, "batch", "length", "embed"), cache
-
-# %% ../nbs/00_model.ipynb #f98cad56
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "projections": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
-    "nested": jax.checkpoint_policies.nothing_saveable,   # each layer as "full", inside rematerialised groups
-}
-
-
-def remat_layer(layer_fn, remat: str | None):
-    "Wrap a layer function in `jax.checkpoint` under the named policy (`None`/'none' leaves it as is)."
-    if remat in (None, "none"):
-        return layer_fn
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"Unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}.")
-    return jax.checkpoint(layer_fn, policy=REMAT_POLICIES[remat])
-
-
-def layer_groups(count: int) -> int:
-    "How many groups `nested` remat scans `count` layers in: the divisor of `count` nearest its square root."
-    return min((d for d in range(1, count + 1) if count % d == 0), key=lambda d: (abs(d - math.sqrt(count)), d))
-
-
-def scan_layers(body, hidden: jax.Array, layers, remat: str | None) -> jax.Array:
-    """Run `body(hidden, layer) -> (hidden, None)` over the stacked `layers` (a pytree of `[layers, ...]` arrays), each
-    rematerialised under `remat`; `nested` scans groups of layers, each group rematerialised whole."""
-    if remat != "nested":
-        return jax.lax.scan(remat_layer(body, remat), hidden, layers)[0]
-    count = jax.tree.leaves(layers)[0].shape[0]
-    groups = layer_groups(count)
-    grouped = jax.tree.map(lambda x: x.reshape(groups, count // groups, *x.shape[1:]), layers)
-    group = jax.checkpoint(lambda hidden, group: (jax.lax.scan(remat_layer(body, remat), hidden, group)[0], None))
-    return jax.lax.scan(group, hidden, grouped)[0]
 
 # %% ../nbs/00_model.ipynb #75064cbb
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -460,65 +332,6 @@ def _summed_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labe
     return jnp.sum(jnp.where(labelled, log_normaliser - picked, 0.0))
 
 
-# %% ../nbs/00_model.ipynb #7f76d43c
-def _token_loss_and_hidden_grad(weight, hidden, targets, labelled):
-    "The summed loss of one chunk and its gradient with respect to `hidden`, from one pass over the logits."
-    logits = jnp.matmul(hidden, weight, preferred_element_type=jnp.float32)
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(labelled, targets, 0)[..., None], axis=-1)[..., 0]
-    loss = jnp.sum(jnp.where(labelled, log_normaliser - picked, 0.0))
-    logit_grads = (jnp.exp(logits - log_normaliser[..., None])
-                   - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)) * labelled[..., None]
-    return loss, jnp.matmul(logit_grads.astype(weight.dtype), weight.T, preferred_element_type=jnp.float32)
-
-
-@jax.custom_vjp
-def chunk_token_loss(weight: jax.Array, hidden: jax.Array, targets: jax.Array, labelled: jax.Array) -> jax.Array:
-    """`_summed_token_loss` of one chunk, differentiated the fused way: the forward computes the gradient with respect
-    to `hidden` while the logits are at hand, so the backward needs no second LM-head matmul, and a chunk without
-    labels costs nothing. (The weight's gradient recomputes the logits; a LoRA step never asks for it, so XLA drops it.)"""
-    return _chunk_loss_forward(weight, hidden, targets, labelled)[0]
-
-
-def _chunk_loss_forward(weight, hidden, targets, labelled):
-    loss, hidden_grad = jax.lax.cond(labelled.any(), _token_loss_and_hidden_grad,
-                                     lambda *_: (jnp.float32(0), jnp.zeros(hidden.shape, jnp.float32)),
-                                     weight, hidden, targets, labelled)
-    return loss, (weight, hidden, targets, labelled, hidden_grad.astype(hidden.dtype))
-
-
-def _chunk_loss_backward(residuals, loss_grad):
-    weight, hidden, targets, labelled, hidden_grad = residuals
-    logits = jnp.matmul(hidden, weight, preferred_element_type=jnp.float32)
-    logit_grads = (jax.nn.softmax(logits, axis=-1)
-                   - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)) * labelled[..., None]
-    weight_grad = jnp.einsum("...h,...v->hv", hidden.astype(jnp.float32), logit_grads).astype(weight.dtype)
-    return loss_grad * weight_grad, (loss_grad * hidden_grad).astype(hidden.dtype), None, None
-
-
-chunk_token_loss.defvjp(_chunk_loss_forward, _chunk_loss_backward)
-
-
-# %% ../nbs/00_model.ipynb #d44438a7
-def _chunked_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labelled: jax.Array,
-                        chunk: int) -> jax.Array:
-    """As `_summed_token_loss`, `chunk` positions at a time (split evenly over the 'seq' devices, each on its own part),
-    skipping chunks without labels; only one chunk's logits exist at a time."""
-    time = hidden.shape[1]
-    groups = sequence_axis_size() if time % sequence_axis_size() == 0 else 1
-    size = even_block_size(time // groups, chunk // groups)
-    weight = lm_head_weight(params)
-
-    def body(total, inputs):
-        piece, piece_targets, piece_labelled = inputs
-        piece = constrain(piece, "batch", "length", "embed")
-        return total + chunk_token_loss(weight, piece, piece_targets, piece_labelled), None
-
-    pieces = tuple(sequence_blocks(x, groups, size) for x in (hidden, targets, labelled))
-    total, _ = jax.lax.scan(body, jnp.float32(0), pieces)
-    return total
-
-
 # %% ../nbs/00_model.ipynb #2b78e451
 def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array, *,
                        logits_chunk: int | None = None, **forward_options) -> tuple[jax.Array, jax.Array]:
@@ -532,7 +345,7 @@ def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, 
     if logits_chunk is None:
         total = _summed_token_loss(params, hidden, targets, labelled)
     else:
-        total = _chunked_token_loss(params, hidden, targets, labelled, logits_chunk)
+        total = chunked_token_loss(lm_head_weight(params), hidden, targets, labelled, logits_chunk)
     return total, jnp.sum(labelled)
 
 
@@ -541,7 +354,6 @@ def causal_lm_loss(config: LlamaConfig, params: dict, input_ids: jax.Array, labe
     "Mean next-token cross-entropy over labelled positions (as `transformers` computes `outputs.loss`)."
     total, count = causal_lm_loss_sum(config, params, input_ids, labels, **forward_options)
     return total / jnp.maximum(count, 1)
-
 
 # %% ../nbs/00_model.ipynb #6b8ce23d
 def sample_top_p(key: jax.Array, logits: jax.Array, top_p) -> jax.Array:

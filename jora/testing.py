@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .model import LlamaConfig
-from .formats import hf_tensor_shapes
+from .formats import hf_tensor_shapes, load_hf_config
 
 # %% auto #0
 __all__ = ['TINY_CORPUS', 'TINY_STYLES', 'CHAT_TEMPLATES', 'TOKENIZER_KINDS', 'DEMO_COUNTRIES', 'tiny_config',
@@ -176,7 +176,7 @@ def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: 
     path.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(str(path))
     transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(str(path))
-    config = LlamaConfig.from_hf(hf_config.to_dict())
+    config = load_hf_config(hf_config.to_dict())
     save_hf_shards(path, tiny_hf_tensors(config, seed, settings["initializer_range"], dtype), max_shard_size)
     if with_tokenizer:
         TOKENIZER_KINDS[tokenizer_kind](path, vocab_size=settings["vocab_size"], corpus=corpus)

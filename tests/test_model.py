@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from jora.model import IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, forward, generate, positions_from_mask
-from jora.formats import checkpoint_tensor_files, load_hf_checkpoint
+from jora.formats import checkpoint_tensor_files, load_hf_checkpoint, load_hf_config
 from jora.testing import save_tiny_hf_checkpoint
 
 LOGIT_TOLERANCE = 1e-4
@@ -146,7 +146,7 @@ def test_bfloat16_loading(tmp_path):
 
 def test_config_fields_from_hf(tmp_path):
     folder = save_tiny_hf_checkpoint(tmp_path / "c", "llama3.2", with_tokenizer=False)
-    config = LlamaConfig.from_hf(folder)
+    config = load_hf_config(folder)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (8, 2, 16)
     assert config.tie_word_embeddings and config.rope_theta == 500000.0
     assert config.rope_scaling.rope_type == "llama3" and config.rope_scaling.factor == 32.0
@@ -154,7 +154,7 @@ def test_config_fields_from_hf(tmp_path):
     # transformers 4 layout (rope_theta + rope_scaling with the old "type" key) reads the same
     old = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
            "num_attention_heads": 2, "rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}}
-    assert LlamaConfig.from_hf(old).rope_scaling.factor == 2.0 and LlamaConfig.from_hf(old).num_key_value_heads == 2
+    assert load_hf_config(old).rope_scaling.factor == 2.0 and load_hf_config(old).num_key_value_heads == 2
 
 
 # ---- errors a user can cause: each is clear and names what is wrong ----

@@ -85,7 +85,7 @@ assert "torch" not in {{name.split(".")[0] for name, module in sys.modules.items
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-MODULE_ORDER = ["attention", "kernels", "model", "sharding", "lora", "data", "retrieval", "files", "formats", "testing", "config",
+MODULE_ORDER = ["attention", "kernels", "memory", "model", "sharding", "lora", "data", "retrieval", "files", "formats", "testing", "config",
                 "train", "export", "evaluate", "form", "gui", "raft", "cli"]
 
 

@@ -313,7 +313,7 @@ def test_nested_remat_keeps_fewer_layer_inputs_than_full():
     groups, and of one group's 8 layers while it is recomputed, instead of 32 layer inputs; its step needs at least
     half of those 20 layer inputs' bytes less than `full`. The groups are the divisor nearest the square root."""
     from jora.config import ParallamaConfig
-    from jora.model import layer_groups
+    from jora.memory import layer_groups
     from jora.train import Run, check_step_fits, step_memory
     model = dataclasses.replace(TINY_GQA, num_hidden_layers=32, hidden_size=128, intermediate_size=256, head_dim=16)
     mesh = make_mesh(data=1, seq=4, model=1, devices=jax.devices()[:4])
