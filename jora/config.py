@@ -18,8 +18,9 @@ from .memory import REMAT_POLICIES
 from .sharding import CONTEXT_PARALLEL_SCHEMES
 
 # %% auto #0
-__all__ = ['FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field', 'config_to_dict', 'field_type', 'value_problem',
-           'check_field', 'config_from_dict', 'config_to_toml', 'config_from_toml', 'field_label', 'parse_field_text']
+__all__ = ['PAPER_FIELDS', 'FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field', 'config_to_dict', 'field_type',
+           'value_problem', 'check_field', 'config_from_dict', 'config_to_toml', 'config_from_toml', 'field_label',
+           'parse_field_text']
 
 # %% ../nbs/05_config.ipynb #4912111e
 class Field(NamedTuple):
@@ -35,8 +36,7 @@ class Field(NamedTuple):
     choices: tuple | None = None
 
 
-FIELDS = {
-    # the paper's fields, in its order
+PAPER_FIELDS = {   # the paper's fields, in its order
     "JAX_PARAMS_PATH": Field(str | None, None, "Model",
                              "folder for the converted JAX parameters: written on first use, read from then on"),
     "LLAMA2_HF_PATH": Field(str | None, None, "Model",
@@ -56,6 +56,10 @@ FIELDS = {
     "MAX_SEQ_LEN": Field(int, 512, "Data", "longest example in tokens (longer ones are cut context-first)", low=16),
     "N_EPOCHS": Field(int, 1, "Optimisation", "passes over the train split", low=1),
     "SEED": Field(int, 0, "Data", "seed for data order, LoRA initialisation and dropout"),
+}
+
+# %% ../nbs/05_config.ipynb #0e564f83
+FIELDS = {**PAPER_FIELDS,
     # jora's own
     "LORA_TARGETS": Field(tuple, ('q_proj', 'v_proj'), "LoRA",
                           "projections that get adapters (any of q/k/v/o/gate/up/down_proj, or all-linear)"),
@@ -107,6 +111,7 @@ FIELDS = {
                        choices=('all', 'last')),
 }
 
+# %% ../nbs/05_config.ipynb #95702cd3
 ParallamaConfig = collections.namedtuple("ParallamaConfig", FIELDS, defaults=[f.default for f in FIELDS.values()],
                                          module=__name__)
 ParallamaConfig.__annotations__ = {name: field.kind for name, field in FIELDS.items()}
@@ -125,7 +130,7 @@ def field_type(field: str) -> type:
     hint = typing.get_type_hints(ParallamaConfig)[field]
     return next((kind for kind in typing.get_args(hint) if kind is not type(None)), hint)
 
-
+# %% ../nbs/05_config.ipynb #1648ee90
 def value_problem(field: str, value) -> str | None:
     "What is wrong with a well-typed `value` for `field` (out of its range, not one of its choices), or None."
     declared = FIELDS[field]
@@ -165,7 +170,7 @@ def config_from_dict(values: dict) -> ParallamaConfig:
         raise ValueError(f"Unknown ParallamaConfig fields {unknown}; the fields are {list(ParallamaConfig._fields)}.")
     return ParallamaConfig(**{field: check_field(field, value) for field, value in values.items()})
 
-
+# %% ../nbs/05_config.ipynb #ce41e393
 def config_to_toml(config: ParallamaConfig) -> str:
     "The config as the TOML file `jora train --config` reads: every field with a value (an absent one is None)."
     import tomli_w
