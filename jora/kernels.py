@@ -143,6 +143,14 @@ class RingRuns(NamedTuple):
     def join(self, runs: jax.Array, like: jax.Array) -> jax.Array:
         return runs[:, :, :self.run].swapaxes(0, 1).reshape(like.shape).astype(like.dtype)
 
+    def slots(self, slots: jax.Array) -> jax.Array:
+        "The first row's slots `[batch, local]` (every row's are the same) as `[count, run]`."
+        return slots[0].reshape(self.count, self.run)
+
+    def keys(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> tuple:
+        "The key runs, value runs and their slots: what travels round the ring."
+        return self.cut(key), self.cut(value), self.slots(slots)
+
 
 def _each_pair(query_slots, key_slots, update, state):
     "`state = update(i, j, kind, state)` for every run i of queries and run j of keys."
@@ -163,7 +171,6 @@ def pallas_ring_local(query, key, value, query_slots, key_slots, axis: str, devi
 def _pallas_ring_forward(query, key, value, query_slots, key_slots, axis, devices, interpret):
     runs = RingRuns.of(query.shape[1])
     queries, segments = runs.cut(query), tile_segments(query.shape[0], runs.run, runs.length)
-    run_slots = lambda slots: slots[0].reshape(runs.count, runs.run)
 
     def visit(keys, state):
         def update(i, j, kind, state):
@@ -171,10 +178,9 @@ def _pallas_ring_forward(query, key, value, query_slots, key_slots, axis, device
             merged = merge_attention(output[i], log_sum_exp[i],
                                      *pallas_pair(queries[i], keys[0][j], keys[1][j], segments, kind, interpret))
             return output.at[i].set(merged[0]), log_sum_exp.at[i].set(merged[1])
-        return keys, _each_pair(run_slots(query_slots), keys[2], update, state)
+        return keys, _each_pair(runs.slots(query_slots), keys[2], update, state)
     nothing = (jnp.zeros(queries.shape, jnp.float32), jnp.full(queries.shape[:-1], -jnp.inf))
-    keys = (runs.cut(key), runs.cut(value), run_slots(key_slots))
-    _, (output, log_sum_exp) = around_the_ring(visit, keys, nothing, axis, devices)
+    _, (output, log_sum_exp) = around_the_ring(visit, runs.keys(key, value, key_slots), nothing, axis, devices)
     output = runs.join(output, query)
     return output, (query, key, value, query_slots, key_slots, output, log_sum_exp)
 
@@ -184,7 +190,6 @@ def _pallas_ring_backward(axis, devices, interpret, residuals, output_grad):
     runs = RingRuns.of(query.shape[1])
     queries, outputs, output_grads = runs.cut(query), runs.cut(output), runs.cut(output_grad)
     segments = tile_segments(query.shape[0], runs.run, runs.length)
-    run_slots = lambda slots: slots[0].reshape(runs.count, runs.run)
 
     def visit(travelling, query_grad):   # the key runs at hand, with the gradients gathered for them so far
         keys, (key_grad, value_grad) = travelling
@@ -192,11 +197,11 @@ def _pallas_ring_backward(axis, devices, interpret, residuals, output_grad):
             shares = pallas_pair_backward(queries[i], keys[0][j], keys[1][j], segments, outputs[i], log_sum_exp[i],
                                           output_grads[i], kind, interpret)
             return grads[0].at[i].add(shares[0]), grads[1].at[j].add(shares[1]), grads[2].at[j].add(shares[2])
-        query_grad, key_grad, value_grad = _each_pair(run_slots(query_slots), keys[2], update,
+        query_grad, key_grad, value_grad = _each_pair(runs.slots(query_slots), keys[2], update,
                                                       (query_grad, key_grad, value_grad))
         return (keys, (key_grad, value_grad)), query_grad
 
-    keys = (runs.cut(key), runs.cut(value), run_slots(key_slots))
+    keys = runs.keys(key, value, key_slots)
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
     (_, key_grads), query_grad = around_the_ring(visit, (keys, (zeros(keys[0]), zeros(keys[1]))), zeros(queries),
                                                  axis, devices)
