@@ -64,7 +64,7 @@ def sequence_blocks(x: jax.Array, groups: int, size: int) -> jax.Array:
     x = x.reshape(batch, groups, (local + pad) // size, size, *x.shape[3:])
     return jnp.moveaxis(x, 2, 0).reshape(-1, batch, groups * size, *x.shape[4:])
 
-
+# %% ../nbs/00_attention.ipynb #c0aa386a
 def even_block_size(length: int, largest: int) -> int:
     "The block size, at most `largest`, that cuts `length` into the fewest near-equal blocks (2112 by 2048: 1056)."
     steps = -(-length // max(1, min(largest, length)))
@@ -116,7 +116,7 @@ def rule_axis(rules: Mapping[str, str | None], axis_sizes: Mapping[str, int], di
         return None
     return axis if count is None or count % axis_sizes[axis] == 0 else None
 
-
+# %% ../nbs/00_attention.ipynb #4244387f
 def dimension_axis(dimension: str | None, count: int | None = None) -> str | None:
     "The mesh axis `dimension` is split over in the current placement (None outside one)."
     placement = _PLACEMENT.get()
@@ -136,7 +136,6 @@ def sequence_axis_size() -> int:
     "How many devices share one sequence in the current placement (1 without one)."
     axis = dimension_axis("length")
     return 1 if axis is None else current_mesh().shape[axis]
-
 
 # %% ../nbs/00_attention.ipynb #5d680a79
 def reference_attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts,
@@ -203,7 +202,7 @@ def block_mask(query_slots, query_segments, key_slots, key_valid, key_segments, 
     "The `[batch, queries, keys]` mask of one block pair."
     return make_attention_mask(query_slots, key_slots, key_valid, query_segments, key_segments, sliding_window)[:, 0]
 
-
+# %% ../nbs/00_attention.ipynb #4e5ab889
 def visible_blocks(step, query_slots, keys: KeyBlocks, sliding_window, keys_in_order: bool):
     """Run `step(index, carry)` over the key blocks a query block may see: when key slot i is position i, the range
     `key_block_range` gives; in any other order (ring attention's), every block, skipping those `blocks_may_meet` rules
@@ -241,7 +240,6 @@ def attend_block(query, query_slots, query_segments, keys: KeyBlocks, sliding_wi
     start = (jnp.zeros(query.shape, jnp.float32), jnp.full(rows, MASKED_SCORE, jnp.float32), jnp.zeros(rows, jnp.float32))
     total, running_max, running_sum = visible_blocks(step, query_slots, keys, sliding_window, keys_in_order)(start)
     return total / jnp.where(running_sum > 0, running_sum, 1)[..., None], running_max + jnp.log(running_sum)
-
 
 # %% ../nbs/00_attention.ipynb #8ea39493
 def output_row_term(output: jax.Array, output_grad: jax.Array) -> jax.Array:
@@ -318,6 +316,8 @@ class BlockLayout(NamedTuple):
 
 
 #| export
+
+# %% ../nbs/00_attention.ipynb #5775db28
 def block_layout(time: int, block: int) -> BlockLayout:
     """Query blocks of at most `block` positions shared by the 'seq' devices, cut evenly (2112 by 640: 528), and key
     blocks of half that. Blocks of 500-600 queries were the fastest on a CPU: smaller ones multiply the loop steps,
@@ -325,7 +325,6 @@ def block_layout(time: int, block: int) -> BlockLayout:
     groups = sequence_axis_size() if time % sequence_axis_size() == 0 else 1
     size = even_block_size(time // groups, max(1, block // groups))
     return BlockLayout(groups, size, even_block_size(time, max(1, size // 2)))
-
 
 # %% ../nbs/00_attention.ipynb #03e7f03d
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -351,7 +350,7 @@ def _blocked_forward(query, key, value, parts, layout, sliding_window):
     output, log_sum_exp = jax.jit(flash_attention_forward)(query, key, value, parts)
     return output, (query, key, value, parts, output, log_sum_exp)
 
-
+# %% ../nbs/00_attention.ipynb #ed35e64a
 def _blocked_backward(layout, sliding_window, residuals, output_grad):
     query, key, value, parts, output, log_sum_exp = residuals
     kv_heads, scale, time = key.shape[2], query.shape[-1] ** -0.5, query.shape[1]
@@ -376,7 +375,6 @@ def _blocked_backward(layout, sliding_window, residuals, output_grad):
 
 
 blocked_attention.defvjp(_blocked_forward, _blocked_backward)
-
 
 # %% ../nbs/00_attention.ipynb #cbf62ab3
 SHORT_SEQUENCE, SHORT_QUERY_BLOCK = 512, 64   # up to this many positions, query tiles of this size (see above)
@@ -423,7 +421,7 @@ def _short_tiles(layout: BlockLayout, query, key, value, parts, sliding_window):
                           cut(keys.valid), cut(keys.segments), sliding_window)
         yield step, keys.key[:, :, first:end], keys.value[:, :, first:end], mask, (first, end)
 
-
+# %% ../nbs/00_attention.ipynb #a92d9ec2
 def _short_forward(query, key, value, parts, sliding_window):
     kv_heads, scale, time = key.shape[2], query.shape[-1] ** -0.5, query.shape[1]
     layout = short_layout(time)
@@ -439,7 +437,7 @@ def _short_forward(query, key, value, parts, sliding_window):
     output, log_sum_exp = jax.jit(tile_attention_forward)(query, key, value, parts)
     return output, (query, key, value, parts, output, log_sum_exp)
 
-
+# %% ../nbs/00_attention.ipynb #275c69b1
 def _short_backward(sliding_window, residuals, output_grad):
     query, key, value, parts, output, log_sum_exp = residuals
     kv_heads, scale, time = key.shape[2], query.shape[-1] ** -0.5, query.shape[1]
@@ -465,7 +463,6 @@ def _short_backward(sliding_window, residuals, output_grad):
 
 
 short_attention.defvjp(_short_forward, _short_backward)
-
 
 # %% ../nbs/00_attention.ipynb #1ccb9cf3
 RING_AXIS_NAME = "length"   # the named dimension whose mesh axis the ring runs over
@@ -535,7 +532,7 @@ def _ring_cut(query, key, value, parts, size):
         return (layout, layout.queries(query, key.shape[2]), layout.vectors(parts.query_slots),
                 layout.vectors(parts.query_segments), layout.keys(key, value, parts))
 
-
+# %% ../nbs/00_attention.ipynb #e4be0c59
 def _ring_forward(query, key, value, parts, axis, devices, size, sliding_window):
     layout, blocks, slots, segments, keys = _ring_cut(query, key, value, parts, size)
     scale = query.shape[-1] ** -0.5

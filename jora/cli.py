@@ -43,7 +43,7 @@ def demo_config(folder: Path, **changes) -> ParallamaConfig:
                            DTYPE="float32", REMAT="none", WARMUP_STEPS=5, EVAL_EVERY=20, CHECKPOINT_EVERY=20,
                            NUM_GPUS=1)._replace(**changes)
 
-
+# %% ../nbs/09_cli.ipynb #306ecaac
 def demo(folder=None, *, records: int = 480, progress: bool = True, say=print, overwrite: bool = False,
          **changes) -> dict:
     """Write a tiny model and RAFT sample into `folder` (new or empty, or an earlier demo's with `overwrite`),
@@ -161,7 +161,7 @@ def eval_argument_parser():
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return add_field_flags(parser)
 
-
+# %% ../nbs/09_cli.ipynb #75f18add
 def eval_main(argv: list[str] | None = None) -> int:
     "`jora eval`: print the base model's and the adapter's test loss and accuracy as a table."
     import pandas as pd
@@ -248,7 +248,7 @@ def _peft_greedy(base: Path, adapter: Path, prompts: list[list[int]], max_new_to
             outputs.append(generated[0, len(prompt):].tolist())
     return outputs
 
-
+# %% ../nbs/09_cli.ipynb #2c614662
 def _served_prompt(record: dict, templates: dict, tokenizer) -> list[int]:
     """The tokens a server builds from the adapter folder alone: the prompt format's template filled in, or the chat
     template's conversation before the last answer with its generation prompt, tokenized as one string."""
@@ -284,7 +284,7 @@ def check_adapter(adapter, data, *, base=None, count: int = 3, max_new_tokens: i
     return {"adapter": str(adapter), "base": str(base), "records": rows,
             "agree": all(row["same_prompt_tokens"] and row["same_greedy_tokens"] for row in rows)}
 
-
+# %% ../nbs/09_cli.ipynb #d9d0e8d6
 def report_adapter_check(args) -> int:
     "`jora check --adapter DIR --data FILE`: print each record's comparison; 1 when any prompt or greedy token differs."
     if args.data is None:
@@ -297,7 +297,6 @@ def report_adapter_check(args) -> int:
     print("served as trained" if result["agree"] else "the served adapter does not see what it was trained on")
     return 0 if result["agree"] else 1
 
-
 # %% ../nbs/09_cli.ipynb #81858466
 def check_checkpoints(folder) -> int:
     "`jora check --checkpoint DIR`: verify every checkpoint in a folder and say which one a resume would take."
@@ -308,7 +307,7 @@ def check_checkpoints(folder) -> int:
     print(f"a resume starts from {resume_from.name}" if resume_from else "no verified checkpoint: a run starts over")
     return 0 if resume_from is not None and not any(": damaged" in line for line in lines) else 1
 
-
+# %% ../nbs/09_cli.ipynb #66fceda5
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jora", description="LoRA fine-tuning of Llama-family models in JAX. "
                                      "Add --debug to any command to see the traceback of an error.")
@@ -339,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     check_parser.add_argument("--folder", default=None, help="where to write the tiny checkpoint (default: a temp folder)")
     return parser
 
-
+# %% ../nbs/09_cli.ipynb #cf410ec0
 def _run(argv: list[str]) -> int:
     if argv[:1] == ["train"]:
         return train_main(argv[1:])
@@ -370,4 +369,3 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "eval", "gui", "check") else "jora"
     return run_command(program, _run, argv)
-

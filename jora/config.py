@@ -229,7 +229,7 @@ def parse_field_text(field: str, text: str):
         raise ValueError(f"{problem}, not {text!r}")
     return value
 
-
+# %% ../nbs/05_config.ipynb #24d221a0
 def _parse_field(field: str, text: str):
     "A flag's text as the value of `field`, or a ValueError that starts with the flag."
     try:

@@ -55,7 +55,7 @@ def _check_record(record: Any, where: str) -> dict:
 
 CHAT_ROLES = ("system", "user", "assistant")
 
-
+# %% ../nbs/03_data.ipynb #eebfb0be
 def _check_chat_record(record: dict, where: str) -> dict:
     "A clean `{messages, context}` copy of a chat record, or a `RecordError` naming `where`."
     messages = record["messages"]
@@ -88,7 +88,7 @@ def _read_text(path: Path) -> str:
         raise RecordError(f"{path} is empty: it holds no records.")
     return text
 
-
+# %% ../nbs/03_data.ipynb #230dc5f0
 def read_records(source) -> list[dict]:
     "Validated `{instruction, input, output}` records from a path (JSON list or JSONL), a list of dicts or a DataFrame."
     if hasattr(source, "to_dict") and hasattr(source, "columns"):  # a pandas DataFrame
@@ -474,7 +474,7 @@ def _check_chat_template(records: list[dict], tokenizer, source) -> None:
         raise RecordError(f"{name}, record {first}: a chat record, but the tokenizer has no chat template to write it "
                           f"with; use the model's instruct tokenizer (its tokenizer_config.json carries the template).")
 
-
+# %% ../nbs/03_data.ipynb #28f51c3e
 class AlpacaDataset(_TorchDataset):
     "Tokenised Alpaca or chat records of one split: item i is `{'input_ids', 'labels'}` (int32 numpy arrays)."
 
@@ -507,7 +507,7 @@ class AlpacaDataset(_TorchDataset):
         "Token count of every example."
         return np.array([len(e["input_ids"]) for e in self.examples])
 
-
+# %% ../nbs/03_data.ipynb #7d6227f3
 def generate_alpaca_dataset(path, split: str, config) -> AlpacaDataset:
     """The paper's entry point: an `AlpacaDataset` configured from a `ParallamaConfig` (or any object with its
     fields): tokenizer from `LLAMA2_HF_PATH`, `MAX_SEQ_LEN`, `SEED`, `SPLIT_PERCENTAGE`, `ALPACA_MIX`, `ALPACA_PATH`,
@@ -572,7 +572,7 @@ def epoch_rows(lengths: list[int], *, seed: int = 0, epoch: int = 0, shuffle: bo
         return [[i] for i in order]
     return [[order[j] for j in row] for row in pack_examples([lengths[i] for i in order], row_length or max(lengths))]
 
-
+# %% ../nbs/03_data.ipynb #935f7e0f
 def batches(dataset, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
             buckets: tuple[int, ...] | None = None, pack: bool = False, pad_id: int | None = None,
             first_batch: int = 0) -> Iterator[dict]:
@@ -600,4 +600,3 @@ def batches(dataset, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle:
                 _place(batch, row_number, start, examples[index], segment)
                 start += len(examples[index]["input_ids"])
         yield batch
-

@@ -239,7 +239,7 @@ def retrieval_robustness(config: ParallamaConfig, questions: list[dict], index: 
                       "right": f"{right}/{len(rows)}"})
     return table
 
-
+# %% ../nbs/06_evaluate.ipynb #bdd0b9da
 def compare_robustness(config: ParallamaConfig, questions: list[dict], index: CorpusIndex, adapters: dict,
                        **options) -> dict[str, list[dict]]:
     """`retrieval_robustness` of each of `adapters` (a label -> adapter, None for the base model), the model loaded

@@ -34,7 +34,7 @@ def _adapter_folder(lora_path: Path) -> Path:
     folder = lora_path if lora_path.is_dir() else lora_path.parent
     return folder.parent if checkpoint_step(folder) is not None else folder
 
-
+# %% ../nbs/06_export.ipynb #92b6d5f8
 def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Path:
     """Write `save_path`: the Hugging Face model at `hf_path` with the adapters at `lora_path` merged into its weights.
     `save_path` must be new or empty (or an earlier merge, with `overwrite`) and may not be or contain the base model
@@ -75,7 +75,6 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
             save_file(tensors, str(temporary / shard.name), metadata={**metadata, "format": metadata.get("format", "pt")})
             del tensors
     return save_path
-
 
 # %% ../nbs/06_export.ipynb #cff26cc7
 def huggingface_merger(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ _WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quo
                    errno.EROFS: "the file system is read-only", errno.EIO: "an input/output error",
                    errno.EFBIG: "the file is too large for the file system"}
 
-
+# %% ../nbs/04_files.ipynb #5b4b499f
 def write_failure(error: BaseException) -> str | None:
     "Why a write failed, in words, when `error` is a disk or permission failure (also as safetensors reports it)."
     if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
@@ -122,7 +122,7 @@ def _is_or_contains(outer: Path, inner: Path) -> bool:
 def _listing(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
-
+# %% ../nbs/04_files.ipynb #f581e116
 def check_output_folder(path, kind: str, *, overwrite: bool = False, protected=()) -> Path:
     """`path`, resolved, if jora may write a `kind` output there: a new or empty folder, or (with `overwrite`) one that
     jora wrote before as the same kind. It may not be, or contain, any `protected` folder (the base model, the
@@ -215,7 +215,7 @@ def _temporary_beside(target: Path) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     return target.parent / f".{target.name}.jora-tmp-{_process_tag()}"
 
-
+# %% ../nbs/04_files.ipynb #09a1861b
 def _move_into_place(temporary: Path, target: Path, kind: str) -> None:
     "Move a finished temporary folder to `target`, replacing only what jora wrote there before."
     if not target.exists():
@@ -239,7 +239,6 @@ def _move_into_place(temporary: Path, target: Path, kind: str) -> None:
     write_json(target / MARKER, {"writer": "jora", "kind": kind, "entries": new})
     shutil.rmtree(temporary)
     _fsync_folder(target)
-
 
 # %% ../nbs/04_files.ipynb #33772285
 @contextmanager
@@ -440,7 +439,7 @@ def probe_write(folder) -> None:
     finally:
         probe.unlink(missing_ok=True)
 
-
+# %% ../nbs/04_files.ipynb #eafc7488
 def prepare_checkpoint_folder(root, *, protected=()) -> list[Path]:
     "Check, mark and probe a checkpoint folder before training; returns the stale folders it cleaned."
     root_path = Path(root)

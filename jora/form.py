@@ -77,7 +77,7 @@ def checkpoint_folder_note(path: str) -> str:
     newest = latest_checkpoint(folder, warn=False)
     return f"holds a run up to step {checkpoint_step(newest)}: Start resumes it" if newest else ""
 
-
+# %% ../nbs/07_form.ipynb #5c7cb916
 def validate(config: ParallamaConfig, data_path: str, checkpoint_path: str, device_count: int) -> dict:
     "An error message per field that would make the run fail: missing paths, numbers out of range, a mesh that does not fit."
     errors = {field: problem for field in FIELDS if (problem := value_problem(field, getattr(config, field)))}
@@ -98,7 +98,7 @@ def validate(config: ParallamaConfig, data_path: str, checkpoint_path: str, devi
                                 else None, device_count))
     return errors
 
-
+# %% ../nbs/07_form.ipynb #c6c0495b
 def mesh_problems(config: ParallamaConfig, model_folder: str | None, device_count: int) -> dict:
     "Problems with the devices and mesh: more devices asked for than visible, a mesh too big, a model axis that cannot split."
     errors, devices = {}, min(device_count, config.NUM_GPUS or device_count)
@@ -130,7 +130,7 @@ def tab_titles(errors: dict) -> list[str]:
     counts = {tab: sum(name in errors for name in names) for tab, names in FORM_GROUPS.items()}
     return [f"{tab} \u26a0 {count}" if count else tab for tab, count in counts.items()]
 
-
+# %% ../nbs/07_form.ipynb #ed672344
 def command_line(config: ParallamaConfig, data_path: str, checkpoint_path: str) -> str:
     "The `jora train` command that runs the same training (fields at their defaults are left out)."
     parts = ["jora", "train", "--data", str(data_path), "--checkpoint-path", str(checkpoint_path)]

@@ -74,8 +74,7 @@ def _rope_scaling_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling | N
         high_freq_factor=float(merged["high_freq_factor"]),
         original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
 
-
-
+# %% ../nbs/04_formats.ipynb #a1ca873c
 def _config_from_hf_dict(hf: dict, source: str) -> LlamaConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -157,7 +156,7 @@ def _shard_in(folder: Path, shard, index: Path) -> Path:
                          f"inside the model folder. Fix the index's weight_map.")
     return folder / name
 
-
+# %% ../nbs/04_formats.ipynb #2c40f036
 def checkpoint_tensor_files(path: str | Path) -> dict[str, Path]:
     "Tensor name -> the safetensors file that holds it, for a Hugging Face model folder."
     path = Path(path)
@@ -218,7 +217,7 @@ def _read_slice(handles, files: dict, hf_name: str, transpose: bool, dtype, stac
         return read(hf_name, index)
     return np.stack([read(hf_name.format(layer=layer), index[1:]) for layer in range(shape[0])[index[0]]])
 
-
+# %% ../nbs/04_formats.ipynb #3a3a8322
 def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple[LlamaConfig, dict]:
     """Read a Hugging Face Llama-family folder into `(config, params)`, weights cast to `dtype`. With a `mesh`,
     every tensor goes straight to its tensor-parallel sharding (`jora.sharding.param_specs`)."""
@@ -278,7 +277,7 @@ def _leaf_names(tree) -> list[tuple[str, Any]]:
 
 PARAMS_KIND = "converted parameters"
 
-
+# %% ../nbs/04_formats.ipynb #8631807b
 def save_params(folder, model_config: LlamaConfig, params: dict, *, overwrite: bool = False, protected=()) -> Path:
     """Write params in jora's layout (one safetensors file per parameter + config.json) as a new folder, atomically.
     Every process takes part in gathering each parameter; the first one writes."""
@@ -306,7 +305,7 @@ def _read_json(file: Path, what: str) -> dict:
         raise ValueError(f"{file} does not hold a JSON object: {what}.")
     return value
 
-
+# %% ../nbs/04_formats.ipynb #83f272a5
 def is_params_folder(folder) -> bool:
     "Whether `folder` holds parameters converted by jora (a marker, or the layout of a jora from before markers)."
     folder = Path(folder)
@@ -319,7 +318,6 @@ def is_params_folder(folder) -> bool:
         return "model_type" not in json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError):
         return False
-
 
 # %% ../nbs/04_formats.ipynb #a3634ed3
 def load_params(folder, dtype=jnp.bfloat16, mesh=None) -> tuple[LlamaConfig, dict]:
@@ -388,7 +386,7 @@ def _reading(file: Path):
         raise CheckpointError(f"{file} cannot be read ({error}): it is truncated or damaged. Run `jora check "
                               f"--checkpoint {file.parent}`; resume skips damaged checkpoints.") from None
 
-
+# %% ../nbs/04_formats.ipynb #24d9795b
 def load_lora(path) -> tuple[LoraWeights, LoraConfig]:
     "LoRA matrices and settings written by `save_lora` (a file, or a checkpoint folder, whose manifest is checked)."
     from safetensors import safe_open
@@ -411,7 +409,6 @@ def load_lora(path) -> tuple[LoraWeights, LoraConfig]:
         adapters = {name: {part: jnp.asarray(handle.get_tensor(f"{name}.{part}")) for part in ("lora_A", "lora_B")}
                     for name in lora_config.targets}
     return LoraWeights(adapters, scale=lora_config.scale, dropout=lora_config.dropout), lora_config
-
 
 # %% ../nbs/04_formats.ipynb #fddca634
 def save_checkpoint(checkpoint_path, step: int, lora: LoraWeights, lora_config: LoraConfig, optimizer_state,
@@ -447,7 +444,7 @@ def save_checkpoint(checkpoint_path, step: int, lora: LoraWeights, lora_config: 
     rotate_checkpoints(root, keep)
     return final
 
-
+# %% ../nbs/04_formats.ipynb #16ebb5ef
 def load_optimizer_state(folder, like):
     "Optimizer state from a checkpoint folder, placed like the live state `like` (names and shapes checked)."
     from safetensors.numpy import load_file
@@ -465,7 +462,6 @@ def load_optimizer_state(folder, like):
             raise ValueError(f"{folder}: optimizer entry {name} has shape {saved[name].shape}, expected {live.shape}.")
         leaves.append(jax.device_put(saved[name], live.sharding))
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
 
 # %% ../nbs/04_formats.ipynb #a85bc1d0
 def peft_key(layer: int, name: str, part: str) -> str:

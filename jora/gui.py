@@ -311,7 +311,7 @@ class TrainingPanel(TrainingForm):
 def _row(*children):
     return widgets.HBox(list(children))
 
-
+# %% ../nbs/07_gui.ipynb #e26f28ed
 class ExportPanel:
     """Save the run's newest checkpoint as a PEFT adapter, or merge it into a Hugging Face model folder: into a new or
     empty folder, or an earlier export of the same kind only when "replace" is ticked; never the model or checkpoints."""
@@ -370,7 +370,7 @@ class ExportPanel:
             return f"{base} with the adapters of step {checkpoint_step(checkpoint)} ({checkpoint}) merged, written to {written}"
         return self._report(action)
 
-
+# %% ../nbs/07_gui.ipynb #c6e72d2e
 class TryPanel:
     """A prompt in, a generation out: from a model folder alone, and with an adapter (a checkpoint, a checkpoint folder
     or a PEFT adapter; by default the training tab's newest checkpoint), greedy or sampled."""
@@ -441,7 +441,6 @@ class TryPanel:
             return {}
         finally:
             self.button.disabled = False
-
 
 # %% ../nbs/07_gui.ipynb #a7c3e020
 class EvaluatePanel:
@@ -539,7 +538,7 @@ class EvaluatePanel:
         if self.thread is not None:
             self.thread.join(timeout)
 
-
+# %% ../nbs/07_gui.ipynb #cda8690d
 def panels(config: ParallamaConfig | None = None, data_path: str = "", checkpoint_path: str = ""):
     """The panels in tabs (Train, Evaluate, Export, Try it); returns the tab widget with `.training`, `.evaluation`,
     `.export`, `.try_it`."""
@@ -572,7 +571,7 @@ def write_panel_notebook(folder, config: ParallamaConfig | None = None, data_pat
     nbformat.write(notebook, path)
     return path
 
-
+# %% ../nbs/07_gui.ipynb #4b9af072
 def gui_main(argv: list[str] | None = None) -> int:
     "`jora gui` / `python -m jora.gui`: open JupyterLab on a notebook with the panels."
     import argparse, os, secrets, socket, subprocess, sys

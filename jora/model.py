@@ -43,7 +43,7 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
-
+# %% ../nbs/00_model.ipynb #73ff145e
 @dataclass(frozen=True)
 class LlamaConfig:
     "The shape and arithmetic of a Llama-family decoder, read from a Hugging Face `config.json`."
@@ -109,7 +109,7 @@ def has_bias(config: LlamaConfig, name: str) -> bool:
     "Whether projection `name` carries a bias in this config."
     return config.attention_bias if name in ATTENTION_PROJECTIONS else config.mlp_bias
 
-
+# %% ../nbs/00_model.ipynb #8e8060a3
 def param_dimensions(config: LlamaConfig) -> dict:
     "The named dimensions of every parameter, nested as `init_params` returns them."
     layers = {"input_layernorm": ("layers", "embed"), "post_attention_layernorm": ("layers", "embed")}
@@ -268,7 +268,7 @@ def lm_head_logits(params: dict, hidden: jax.Array) -> jax.Array:
     "fp32 logits from final hidden states."
     return jnp.matmul(hidden, lm_head_weight(params), preferred_element_type=jnp.float32)
 
-
+# %% ../nbs/00_model.ipynb #b9fd2885
 def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
                   positions=None, segment_ids=None, lora: LoraWeights | None = None,
                   dropout_key: jax.Array | None = None, remat: str | None = None,
@@ -308,7 +308,7 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
         hidden = hidden[:, np.argsort(order)]
     return rms_norm(hidden, params["norm"], config.rms_norm_eps)
 
-
+# %% ../nbs/00_model.ipynb #15cce104
 def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
             lora: LoraWeights | None = None, positions=None, segment_ids=None, dropout_key: jax.Array | None = None,
             remat: str | None = None, attention_block: int | None = None,

@@ -162,7 +162,7 @@ def parse_comment(comment: str | None) -> tuple[str, list[str]]:
     parser.close()
     return html.unescape("".join(parser.text)).strip(), parser.links
 
-
+# %% ../nbs/08_raft_4chan.ipynb #036d23f2
 def link_target(href: str, thread_number: int) -> int | None:
     "The post number a quotelink points to inside this thread, or None for other threads and boards."
     same = re.fullmatch(r"#p(\d+)", href)
@@ -172,7 +172,6 @@ def link_target(href: str, thread_number: int) -> int | None:
     if other and int(other.group(1)) == thread_number and href.startswith("/pol/"):
         return int(other.group(2))
     return None
-
 
 # %% ../nbs/08_raft_4chan.ipynb #f8e96cd3
 def read_threads(path) -> Iterator[list[dict]]:

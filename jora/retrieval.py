@@ -56,7 +56,7 @@ def _corpus_entries(source) -> tuple[list[dict], str]:
                 raise RecordError(f"{path}, line {number}: not JSON ({error.msg}).") from None
     return entries, str(path)
 
-
+# %% ../nbs/03_retrieval.ipynb #0753d2c0
 def read_corpus(source) -> list[Document]:
     """Documents from a JSONL or JSON file or a CSV file (fields `id`, `text`, optional `title`), a folder of `.txt`
     files (the id is the path inside the folder), or a list; refuses an empty corpus, a document without an id or
@@ -196,7 +196,7 @@ def context_budget(questions: list[dict], tokenizer, max_len: int) -> int:
         raise ValueError(f"max_len={max_len} leaves no room for a context beside the longest question and answer.")
     return budget
 
-
+# %% ../nbs/03_retrieval.ipynb #b1532220
 def fit_budget(tokenizer, budget: int, oracle_texts: list[str], distractor_texts: list[str],
                report: RaftReport, number: int) -> tuple[list[str], list[str]]:
     """The oracles and distractors that fit `budget` context tokens: whole distractors dropped lowest-ranked first;
@@ -239,7 +239,7 @@ def answer_text(question: dict, oracle_number: int | None, chain_of_thought: boo
         return f"{NO_EVIDENCE}\nAnswer: {answer}"
     return f"From document {oracle_number}: {question['rationale']}\nAnswer: {answer}"
 
-
+# %% ../nbs/03_retrieval.ipynb #cd3cb179
 def raft_row(question: dict, number: int, retrieved: list[str], index: CorpusIndex, report: RaftReport, *,
              distractors: int, oracle_probability: float, seed: int, oracle_position: int | None, tokenizer,
              context_tokens: int | None, chain_of_thought: bool, fill_left_out: bool) -> dict:
@@ -273,7 +273,7 @@ def raft_row(question: dict, number: int, retrieved: list[str], index: CorpusInd
            "oracle_position": oracle_number, "document_ids": order}
     return {**row, "answers": question["answers"]} if "answers" in question else row
 
-
+# %% ../nbs/03_retrieval.ipynb #4fc37090
 def raft_rows(questions: list[dict], index: CorpusIndex, *, distractors: int = 4, oracle_probability: float = 0.8,
               seed: int = 0, oracle_position: int | None = None, tokenizer=None, context_tokens: int | None = None,
               chain_of_thought: bool = False, chat: bool = False, fill_left_out: bool = True

@@ -84,7 +84,7 @@ def dimension_units(config: LlamaConfig, lora_rank: int = 1) -> dict[str, int]:
     return {**dimension_sizes(config), "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "lora_rank": lora_rank}
 
-
+# %% ../nbs/01_sharding.ipynb #1681a060
 def axis_sizes(mesh: Mesh | None) -> dict[str, int]:
     "Each mesh axis's size; without a mesh, axes of one device (the layout every mesh aims at)."
     return {axis: 1 for axis in MESH_AXES} if mesh is None else dict(mesh.shape)
@@ -95,7 +95,6 @@ def specs_from_dimensions(dimensions, units: dict, mesh: Mesh | None = None):
     sizes = axis_sizes(mesh)
     return jax.tree.map(lambda names: P(*(rule_axis(LOGICAL_AXIS_RULES, sizes, name, units[name]) for name in names)),
                         dimensions, is_leaf=lambda x: isinstance(x, tuple))
-
 
 # %% ../nbs/01_sharding.ipynb #69083d88
 def model_axis_sizes(config: LlamaConfig, largest: int = 64) -> list[int]:
@@ -227,7 +226,7 @@ def _hlo_computations(text: str) -> tuple[dict[str, list[str]], str]:
             computations[current].append(line)
     return computations, entry
 
-
+# %% ../nbs/01_sharding.ipynb #13784c8a
 def collective_bytes(compiled, devices: int) -> dict[str, float]:
     """Bytes one device receives per run of a compiled program, by kind of collective: every collective of the
     optimized HLO, times the trip counts of the loops around it (XLA's `known_trip_count`; a conditional counts its
@@ -262,7 +261,7 @@ def collective_bytes(compiled, devices: int) -> dict[str, float]:
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>\S+) \(.*\{\s*$")
 _FUSION_BODY = re.compile(r" fusion\(.*?\bcalls=%(?P<name>[\w.\-]+)")
 
-
+# %% ../nbs/01_sharding.ipynb #b36fe539
 def largest_arrays(compiled, count: int = 6) -> list[tuple[str, float]]:
     """The largest distinct array shapes a compiled program keeps in memory, with their GB: what fills a device. The
     values inside a fusion never reach memory (a fused convert of a stack is computed element by element), so only

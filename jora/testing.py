@@ -151,7 +151,7 @@ def save_hf_shards(path: Path, tensors: dict, max_shard_size: str | None = None)
                  "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-
+# %% ../nbs/10_testing.ipynb #d86c4291
 TOKENIZER_KINDS = {"byte_level": save_tiny_tokenizer, "sentencepiece": save_tiny_sentencepiece_tokenizer}
 
 
@@ -181,7 +181,6 @@ def save_tiny_hf_checkpoint(path: str | Path, style: str = "llama3.1", *, seed: 
     if with_tokenizer:
         TOKENIZER_KINDS[tokenizer_kind](path, vocab_size=settings["vocab_size"], corpus=corpus)
     return path
-
 
 # %% ../nbs/10_testing.ipynb #dc83c58e
 DEMO_COUNTRIES = [("France", "Paris", 68), ("Japan", "Tokyo", 125), ("Peru", "Lima", 34), ("Kenya", "Nairobi", 55),

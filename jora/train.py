@@ -75,7 +75,7 @@ def model_path(config: ParallamaConfig) -> Path:
                          f"Convert it with transformers' convert_llama_weights_to_hf.py and pass the output folder.")
     return path
 
-
+# %% ../nbs/05_train.ipynb #497f35b5
 def run_mesh(config: ParallamaConfig):
     "The device mesh of a run: NUM_GPUS devices (default all) as MESH_DATA x MESH_SEQ x MESH_MODEL."
     devices = jax.devices()
@@ -102,7 +102,6 @@ def load_model(config: ParallamaConfig, mesh) -> tuple[LlamaConfig, dict]:
             save_params(cache, model_config, params, protected=[hf_folder])
     check_model_size(config.MODEL_SIZE, params)
     return model_config, params
-
 
 # %% ../nbs/05_train.ipynb #58c1ec8b
 def make_optimizer(config: ParallamaConfig, total_steps: int):
@@ -133,7 +132,7 @@ class TrainState(NamedTuple):
     step: jax.Array
     key: jax.Array
 
-
+# %% ../nbs/05_train.ipynb #190cded3
 def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfig, remat: str | None, mesh,
                     logits_chunk: int | None = None, attention_block: int | None = None, *,
                     attention_implementation: str = "auto", row_layout: str = "any", context_parallel: str = "ring"):
@@ -174,7 +173,6 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
         return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "finite": finite}
 
     return jax.jit(step, donate_argnums=(0,))
-
 
 # %% ../nbs/05_train.ipynb #067c6ea9
 def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, logits_chunk: int | None = None,
@@ -248,7 +246,7 @@ def evaluate(eval_step, adapters, params, dataset, config: ParallamaConfig, mesh
         total, tokens = total + float(loss_sum), tokens + int(count)
     return total / max(tokens, 1)
 
-
+# %% ../nbs/05_train.ipynb #138ae213
 def _device_memory_fields() -> dict:
     "Peak bytes in use on the busiest device, where devices report it (GPUs, TPUs)."
     stats = device_memory_stats()
@@ -276,7 +274,6 @@ def prepare_run_folder(config: ParallamaConfig, checkpoint_path, *, resume: bool
                                 f"replace them.")
     for folder in earlier:
         delete_checkpoint(folder)
-
 
 # %% ../nbs/05_train.ipynb #f2473f18
 def step_options(config: ParallamaConfig) -> dict:
@@ -423,7 +420,7 @@ def memory_alternatives(config: ParallamaConfig) -> list[dict]:
                if config.MESH_SEQ > 1 and scheme != config.CONTEXT_PARALLEL]
     return changes + [{"REMAT": remat} for remat in ("full", "nested") if config.REMAT != remat]
 
-
+# %% ../nbs/05_train.ipynb #fdc326b4
 def check_step_fits(run: Run, needed: int, length: int, limit: int | None = None) -> None:
     """Raise a `MemoryError` before a step that needs more than the devices have (`limit`, default: what they report),
     naming the settings that would fit, each measured by lowering, or what else to change."""
@@ -459,7 +456,7 @@ def check_finite(metrics: dict, step: int, last_saved: Path | None) -> None:
             f"that update was not applied and nothing was saved over the last good checkpoint "
             f"({last_saved or 'none yet'}). Lower LR, check the data, or resume from that checkpoint.")
 
-
+# %% ../nbs/05_train.ipynb #762db548
 def write_checkpoint(run: Run, checkpoint_path, state: TrainState, position: dict, callbacks) -> Path:
     "Save `state` with the run's position (`step`, `epoch`, `next_batch`, `history`) and tell the callbacks."
     step = position["step"]
@@ -468,7 +465,6 @@ def write_checkpoint(run: Run, checkpoint_path, state: TrainState, position: dic
                             keep=run.config.KEEP_CHECKPOINTS)
     for callback in callbacks: callback("checkpoint", {"step": step, "path": str(saved)})
     return saved
-
 
 # %% ../nbs/05_train.ipynb #3ccc2c45
 def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_dataset=None, callbacks=(),
@@ -558,7 +554,7 @@ def figure_png(figure) -> bytes:
 def loss_plot_png(history: list[dict]) -> bytes:
     return figure_png(loss_figure(history))
 
-
+# %% ../nbs/05_train.ipynb #86d08db8
 class LossPlot:
     """A `train_lora` callback that draws `loss_figure` in the notebook cell while the run trains: redrawn at most every
     `seconds` and at the end; each run (each `start` event) gets its own figure."""
