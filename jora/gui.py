@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import jax
+from fastcore.basics import patch
 
 from .model import PROJECTIONS
 from .sharding import device_memory_stats
@@ -99,80 +100,92 @@ class TrainingForm:
         return form_problems({field: control.value for field, control in self.fields.items()}, self.data_path.value,
                              self.checkpoint_path.value, len(jax.devices()))
 
-    def checked_config(self) -> ParallamaConfig:
-        "The form's config, or a ValueError listing what to fix by the labels on screen (for the other panels)."
-        config, errors = self.config()
-        if errors:
-            raise ValueError("Fix the training form first: " + "; ".join(f"{label(k)}: {v}" for k, v in errors.items()))
-        return config
+# %% ../nbs/07_gui.ipynb #2283e504
+@patch
+def checked_config(self: TrainingForm) -> ParallamaConfig:
+    "The form's config, or a ValueError listing what to fix by the labels on screen (for the other panels)."
+    config, errors = self.config()
+    if errors:
+        raise ValueError("Fix the training form first: " + "; ".join(f"{label(k)}: {v}" for k, v in errors.items()))
+    return config
 
-    def refresh(self) -> dict:
-        "Show each field's error beside it, error counts on the tabs, and the command; returns the errors."
-        config, errors = self.config()
-        for name, message in self.errors.items():
-            message.value = _html_text(errors[name], ERROR) if name in errors else ""
-        if "checkpoint_path" not in errors:
-            self.errors["checkpoint_path"].value = _html_text(checkpoint_folder_note(self.checkpoint_path.value), NOTE)
-        self.form.titles = tab_titles(errors)
-        self.command.value = command_preview(config, errors, self.data_path.value, self.checkpoint_path.value)
-        return errors
 
-    def _settings_message(self, text: str, color: str) -> bool:
-        self.settings_status.value = _html_text(f"settings file: {text}", color)
-        return color == DONE
+@patch
+def refresh(self: TrainingForm) -> dict:
+    "Show each field's error beside it, error counts on the tabs, and the command; returns the errors."
+    config, errors = self.config()
+    for name, message in self.errors.items():
+        message.value = _html_text(errors[name], ERROR) if name in errors else ""
+    if "checkpoint_path" not in errors:
+        self.errors["checkpoint_path"].value = _html_text(checkpoint_folder_note(self.checkpoint_path.value), NOTE)
+    self.form.titles = tab_titles(errors)
+    self.command.value = command_preview(config, errors, self.data_path.value, self.checkpoint_path.value)
+    return errors
 
-    def save_settings(self) -> bool:
-        "Write the form's settings as the TOML `jora train --config` reads, to a file that does not exist yet."
-        path = self.settings_path.value.strip()
-        config, problems = parse_form({field: control.value for field, control in self.fields.items()})
-        problems.update({field: problem for field in ParallamaConfig._fields  # the paths may still be missing
-                         if field not in problems and (problem := value_problem(field, getattr(config, field)))})
-        if not path:
-            return self._settings_message("give a file name, such as run.toml", ERROR)
-        if problems:
-            return self._settings_message("fix the form first: " + "; ".join(f"{label(f)}: {p}" for f, p in
-                                                                            problems.items()), ERROR)
-        if Path(path).exists():
-            return self._settings_message(f"{path} exists; choose a new name", ERROR)
-        Path(path).write_text(config_to_toml(config), encoding="utf-8")
-        return self._settings_message(f"written to {path} (jora train --config {shlex.quote(path)} --data ... "
-                                      f"--checkpoint-path ...)", DONE)
+# %% ../nbs/07_gui.ipynb #5ab68ae6
+@patch
+def _settings_message(self: TrainingForm, text: str, color: str) -> bool:
+    self.settings_status.value = _html_text(f"settings file: {text}", color)
+    return color == DONE
 
-    def load_settings(self) -> bool:
-        "Fill the form from a settings file (a TOML `jora train --config` reads); an error names the file and field."
-        path = self.settings_path.value.strip()
-        if not path:
-            return self._settings_message("give the path of a TOML file", ERROR)
-        try:
-            config = config_from_toml(path)
-        except (OSError, ValueError) as error:
-            return self._settings_message(str(error), ERROR)
-        for field, control in self.fields.items():
-            control.value = _widget_value(field, getattr(config, field))
-        return self._settings_message(f"read from {path}", DONE)
 
-    def preview_data(self, count: int = 3) -> list[dict]:
-        "Tokenize the data as the run will, and show the truncation reports and the first examples (or what to fix)."
-        config, errors = self.config()
-        needed = [name for name in ("LLAMA2_HF_PATH", "LLAMA2_META_PATH", "data_path", "MAX_SEQ_LEN", "SPLIT_PERCENTAGE",
-                                    "SEED", "ALPACA_MIX", "ALPACA_PATH", "CHAT_LOSS") if name in errors]
-        if needed:
-            self.preview.value = _html_text("The preview needs: " + "; ".join(f"{label(n)}: {errors[n]}" for n in needed),
-                                            ERROR)
-            return []
-        from jora.data import generate_alpaca_dataset
-        self.preview.value = "<i>tokenizing...</i>"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the reports below say what the warnings would
-                splits = {split: generate_alpaca_dataset(self.data_path.value, split, config)
-                          for split in (("train", "test") if config.SPLIT_PERCENTAGE < 1 else ("train",))}
-        except Exception as error:
-            self.preview.value = _html_text(f"{self.data_path.value}: {error}", ERROR)
-            return []
-        rows = preview_rows(splits["train"], count)
-        self.preview.value = preview_html(rows, {split: dataset.report for split, dataset in splits.items()})
-        return rows
+@patch
+def save_settings(self: TrainingForm) -> bool:
+    "Write the form's settings as the TOML `jora train --config` reads, to a file that does not exist yet."
+    path = self.settings_path.value.strip()
+    config, problems = parse_form({field: control.value for field, control in self.fields.items()})
+    problems.update({field: problem for field in ParallamaConfig._fields  # the paths may still be missing
+                     if field not in problems and (problem := value_problem(field, getattr(config, field)))})
+    if not path:
+        return self._settings_message("give a file name, such as run.toml", ERROR)
+    if problems:
+        return self._settings_message("fix the form first: " + "; ".join(f"{label(f)}: {p}" for f, p in
+                                                                        problems.items()), ERROR)
+    if Path(path).exists():
+        return self._settings_message(f"{path} exists; choose a new name", ERROR)
+    Path(path).write_text(config_to_toml(config), encoding="utf-8")
+    return self._settings_message(f"written to {path} (jora train --config {shlex.quote(path)} --data ... "
+                                  f"--checkpoint-path ...)", DONE)
+
+
+@patch
+def load_settings(self: TrainingForm) -> bool:
+    "Fill the form from a settings file (a TOML `jora train --config` reads); an error names the file and field."
+    path = self.settings_path.value.strip()
+    if not path:
+        return self._settings_message("give the path of a TOML file", ERROR)
+    try:
+        config = config_from_toml(path)
+    except (OSError, ValueError) as error:
+        return self._settings_message(str(error), ERROR)
+    for field, control in self.fields.items():
+        control.value = _widget_value(field, getattr(config, field))
+    return self._settings_message(f"read from {path}", DONE)
+
+# %% ../nbs/07_gui.ipynb #7210020b
+@patch
+def preview_data(self: TrainingForm, count: int = 3) -> list[dict]:
+    "Tokenize the data as the run will, and show the truncation reports and the first examples (or what to fix)."
+    config, errors = self.config()
+    needed = [name for name in ("LLAMA2_HF_PATH", "LLAMA2_META_PATH", "data_path", "MAX_SEQ_LEN", "SPLIT_PERCENTAGE",
+                                "SEED", "ALPACA_MIX", "ALPACA_PATH", "CHAT_LOSS") if name in errors]
+    if needed:
+        self.preview.value = _html_text("The preview needs: " + "; ".join(f"{label(n)}: {errors[n]}" for n in needed),
+                                        ERROR)
+        return []
+    from jora.data import generate_alpaca_dataset
+    self.preview.value = "<i>tokenizing...</i>"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the reports below say what the warnings would
+            splits = {split: generate_alpaca_dataset(self.data_path.value, split, config)
+                      for split in (("train", "test") if config.SPLIT_PERCENTAGE < 1 else ("train",))}
+    except Exception as error:
+        self.preview.value = _html_text(f"{self.data_path.value}: {error}", ERROR)
+        return []
+    rows = preview_rows(splits["train"], count)
+    self.preview.value = preview_html(rows, {split: dataset.report for split, dataset in splits.items()})
+    return rows
 
 # %% ../nbs/07_gui.ipynb #a7c3e014
 class TrainingPanel(TrainingForm):
@@ -209,103 +222,118 @@ class TrainingPanel(TrainingForm):
         self.start_button.disabled = bool(errors) or (self.thread is not None and self.thread.is_alive())
         return errors
 
-    def _draw(self, history: list[dict]) -> None:
-        "The loss plot of `history`, or no plot at all (not an empty image) before the first step."
-        self.plot.value = loss_plot_png(history) if history else b""
-        self.plot.layout.display = None if history else "none"
-        self._last_plot = time.monotonic()
+# %% ../nbs/07_gui.ipynb #9aeab67b
+@patch
+def start(self: TrainingPanel) -> bool:
+    "Start training on a background thread (if the form is valid and nothing is running)."
+    if self.refresh() or (self.thread is not None and self.thread.is_alive()):
+        return False
+    config, _ = self.config()
+    self.history, self.result, self.error = [], None, None
+    self.log.value, self.status.value = "", "starting..."  # nothing left from a run before
+    self._draw([])
+    self._pace, self._compiled_bytes, self._nothing_to_do, self._started = None, None, False, time.monotonic()
+    self.stop_event.clear()
+    self.start_button.disabled, self.stop_button.disabled = True, False
+    self.thread = threading.Thread(target=self._run, args=(config, self.data_path.value, self.checkpoint_path.value),
+                                   daemon=True)
+    self.thread.start()
+    return True
 
-    def say(self, line: str) -> None:
-        self.log.value += line.rstrip() + "\n"
 
-    def start(self) -> bool:
-        "Start training on a background thread (if the form is valid and nothing is running)."
-        if self.refresh() or (self.thread is not None and self.thread.is_alive()):
-            return False
-        config, _ = self.config()
-        self.history, self.result, self.error = [], None, None
-        self.log.value, self.status.value = "", "starting..."  # nothing left from a run before
-        self._draw([])
-        self._pace, self._compiled_bytes, self._nothing_to_do, self._started = None, None, False, time.monotonic()
-        self.stop_event.clear()
-        self.start_button.disabled, self.stop_button.disabled = True, False
-        self.thread = threading.Thread(target=self._run, args=(config, self.data_path.value, self.checkpoint_path.value),
-                                       daemon=True)
-        self.thread.start()
-        return True
+@patch
+def stop(self: TrainingPanel) -> None:
+    "Ask the run to stop after the current step; it saves a checkpoint first."
+    self.stop_event.set()
+    self.status.value = "stopping after this step (a checkpoint is written)..."
 
-    def stop(self) -> None:
-        "Ask the run to stop after the current step; it saves a checkpoint first."
-        self.stop_event.set()
-        self.status.value = "stopping after this step (a checkpoint is written)..."
 
-    def _run(self, config: ParallamaConfig, data_path: str, checkpoint_path: str) -> None:
-        from jora.data import generate_alpaca_dataset
-        try:
-            self.status.value = f"reading {data_path}..."
-            train = generate_alpaca_dataset(data_path, "train", config)
-            self.say(f"train split: {train.report} (read from {data_path})")
-            test = generate_alpaca_dataset(data_path, "test", config) if config.SPLIT_PERCENTAGE < 1 else None
-            if test is not None:
-                self.say(f"test split: {test.report}")
-            self.status.value = "loading the model and compiling..."
-            self.result = train_lora(config, train, checkpoint_path, eval_dataset=test, callbacks=[self._on_event],
-                                     stop=self.stop_event, progress=False)
-            self.say(f"done: {'stopped' if self.result.stopped_early else 'finished'} at step "
-                     f"{self.result.history[-1]['step'] if self.result.history else 0}; adapter in {self.result.checkpoint}")
-        except Exception as error:  # shown in the panel, not lost in a thread
-            self.error = error
-            self.say(f"error: {error}\n{traceback.format_exc(limit=3)}")
-            self.status.value = _html_text(f"failed: {error}", ERROR)
-        finally:
-            self.stop_button.disabled = True
-            self.thread = None
-            self.refresh()
+@patch
+def wait(self: TrainingPanel, timeout: float | None = None) -> None:
+    "Block until the current run (if any) ends."
+    thread = self.thread
+    if thread is not None:
+        thread.join(timeout)
 
-    def _on_event(self, event: str, info: dict) -> None:
-        if event == "start":
-            self._on_start(info)
-        elif event == "step":
-            self.history.append(info)
-            self.progress.value = info["step"]
-            now = time.monotonic()
-            self._pace = self._pace or (info["step"] - 1, now - info["step_time"])  # the pace from the first step on
-            first_step, since = self._pace
-            self._compiled_bytes = info.get("compiled_bytes_per_device") or self._compiled_bytes
-            self.status.value = progress_text(info, self.progress.max, now - self._started,
-                                              (now - since) / max(info["step"] - first_step, 1), self._compiled_bytes,
-                                              device_memory_stats())
-            if time.monotonic() - self._last_plot > 1.0 or info["step"] == self.progress.max:
-                self._draw(self.history)
-        elif event == "checkpoint":
-            self.say(f"checkpoint: {info['path']}")
-        elif event == "end":
+# %% ../nbs/07_gui.ipynb #8571e607
+@patch
+def _run(self: TrainingPanel, config: ParallamaConfig, data_path: str, checkpoint_path: str) -> None:
+    from jora.data import generate_alpaca_dataset
+    try:
+        self.status.value = f"reading {data_path}..."
+        train = generate_alpaca_dataset(data_path, "train", config)
+        self.say(f"train split: {train.report} (read from {data_path})")
+        test = generate_alpaca_dataset(data_path, "test", config) if config.SPLIT_PERCENTAGE < 1 else None
+        if test is not None:
+            self.say(f"test split: {test.report}")
+        self.status.value = "loading the model and compiling..."
+        self.result = train_lora(config, train, checkpoint_path, eval_dataset=test, callbacks=[self._on_event],
+                                 stop=self.stop_event, progress=False)
+        self.say(f"done: {'stopped' if self.result.stopped_early else 'finished'} at step "
+                 f"{self.result.history[-1]['step'] if self.result.history else 0}; adapter in {self.result.checkpoint}")
+    except Exception as error:  # shown in the panel, not lost in a thread
+        self.error = error
+        self.say(f"error: {error}\n{traceback.format_exc(limit=3)}")
+        self.status.value = _html_text(f"failed: {error}", ERROR)
+    finally:
+        self.stop_button.disabled = True
+        self.thread = None
+        self.refresh()
+
+
+@patch
+def say(self: TrainingPanel, line: str) -> None:
+    self.log.value += line.rstrip() + "\n"
+
+
+@patch
+def _draw(self: TrainingPanel, history: list[dict]) -> None:
+    "The loss plot of `history`, or no plot at all (not an empty image) before the first step."
+    self.plot.value = loss_plot_png(history) if history else b""
+    self.plot.layout.display = None if history else "none"
+    self._last_plot = time.monotonic()
+
+# %% ../nbs/07_gui.ipynb #5a05bea9
+@patch
+def _on_event(self: TrainingPanel, event: str, info: dict) -> None:
+    if event == "start":
+        self._on_start(info)
+    elif event == "step":
+        self.history.append(info)
+        self.progress.value = info["step"]
+        now = time.monotonic()
+        self._pace = self._pace or (info["step"] - 1, now - info["step_time"])  # the pace from the first step on
+        first_step, since = self._pace
+        self._compiled_bytes = info.get("compiled_bytes_per_device") or self._compiled_bytes
+        self.status.value = progress_text(info, self.progress.max, now - self._started,
+                                          (now - since) / max(info["step"] - first_step, 1), self._compiled_bytes,
+                                          device_memory_stats())
+        if time.monotonic() - self._last_plot > 1.0 or info["step"] == self.progress.max:
             self._draw(self.history)
-            last = self.history[-1] if self.history else {}
-            if not self._nothing_to_do:
-                self.status.value = (f"{'stopped' if info['stopped_early'] else 'finished'} at step {info['step']}"
-                                     + (f": loss {last['loss']:.4f}, {last['tokens_per_second']:.0f} tokens/s" if last else ""))
-
-    def _on_start(self, info: dict) -> None:
-        "A run begins: its step count, and a resumed run's earlier history (plotted), or why there is nothing to do."
-        self.progress.max, self.progress.value = max(info["total_steps"], 1), info["step"]
-        self.history = list(info.get("history", []))
-        if info.get("resumed_from"):
-            self.say(f"resuming from {info['resumed_from']} (step {info['step']} of {info['total_steps']})")
+    elif event == "checkpoint":
+        self.say(f"checkpoint: {info['path']}")
+    elif event == "end":
         self._draw(self.history)
-        if info["step"] >= info["total_steps"]:
-            self._nothing_to_do = True
-            self.status.value = _html_text(f"The run in this checkpoint folder already finished at step {info['step']} "
-                                           f"of {info['total_steps']}: nothing was trained. To train on, raise max "
-                                           f"steps above {info['step']}; to start afresh, choose a new checkpoint "
-                                           f"folder.", WARNING)
+        last = self.history[-1] if self.history else {}
+        if not self._nothing_to_do:
+            self.status.value = (f"{'stopped' if info['stopped_early'] else 'finished'} at step {info['step']}"
+                                 + (f": loss {last['loss']:.4f}, {last['tokens_per_second']:.0f} tokens/s" if last else ""))
 
-    def wait(self, timeout: float | None = None) -> None:
-        "Block until the current run (if any) ends."
-        thread = self.thread
-        if thread is not None:
-            thread.join(timeout)
 
+@patch
+def _on_start(self: TrainingPanel, info: dict) -> None:
+    "A run begins: its step count, and a resumed run's earlier history (plotted), or why there is nothing to do."
+    self.progress.max, self.progress.value = max(info["total_steps"], 1), info["step"]
+    self.history = list(info.get("history", []))
+    if info.get("resumed_from"):
+        self.say(f"resuming from {info['resumed_from']} (step {info['step']} of {info['total_steps']})")
+    self._draw(self.history)
+    if info["step"] >= info["total_steps"]:
+        self._nothing_to_do = True
+        self.status.value = _html_text(f"The run in this checkpoint folder already finished at step {info['step']} "
+                                       f"of {info['total_steps']}: nothing was trained. To train on, raise max "
+                                       f"steps above {info['step']}; to start afresh, choose a new checkpoint "
+                                       f"folder.", WARNING)
 
 # %% ../nbs/07_gui.ipynb #767b03c6
 def _row(*children):
@@ -339,36 +367,42 @@ class ExportPanel:
                                     f"checkpoint folder on the training tab).")
         return newest
 
-    def _report(self, action) -> bool:
-        try:
-            self.status.value = _html_text(action(), DONE)
-            return True
-        except EarlierOutputError as error:  # the way to replace it, as the panel asks
-            self.status.value = _html_text(error.said(f"tick '{self.overwrite.description}'"), ERROR)
-            return False
-        except Exception as error:
-            self.status.value = _html_text(error, ERROR)
-            return False
+# %% ../nbs/07_gui.ipynb #57142db2
+@patch
+def _report(self: ExportPanel, action) -> bool:
+    try:
+        self.status.value = _html_text(action(), DONE)
+        return True
+    except EarlierOutputError as error:  # the way to replace it, as the panel asks
+        self.status.value = _html_text(error.said(f"tick '{self.overwrite.description}'"), ERROR)
+        return False
+    except Exception as error:
+        self.status.value = _html_text(error, ERROR)
+        return False
 
-    def save_adapter(self) -> bool:
-        "Write the newest checkpoint as a PEFT adapter (with the prompt format and the tokenizer's files)."
-        from jora.formats import load_lora, save_peft_adapter
-        def action():
-            base, checkpoint = model_path(self.training.checked_config()), self._checkpoint()
-            lora, lora_config = load_lora(checkpoint)
-            written = save_peft_adapter(self.adapter_path.value, lora, lora_config, base, overwrite=self.overwrite.value,
-                                        protected=[self.training.checkpoint_path.value])
-            return f"PEFT adapter of step {checkpoint_step(checkpoint)} ({checkpoint}) written to {written}"
-        return self._report(action)
 
-    def merge(self) -> bool:
-        "Write the base model with the newest checkpoint's adapters merged into its weights."
-        from jora.export import merge_to_hf
-        def action():
-            base, checkpoint = model_path(self.training.checked_config()), self._checkpoint()
-            written = merge_to_hf(base, checkpoint, self.merged_path.value, overwrite=self.overwrite.value)
-            return f"{base} with the adapters of step {checkpoint_step(checkpoint)} ({checkpoint}) merged, written to {written}"
-        return self._report(action)
+@patch
+def save_adapter(self: ExportPanel) -> bool:
+    "Write the newest checkpoint as a PEFT adapter (with the prompt format and the tokenizer's files)."
+    from jora.formats import load_lora, save_peft_adapter
+    def action():
+        base, checkpoint = model_path(self.training.checked_config()), self._checkpoint()
+        lora, lora_config = load_lora(checkpoint)
+        written = save_peft_adapter(self.adapter_path.value, lora, lora_config, base, overwrite=self.overwrite.value,
+                                    protected=[self.training.checkpoint_path.value])
+        return f"PEFT adapter of step {checkpoint_step(checkpoint)} ({checkpoint}) written to {written}"
+    return self._report(action)
+
+
+@patch
+def merge(self: ExportPanel) -> bool:
+    "Write the base model with the newest checkpoint's adapters merged into its weights."
+    from jora.export import merge_to_hf
+    def action():
+        base, checkpoint = model_path(self.training.checked_config()), self._checkpoint()
+        written = merge_to_hf(base, checkpoint, self.merged_path.value, overwrite=self.overwrite.value)
+        return f"{base} with the adapters of step {checkpoint_step(checkpoint)} ({checkpoint}) merged, written to {written}"
+    return self._report(action)
 
 # %% ../nbs/07_gui.ipynb #c6e72d2e
 class TryPanel:
@@ -408,39 +442,43 @@ class TryPanel:
             self.model = (folder, *load_hf_checkpoint(folder, dtype=dtype), load_tokenizer(folder))
         return self.model[1:]
 
-    def _adapter(self, model_config):
-        "The adapter to try beside the base model, and its label; (None, None) when there is none."
-        from jora.formats import load_any_adapter
-        given = self.adapter.value.strip()
-        path = given or (latest_checkpoint(self.training.checkpoint_path.value) if self.training.checkpoint_path.value
-                         else None)
-        if not path:
-            return None, None
-        return load_any_adapter(path, model_config)[0], f"with adapter ({Path(path).name})"
+# %% ../nbs/07_gui.ipynb #a802bbb5
+@patch
+def _adapter(self: TryPanel, model_config):
+    "The adapter to try beside the base model, and its label; (None, None) when there is none."
+    from jora.formats import load_any_adapter
+    given = self.adapter.value.strip()
+    path = given or (latest_checkpoint(self.training.checkpoint_path.value) if self.training.checkpoint_path.value
+                     else None)
+    if not path:
+        return None, None
+    return load_any_adapter(path, model_config)[0], f"with adapter ({Path(path).name})"
 
-    def generate(self) -> dict:
-        "Generate from the base model and, when there is one, with the adapter; show the texts (or what to fix)."
-        from jora.data import as_chat, prompt_ids
-        from jora.model import generate
-        self.button.disabled, self.output.value = True, "<i>generating...</i>"
-        try:
-            model_config, params, tokenizer = self._model()
-            lora, label = self._adapter(model_config)
-            record = {"instruction": self.instruction.value, "input": self.context.value, "output": ""}
-            ids = jax.numpy.asarray([prompt_ids(as_chat(record) if self.chat.value else record, tokenizer)])
-            answers = {"base model": None, **({label: lora} if lora is not None else {})}
-            texts = {name: tokenizer.decode(generate(model_config, params, ids, lora=adapter,
-                                                     max_new_tokens=self.max_new_tokens.value,
-                                                     temperature=self.temperature.value, top_p=self.top_p.value,
-                                                     key=jax.random.key(0))[0, ids.shape[1]:], skip_special_tokens=True)
-                     for name, adapter in answers.items()}
-            self.output.value = "".join(f"<p><b>{name}:</b> {html.escape(text)}</p>" for name, text in texts.items())
-            return texts
-        except Exception as error:
-            self.output.value = _html_text(error, ERROR)
-            return {}
-        finally:
-            self.button.disabled = False
+
+@patch
+def generate(self: TryPanel) -> dict:
+    "Generate from the base model and, when there is one, with the adapter; show the texts (or what to fix)."
+    from jora.data import as_chat, prompt_ids
+    from jora.model import generate
+    self.button.disabled, self.output.value = True, "<i>generating...</i>"
+    try:
+        model_config, params, tokenizer = self._model()
+        lora, label = self._adapter(model_config)
+        record = {"instruction": self.instruction.value, "input": self.context.value, "output": ""}
+        ids = jax.numpy.asarray([prompt_ids(as_chat(record) if self.chat.value else record, tokenizer)])
+        answers = {"base model": None, **({label: lora} if lora is not None else {})}
+        texts = {name: tokenizer.decode(generate(model_config, params, ids, lora=adapter,
+                                                 max_new_tokens=self.max_new_tokens.value,
+                                                 temperature=self.temperature.value, top_p=self.top_p.value,
+                                                 key=jax.random.key(0))[0, ids.shape[1]:], skip_special_tokens=True)
+                 for name, adapter in answers.items()}
+        self.output.value = "".join(f"<p><b>{name}:</b> {html.escape(text)}</p>" for name, text in texts.items())
+        return texts
+    except Exception as error:
+        self.output.value = _html_text(error, ERROR)
+        return {}
+    finally:
+        self.button.disabled = False
 
 # %% ../nbs/07_gui.ipynb #a7c3e020
 class EvaluatePanel:
@@ -483,60 +521,68 @@ class EvaluatePanel:
             raise ValueError("corpus and questions go together: the questions' oracle ids name documents of the corpus.")
         return config, self.training.data_path.value, adapter, int(count) if count else None
 
-    def start(self) -> bool:
-        "Evaluate on a background thread; the table (or what to fix) appears below."
-        if self.thread is not None and self.thread.is_alive():
-            return False
-        try:
-            settings = self._settings()
-        except ValueError as error:
-            self.output.value = _html_text(error, ERROR)
-            return False
-        self.rows, self.error, self.button.disabled = [], None, True
-        self.output.value = f"<i>evaluating {html.escape(settings[2])} and the base model on the test split...</i>"
-        self.thread = threading.Thread(target=self._run, args=settings, daemon=True)
-        self.thread.start()
-        return True
+# %% ../nbs/07_gui.ipynb #135ebadc
+@patch
+def start(self: EvaluatePanel) -> bool:
+    "Evaluate on a background thread; the table (or what to fix) appears below."
+    if self.thread is not None and self.thread.is_alive():
+        return False
+    try:
+        settings = self._settings()
+    except ValueError as error:
+        self.output.value = _html_text(error, ERROR)
+        return False
+    self.rows, self.error, self.button.disabled = [], None, True
+    self.output.value = f"<i>evaluating {html.escape(settings[2])} and the base model on the test split...</i>"
+    self.thread = threading.Thread(target=self._run, args=settings, daemon=True)
+    self.thread.start()
+    return True
 
-    def _run(self, config, data_path, adapter, count) -> None:
-        import pandas as pd
-        from jora.evaluate import evaluate_checkpoint
-        try:
-            if self.corpus.value.strip():
-                self.output.value = self._robustness(config, adapter, count)
-                return
-            self.rows = evaluate_checkpoint(config, data_path, adapter, rule=self.rule.value, max_examples=count,
-                                            max_new_tokens=self.max_new_tokens.value)
-            self.output.value = (f"<p>{html.escape(str(data_path))}, test split:</p>"
-                                 + pd.DataFrame(self.rows).to_html(index=False, float_format="{:.4f}".format))
-        except Exception as error:
-            self.error = error
-            self.output.value = _html_text(error, ERROR)
-        finally:
-            self.button.disabled = False
 
-    def _robustness(self, config, adapter, count) -> str:
-        "Robustness to retrieval noise of the base model and the adapter: their tables and the plot, as HTML."
-        import base64
-        import pandas as pd
-        from jora.evaluate import adapter_label, compare_robustness, robustness_figure
-        from jora.retrieval import CorpusIndex, read_corpus, read_questions
-        from jora.train import figure_png
-        index = CorpusIndex(read_corpus(self.corpus.value.strip()))
-        questions = read_questions(self.questions.value.strip())[:count]
-        tables = compare_robustness(config, questions, index, {"base model": None, adapter_label(adapter): adapter},
-                                    distractors=self.distractors.value, rule=self.rule.value,
-                                    max_new_tokens=self.max_new_tokens.value)
-        self.rows = [{"model": name, **row} for name, table in tables.items() for row in table]
-        image = base64.b64encode(figure_png(robustness_figure(tables, self.rule.value))).decode()
-        return (f"<p>{len(questions)} questions, {len(index)} documents:</p>"
-                + pd.DataFrame(self.rows).to_html(index=False, float_format="{:.4f}".format)
-                + f"<img src='data:image/png;base64,{image}'/>")
+@patch
+def _run(self: EvaluatePanel, config, data_path, adapter, count) -> None:
+    import pandas as pd
+    from jora.evaluate import evaluate_checkpoint
+    try:
+        if self.corpus.value.strip():
+            self.output.value = self._robustness(config, adapter, count)
+            return
+        self.rows = evaluate_checkpoint(config, data_path, adapter, rule=self.rule.value, max_examples=count,
+                                        max_new_tokens=self.max_new_tokens.value)
+        self.output.value = (f"<p>{html.escape(str(data_path))}, test split:</p>"
+                             + pd.DataFrame(self.rows).to_html(index=False, float_format="{:.4f}".format))
+    except Exception as error:
+        self.error = error
+        self.output.value = _html_text(error, ERROR)
+    finally:
+        self.button.disabled = False
 
-    def wait(self, timeout: float | None = None) -> None:
-        "Block until the evaluation (if any) ends."
-        if self.thread is not None:
-            self.thread.join(timeout)
+# %% ../nbs/07_gui.ipynb #bfc88686
+@patch
+def _robustness(self: EvaluatePanel, config, adapter, count) -> str:
+    "Robustness to retrieval noise of the base model and the adapter: their tables and the plot, as HTML."
+    import base64
+    import pandas as pd
+    from jora.evaluate import adapter_label, compare_robustness, robustness_figure
+    from jora.retrieval import CorpusIndex, read_corpus, read_questions
+    from jora.train import figure_png
+    index = CorpusIndex(read_corpus(self.corpus.value.strip()))
+    questions = read_questions(self.questions.value.strip())[:count]
+    tables = compare_robustness(config, questions, index, {"base model": None, adapter_label(adapter): adapter},
+                                distractors=self.distractors.value, rule=self.rule.value,
+                                max_new_tokens=self.max_new_tokens.value)
+    self.rows = [{"model": name, **row} for name, table in tables.items() for row in table]
+    image = base64.b64encode(figure_png(robustness_figure(tables, self.rule.value))).decode()
+    return (f"<p>{len(questions)} questions, {len(index)} documents:</p>"
+            + pd.DataFrame(self.rows).to_html(index=False, float_format="{:.4f}".format)
+            + f"<img src='data:image/png;base64,{image}'/>")
+
+
+@patch
+def wait(self: EvaluatePanel, timeout: float | None = None) -> None:
+    "Block until the evaluation (if any) ends."
+    if self.thread is not None:
+        self.thread.join(timeout)
 
 # %% ../nbs/07_gui.ipynb #cda8690d
 def panels(config: ParallamaConfig | None = None, data_path: str = "", checkpoint_path: str = ""):
