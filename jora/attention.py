@@ -314,9 +314,6 @@ class BlockLayout(NamedTuple):
         return KeyBlocks(head_major(key), head_major(value), padded(parts.key_slots, -1), padded(parts.key_valid, False),
                          padded(parts.key_segments, -1), self.key_size)
 
-
-#| export
-
 # %% ../nbs/00_attention.ipynb #5775db28
 def block_layout(time: int, block: int) -> BlockLayout:
     """Query blocks of at most `block` positions shared by the 'seq' devices, cut evenly (2112 by 640: 528), and key
