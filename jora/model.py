@@ -368,36 +368,38 @@ def sample_top_p(key: jax.Array, logits: jax.Array, top_p) -> jax.Array:
 
 
 # %% ../nbs/00_model.ipynb #4ae64ff8
+def _forward_with_cache(config: LlamaConfig, params, lora, tokens, positions, start, cache, key_valid):
+    """Feed `tokens` at cache slots `start..` through every layer, writing their keys and values into `cache`
+    (`[layers, batch, slots, kv_heads, head_dim]`, keys and values); returns the last position's logits and the cache."""
+    (batch, count), slots = tokens.shape, cache[0].shape[2]
+    query_slots = start + jnp.broadcast_to(jnp.arange(count), (batch, count))
+    mask_parts = MaskParts(query_slots, jnp.broadcast_to(jnp.arange(slots), (batch, slots)), key_valid)
+    cos, sin = rope_cos_sin(config, positions, params["embed_tokens"].dtype)
+
+    def body(hidden, per_layer):
+        layer, layer_lora, layer_cache = per_layer
+        return decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, cache=layer_cache,
+                             cache_index=start)
+
+    hidden, cache = jax.lax.scan(body, params["embed_tokens"][tokens], (params["layers"], lora, cache))
+    last = rms_norm(hidden[:, -1], params["norm"], config.rms_norm_eps)
+    return lm_head_logits(params, last), cache
+
+
+def _next_tokens(logits, key, temperature, top_p, greedy: bool):
+    "The next token of each row: the most likely one, or one drawn by top-p sampling at `temperature`."
+    return jnp.argmax(logits, axis=-1) if greedy else sample_top_p(key, logits / temperature, top_p)
+
+# %% ../nbs/00_model.ipynb #a1af3955
 def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora, key, temperature, top_p,
                       eos_ids, pad_id, max_new_tokens: int, greedy: bool):
     batch, prompt_length = input_ids.shape
-    total = prompt_length + max_new_tokens
-    dtype = params["embed_tokens"].dtype
-    cache_shape = (config.num_hidden_layers, batch, total, config.num_key_value_heads, config.head_dim)
-    cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
+    cache_shape = (config.num_hidden_layers, batch, prompt_length + max_new_tokens, config.num_key_value_heads,
+                   config.head_dim)
+    cache = (jnp.zeros(cache_shape, params["embed_tokens"].dtype), jnp.zeros(cache_shape, params["embed_tokens"].dtype))
     key_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
-    key_slots = jnp.broadcast_to(jnp.arange(total), (batch, total))
-
-    def run(tokens, positions, start, cache):
-        "Feed `tokens` at slots start.. through every layer, writing the cache; return the last logits."
-        count = tokens.shape[1]
-        query_slots = start + jnp.broadcast_to(jnp.arange(count), (batch, count))
-        mask_parts = MaskParts(query_slots, key_slots, key_valid)
-        cos, sin = rope_cos_sin(config, positions, dtype)
-
-        def body(hidden, per_layer):
-            layer, layer_lora, layer_cache = per_layer
-            return decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, cache=layer_cache,
-                                 cache_index=start)
-
-        hidden, cache = jax.lax.scan(body, params["embed_tokens"][tokens], (params["layers"], lora, cache))
-        last = rms_norm(hidden[:, -1], params["norm"], config.rms_norm_eps)
-        return lm_head_logits(params, last), cache
-
-    def choose(logits, key):
-        if greedy:
-            return jnp.argmax(logits, axis=-1)
-        return sample_top_p(key, logits / temperature, top_p)
+    run = lambda tokens, positions, start, cache: _forward_with_cache(config, params, lora, tokens, positions, start,
+                                                                      cache, key_valid)
 
     def still_running(state):
         step, _, _, _, finished, _, _ = state
@@ -406,7 +408,7 @@ def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora
     def step_once(state):
         step, logits, cache, position, finished, generated, key = state
         key, draw = jax.random.split(key)
-        token = jnp.where(finished, pad_id, choose(logits, draw)).astype(jnp.int32)
+        token = jnp.where(finished, pad_id, _next_tokens(logits, draw, temperature, top_p, greedy)).astype(jnp.int32)
         generated = generated.at[:, step].set(token)
         finished = finished | (token[:, None] == eos_ids[None, :]).any(axis=-1)
         logits, cache = run(token[:, None], position[:, None], prompt_length + step, cache)
@@ -420,7 +422,6 @@ def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora
 
 
 _generate_compiled = jax.jit(_generate_program, static_argnames=("config", "max_new_tokens", "greedy"))
-
 
 # %% ../nbs/00_model.ipynb #1cce2f3f
 def generate(config: LlamaConfig, params: dict, input_ids, *, max_new_tokens: int, attention_mask=None,
