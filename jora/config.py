@@ -18,9 +18,9 @@ from .memory import REMAT_POLICIES
 from .sharding import CONTEXT_PARALLEL_SCHEMES
 
 # %% auto #0
-__all__ = ['PAPER_FIELDS', 'FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field', 'config_to_dict', 'field_type',
-           'value_problem', 'check_field', 'config_from_dict', 'config_to_toml', 'config_from_toml', 'field_label',
-           'parse_field_text']
+__all__ = ['PAPER_FIELDS', 'STEP_FIELDS', 'RUN_FIELDS', 'FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field',
+           'config_to_dict', 'field_type', 'value_problem', 'check_field', 'config_from_dict', 'config_to_toml',
+           'config_from_toml', 'field_label', 'parse_field_text']
 
 # %% ../nbs/05_config.ipynb #4912111e
 class Field(NamedTuple):
@@ -59,8 +59,7 @@ PAPER_FIELDS = {   # the paper's fields, in its order
 }
 
 # %% ../nbs/05_config.ipynb #0e564f83
-FIELDS = {**PAPER_FIELDS,
-    # jora's own
+STEP_FIELDS = {   # jora's own, for the compiled step: adapters, devices, memory, kernels, dtype
     "LORA_TARGETS": Field(tuple, ('q_proj', 'v_proj'), "LoRA",
                           "projections that get adapters (any of q/k/v/o/gate/up/down_proj, or all-linear)"),
     "USE_RSLORA": Field(bool, False, "LoRA", "scale by alpha / sqrt(r) (rank-stabilised LoRA)"),
@@ -87,6 +86,10 @@ FIELDS = {**PAPER_FIELDS,
                                       " cudnn or pallas", choices=ATTENTION_IMPLEMENTATIONS),
     "DTYPE": Field(str, 'bfloat16', "Model",
                    "dtype of the frozen weights: bfloat16 or float32", choices=('bfloat16', 'float32')),
+}
+
+# %% ../nbs/05_config.ipynb #4703bc06
+RUN_FIELDS = {   # jora's own, for the run: schedule, evaluation, checkpoints, data
     "WARMUP_STEPS": Field(int, 10, "Optimisation", "linear warmup steps", low=0),
     "MIN_LR_RATIO": Field(float, 0.1, "Optimisation",
                           "final learning rate of the cosine decay, as a fraction of LR", low=0, high=1.0),
@@ -110,6 +113,8 @@ FIELDS = {**PAPER_FIELDS,
     "CHAT_LOSS": Field(str, 'all', "Data", "which assistant turns of a chat record carry the loss: all or last",
                        choices=('all', 'last')),
 }
+
+FIELDS = {**PAPER_FIELDS, **STEP_FIELDS, **RUN_FIELDS}
 
 # %% ../nbs/05_config.ipynb #95702cd3
 ParallamaConfig = collections.namedtuple("ParallamaConfig", FIELDS, defaults=[f.default for f in FIELDS.values()],
