@@ -396,7 +396,8 @@ def _generate_program(config: LlamaConfig, params, input_ids, prompt_valid, lora
     batch, prompt_length = input_ids.shape
     cache_shape = (config.num_hidden_layers, batch, prompt_length + max_new_tokens, config.num_key_value_heads,
                    config.head_dim)
-    cache = (jnp.zeros(cache_shape, params["embed_tokens"].dtype), jnp.zeros(cache_shape, params["embed_tokens"].dtype))
+    empty = jnp.zeros(cache_shape, params["embed_tokens"].dtype)
+    cache = (empty, empty)   # keys, values
     key_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
     run = lambda tokens, positions, start, cache: _forward_with_cache(config, params, lora, tokens, positions, start,
                                                                       cache, key_valid)
