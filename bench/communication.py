@@ -34,9 +34,8 @@ def measure(model_config, scheme: str, length: int, devices: int = 8) -> dict:
     run = ParallamaConfig(N_ACCUMULATION_STEPS=1, REMAT="full", ATTENTION_BLOCK=512, CONTEXT_PARALLEL=scheme)
     mesh = make_mesh(data=1, seq=devices, model=1, devices=jax.devices()[:devices])
     optimizer, _ = make_optimizer(run, 1000)
-    lowered = run_train_step(run, model_config, optimizer, mesh).lower(
-        *abstract_train_inputs(run, model_config, mesh, optimizer, length))
-    compiled = compile_for_memory_estimate(lowered, mesh)
+    compiled = compile_for_memory_estimate(run_train_step(run, model_config, optimizer, mesh),
+                                           *abstract_train_inputs(run, model_config, mesh, optimizer, length), mesh=mesh)
     received = collective_bytes(compiled, devices)
     return {"GB received per device": round(sum(received.values()) / 1e9, 3),
             **{f"{kind} GB": round(size / 1e9, 3) for kind, size in received.items() if size},

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from functools import cache
+from contextlib import contextmanager
+from functools import cache, partial
 
 import numpy as np
 import jax
 import jax.numpy as jnp
+from jax.interpreters import mlir
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .attention import rule_axis, use_placement
@@ -25,7 +27,8 @@ __all__ = ['MESH_AXES', 'LOGICAL_AXIS_RULES', 'CONTEXT_PARALLEL_SCHEMES', 'COLLE
            'specs_from_dimensions', 'model_axis_sizes', 'check_model_axis', 'param_specs', 'named_shardings',
            'shard_params', 'batch_spec', 'adapter_dimensions', 'adapter_shapes', 'adapter_specs', 'compiled_memory',
            'device_memory_stats', 'shape_bytes', 'collective_bytes', 'largest_arrays', 'abstract_params_and_adapters',
-           'abstract_optimizer_state', 'compile_for_memory_estimate', 'longest_length_within']
+           'abstract_optimizer_state', 'random_bits_lowered_as_on_gpu', 'compile_for_memory_estimate',
+           'longest_length_within']
 
 # %% ../nbs/01_sharding.ipynb #16790a1d
 MESH_AXES = ("data", "seq", "model")
@@ -310,46 +313,74 @@ def abstract_optimizer_state(optimizer, adapters, mesh: Mesh):
 CPU_MEMORY_ESTIMATE_OPTIONS = {
     "xla_disable_hlo_passes": "while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion"}
 
+# %% ../nbs/01_sharding.ipynb #fe3fae4b
+def _threefry_lowering(rolled: bool):
+    "JAX's lowering rule for threefry random bits: a loop over the rounds (`rolled`, CPU's) or straight-line code."
+    try:
+        from jax._src.random import threefry2x32 as threefry   # the rules are internal to JAX
+    except ImportError:                                         # JAX before 0.9
+        from jax._src import prng as threefry
+    rule = mlir.lower_fun(partial(threefry._threefry2x32_lowering, use_rolled_loops=rolled), multiple_results=True)
+    return threefry.threefry2x32_p, rule
 
-def compile_for_memory_estimate(lowered, mesh: Mesh):
-    "Compile a lowered program for its memory analysis (on CPU without the hoisted fp32 weight copies)."
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    return lowered.compile(compiler_options=CPU_MEMORY_ESTIMATE_OPTIONS if on_cpu else None)
 
+@contextmanager
+def random_bits_lowered_as_on_gpu():
+    """Within the block, CPU lowerings draw threefry random bits with the straight-line code a GPU gets. JAX's caches
+    are cleared on entry and on exit, so that no lowering made outside the block is reused inside it, or the reverse."""
+    primitive, straight = _threefry_lowering(rolled=False)
+    jax.clear_caches()
+    mlir.register_lowering(primitive, straight, platform="cpu")
+    try:
+        yield
+    finally:
+        mlir.register_lowering(primitive, _threefry_lowering(rolled=True)[1], platform="cpu")
+        jax.clear_caches()
+
+# %% ../nbs/01_sharding.ipynb #38fd9d93
+def compile_for_memory_estimate(function, *arguments, mesh: Mesh):
+    """Lower jitted `function` for `arguments` (arrays or ShapeDtypeStructs) and compile it for its memory analysis; on
+    a CPU as a GPU would hold it: random bits drawn as on a GPU, no hoisted fp32 weight copies."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return function.lower(*arguments).compile()
+    with random_bits_lowered_as_on_gpu():
+        return function.lower(*arguments).compile(compiler_options=CPU_MEMORY_ESTIMATE_OPTIONS)
 
 # %% ../nbs/01_sharding.ipynb #96ec16ca
 def longest_length_within(memory_of, budget_bytes: float, granularity: int = 1024) -> tuple[int, dict]:
     """The longest length, a multiple of `granularity`, whose memory report `memory_of(length)` totals at most
     `budget_bytes` per device, and that report; (0, the report at `granularity`) when none fits. Memory grows steadily
-    with length, so a line through two lowerings gives a first guess and bisection finishes."""
-    reports = {}
+    with length, nearly in a line: the line through the last two lengths measured gives the next guess, and the guess's
+    neighbour, once the guess is within two granules of the budget, closes the bracket."""
+    reports, fitting, failing = {}, [0], []
 
-    def report(length):
+    def measure(length):
         if length not in reports:
             reports[length] = memory_of(length)
-        return reports[length]
+            (fitting if total(length) <= budget_bytes else failing).append(length)
+        return total(length) <= budget_bytes
 
-    fits = lambda length: report(length)["total"] <= budget_bytes
-    first, second = 4 * granularity, 8 * granularity
-    slope = (report(second)["total"] - report(first)["total"]) / (second - first)
-    guess = first + (budget_bytes - report(first)["total"]) / max(slope, 1.0)
-    guess = max(granularity, int(guess // granularity) * granularity)
-    low, high, stride = (guess, None, granularity) if fits(guess) else (None, guess, granularity)
-    while high is None:                                   # walk up until a length does not fit
-        if not fits(low + stride):
-            high = low + stride
-        else:
-            low, stride = low + stride, stride * 2
-    while low is None:                                    # walk down until a length fits
-        candidate = high - stride
-        if candidate < granularity:
-            low = 0
-        elif fits(candidate):
-            low = candidate
-        else:
-            high, stride = candidate, stride * 2
-    while high - low > granularity:                       # bisect on multiples of granularity
-        middle = (low + high) // 2 // granularity * granularity
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low, report(max(low, granularity))
+    def solved():
+        return bool(failing) and min(failing) - max(fitting) <= granularity
 
+    def total(length):
+        return reports[length]["total"]
+
+    def crossing(first, second):
+        "Where the line through the totals at `first` and `second` meets the budget, within the open bracket."
+        slope = max((total(second) - total(first)) / (second - first), 1.0)
+        guess = int((first + (budget_bytes - total(first)) / slope) // granularity) * granularity
+        guess = max(guess, max(fitting) + granularity)
+        return min(guess, min(failing) - granularity) if failing else guess
+
+    previous, latest = 4 * granularity, 8 * granularity
+    measure(previous), measure(latest)
+    while not solved():
+        guess = crossing(previous, latest)
+        fits = measure(guess)
+        granule_growth = abs(total(guess) - total(latest)) / abs(guess - latest) * granularity
+        if not solved() and abs(total(guess) - budget_bytes) <= 2 * granule_growth:   # next to the budget
+            measure(guess + granularity if fits else guess - granularity)
+        previous, latest = latest, guess
+    longest = max(fitting)
+    return longest, reports[max(longest, granularity)]

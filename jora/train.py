@@ -603,9 +603,10 @@ def step_memory(config: ParallamaConfig, model_config: LlamaConfig, *, seq_len: 
     `seq_len` tokens, on `mesh` (default: the config's), from lowering alone."""
     mesh = run_mesh(config) if mesh is None else mesh
     optimizer, _ = make_optimizer(config, total_steps)
-    lowered = run_train_step(config, model_config, optimizer, mesh).lower(
-        *abstract_train_inputs(config, model_config, mesh, optimizer, seq_len))
-    return compiled_memory(compile_for_memory_estimate(lowered, mesh) if estimate else lowered.compile())
+    step = run_train_step(config, model_config, optimizer, mesh)
+    arguments = abstract_train_inputs(config, model_config, mesh, optimizer, seq_len)
+    return compiled_memory(compile_for_memory_estimate(step, *arguments, mesh=mesh) if estimate
+                           else step.lower(*arguments).compile())
 
 
 def longest_trainable_sequence(config: ParallamaConfig, model_config: LlamaConfig, mesh, budget_bytes: float, *,
