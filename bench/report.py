@@ -153,7 +153,8 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
     if longest is not None:
         published = "; ".join(f"{name}: {tokens:,}" for name, tokens in PUBLISHED_LONGEST.items())
         parts.append(f"**Longest trainable sequence at 80 GB per device** ({longest['date']}, lowering only the step "
-                     f"`train_lora` compiles on XLA:CPU, `python bench/longest_sequence.py`, explained in "
+                     f"`train_lora` compiles, on XLA:CPU as a GPU would hold it (random bits drawn as a GPU lowering draws "
+                     f"them, no hoisted fp32 weight copies), `python bench/longest_sequence.py`, explained in "
                      f"`nbs/01_sharding.ipynb`; bf16, LoRA q,v r=16 with dropout 0.05, LM head "
                      f"chunks of {longest['options']['logits_chunk']} and attention blocks of "
                      f"{longest['options']['attention_block']}, the training defaults otherwise; `nested` is the "

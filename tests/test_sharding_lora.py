@@ -374,6 +374,25 @@ def test_a_16k_prompt_never_builds_a_16k_by_vocabulary_tensor():
     assert memory(0)["temporaries"] > logits_bytes
 
 
+def test_the_memory_estimate_draws_dropout_bits_as_a_gpu_lowering_does():
+    """XLA:CPU's threefry loop keeps uint32 arrays the size of a LoRA dropout mask alive at once; the estimate lowers
+    the bits as for a GPU (straight-line code fused into the mask's use) and keeps about one mask-sized array (the
+    dropped-out input) more than a step without dropout. A step compiled for the run afterwards draws its bits with CPU's loop again."""
+    from jora.train import step_memory
+    from jora.config import ParallamaConfig
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192)
+    one_device = make_mesh(data=1, seq=1, model=1, devices=jax.devices()[:1])
+    run = ParallamaConfig(N_ACCUMULATION_STEPS=1, DTYPE="float32", REMAT="full", LORA_DROPOUT=0.05)
+    temporaries = lambda run, estimate: step_memory(run, config, seq_len=8192, mesh=one_device,
+                                                    estimate=estimate)["temporaries"]
+    mask_bytes = 8192 * config.hidden_size * 4
+    exact, estimate = temporaries(run, False), temporaries(run, True)
+    assert exact - estimate >= 2 * mask_bytes, (exact, estimate)
+    assert estimate - temporaries(run._replace(LORA_DROPOUT=0.0), True) < 1.5 * mask_bytes
+    assert temporaries(run, False) == exact
+
+
 def test_longest_trainable_sequence_is_on_the_budget_boundary():
     "The returned length fits the budget and one granule more does not (checked by lowering again)."
     from jora.train import longest_trainable_sequence, step_memory
