@@ -318,7 +318,7 @@ def _threefry_lowering(rolled: bool):
     "JAX's lowering rule for threefry random bits: a loop over the rounds (`rolled`, CPU's) or straight-line code."
     try:
         from jax._src.random import threefry2x32 as threefry   # the rules are internal to JAX
-    except ImportError:                                         # JAX before 0.9
+    except ImportError:                                         # older JAX keeps them in prng
         from jax._src import prng as threefry
     rule = mlir.lower_fun(partial(threefry._threefry2x32_lowering, use_rolled_loops=rolled), multiple_results=True)
     return threefry.threefry2x32_p, rule
