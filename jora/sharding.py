@@ -340,7 +340,8 @@ def random_bits_lowered_as_on_gpu():
 # %% ../nbs/01_sharding.ipynb #38fd9d93
 def compile_for_memory_estimate(function, *arguments, mesh: Mesh):
     """Lower jitted `function` for `arguments` (arrays or ShapeDtypeStructs) and compile it for its memory analysis; on
-    a CPU as a GPU would hold it: random bits drawn as on a GPU, no hoisted fp32 weight copies."""
+    a CPU as a GPU would hold it: random bits drawn as on a GPU (which clears JAX's caches), no hoisted fp32 weight
+    copies."""
     if mesh.devices.flat[0].platform != "cpu":
         return function.lower(*arguments).compile()
     with random_bits_lowered_as_on_gpu():
