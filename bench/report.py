@@ -44,6 +44,32 @@ def step_table(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cpu_use_table(results: dict) -> pd.DataFrame:
+    "Per case, each framework's median run: its step time, and per step its system CPU seconds and minor page faults."
+    rows = []
+    for row in results["rows"]:
+        jora, hf = row["jora"], row["hf"]
+        if "page_faults_per_step" not in jora or "page_faults_per_step" not in hf:
+            continue
+        rows.append({"remat": row["remat"], "tokens": f"{row['prompt']} + {row['answer']}" if row["answer"] else str(row["prompt"]),
+                     "jora s/step": jora["median_step_seconds"], "HF s/step": hf["median_step_seconds"],
+                     "time ratio": row["time_ratio"], "runs": row.get("paired_runs", "-"),
+                     "ratio range": f"{row['time_ratio_runs']['min']:.2f}-{row['time_ratio_runs']['max']:.2f}",
+                     "jora system s/step": jora["system_seconds_per_step"], "HF system s/step": hf["system_seconds_per_step"],
+                     "jora page faults/step": round(jora["page_faults_per_step"]),
+                     "HF page faults/step": round(hf["page_faults_per_step"])})
+    return pd.DataFrame(rows)
+
+
+def retained_memory_table(default: dict, retained: dict) -> pd.DataFrame:
+    "`cpu_use_table` of the default run and of the `--retained-memory` run, each case's two rows side by side."
+    both = pd.concat([cpu_use_table(default).assign(glibc="default"),
+                      cpu_use_table(retained).assign(glibc="freed memory kept")])
+    order = [both["remat"].map({"none": 0, "full": 1}), both["tokens"].map(lambda text: int(text.split(" + ")[0]))]
+    both = both.iloc[sorted(range(len(both)), key=lambda index: (order[0].iloc[index], order[1].iloc[index]))]
+    return both[["glibc", *both.columns[:-1]]].reset_index(drop=True)
+
+
 def memory_table(results: dict) -> pd.DataFrame:
     "Per-device GB of the 7B LoRA step for 1/2/4/8 devices beside the paper's Table 1."
     table = pd.DataFrame([{"devices": row["devices"], "jora GB per device": row["total_bytes"] / 1e9,
@@ -147,6 +173,16 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
                      f"the median of {cpu['timed_steps']} steps after {cpu['warmup_steps']} warm-up; the table shows "
                      f"the median run and the range of the paired runs' ratios):\n\n"
                      + table.to_markdown(index=False, floatfmt=".3g"))
+    retained = load("cpu-retained-memory", folder)
+    if cpu is not None and retained is not None:
+        settings = " ".join(f"{name}={value}" for name, value in retained["environment"].items())
+        parts.append(f"**Where the CPU step's system time goes** ({retained['date']}; the same cases run by "
+                     f"`python bench/run.py cpu ...` as above, then with `--retained-memory`: both frameworks under "
+                     f"glibc's `{settings}`). Both frameworks map the step's scratch memory afresh every step and the "
+                     f"kernel faults it in page by page; with freed memory kept mapped, most of the faults go and no case "
+                     f"gets slower. This is a setting for any CPU process, not a jora change, so the time target above "
+                     f"is judged without it:\n\n"
+                     + retained_memory_table(cpu, retained).to_markdown(index=False, floatfmt=".3g"))
     if memory is not None:
         parts.append(f"**Per-device memory, Llama-2-7B LoRA step** ({memory['date']}, `{memory['command']}`; "
                      f"{memory['what']}):\n\n" + memory_table(memory).to_markdown(floatfmt=".3g"))

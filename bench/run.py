@@ -4,6 +4,7 @@
     python bench/run.py gpu      # Llama-2-7B shape, random bf16 weights, batch 1: seq 512, 4096, 16384
     python bench/run.py memory   # per-device memory of a Llama-2-7B LoRA step on 1/2/4/8 devices, by lowering only
     python bench/run.py smoke    # a tiny model in seconds, to check the scripts (the tests run it)
+    python bench/run.py cpu --retained-memory   # both frameworks with glibc keeping freed memory (see RETAINED_MEMORY)
 
 Each case is measured `--repeats` times, the two frameworks alternating (jora first, then transformers first, ...),
 so that a noisy moment cannot decide a ratio; min, median and max of the per-run medians are reported.
@@ -47,6 +48,10 @@ SUITES = {
                   dtype="float32", cases=[(48, 16)], remats=["none"], warmup=1, steps=2, repeats=2, device="cpu",
                   targets={}, timeout=600),
 }
+# glibc settings under which freed memory stays mapped: one arena (worker threads' large blocks would be mapped apart),
+# never a separate mapping, never handed back. Both frameworks map their step's scratch memory (about 300 MB here)
+# afresh each step, and the kernel faults and zeroes it page by page; with these settings it is reused instead.
+RETAINED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
 PAPER_ONE_GPU = {"step_seconds": 0.19, "memory_gb": 23.1}           # JORA paper, Llama-2-7B, one GPU
 PAPER_TABLE_1_GB = {1: 23.1, 2: 16.1, 4: 11.4}                      # JORA paper, Table 1, memory per GPU
 # dense bf16 FLOP/s by device kind, most specific name first (NVIDIA data sheets; an H200 NVL is not an H200 SXM)
@@ -83,25 +88,26 @@ def lora_flops_per_token(shape: dict, sequence: int, lora_rank: int = 16) -> flo
     return 4 * frozen + 6 * lora + 6 * layers * sequence * hidden
 
 
-def case_environment(suite: dict) -> dict:
-    "The checkout on PYTHONPATH, a persistent compilation cache, and on a GPU up to 95% of its memory for a fair peak."
+def case_environment(suite: dict, retained_memory: bool = False) -> dict:
+    """The checkout on PYTHONPATH, a persistent compilation cache, on a GPU up to 95% of its memory for a fair peak,
+    and with `retained_memory` glibc's `RETAINED_MEMORY` settings (for either framework alike)."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                    "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false",
                    "JAX_COMPILATION_CACHE_DIR": str(BUILD / "jax-compilation-cache")}
     if suite["device"] == "gpu":
         environment["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"
-    return environment
+    return {**environment, **(RETAINED_MEMORY if retained_memory else {})}
 
 
 def run_case(framework: str, model: Path, prompt: int, answer: int, suite: dict, remat: str,
-             timeout: float | None = None) -> dict:
+             timeout: float | None = None, retained_memory: bool = False) -> dict:
     "One framework's measurement of one case, in its own process; a case past `timeout` seconds is reported as such."
     command = [sys.executable, str(HERE / "step.py"), "--framework", framework, "--model", str(model),
                "--prompt", str(prompt), "--answer", str(answer), "--dtype", suite["dtype"], "--remat", remat,
                "--warmup", str(suite["warmup"]), "--steps", str(suite["steps"]), "--device", suite["device"]]
     shown = " ".join(["python", "bench/step.py", *command[2:]]).replace(str(model), "MODEL")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=case_environment(suite),
+        done = subprocess.run(command, capture_output=True, text=True, env=case_environment(suite, retained_memory),
                               timeout=timeout or suite["timeout"])
     except subprocess.TimeoutExpired:
         return {"framework": framework, "error": f"timed out after {timeout or suite['timeout']} s", "command": shown}
@@ -165,15 +171,17 @@ def case_row(suite: dict, remat: str, prompt: int, answer: int, runs: dict) -> d
 
 
 def compare(suite_name: str, suite: dict, model: Path, *, frameworks=("jora", "hf"), cases=None, remats=None,
-            repeats=None, timeout=None, results_path: Path | None = None, command: str | None = None) -> dict:
+            repeats=None, timeout=None, results_path: Path | None = None, command: str | None = None,
+            retained_memory: bool = False) -> dict:
     "Measure every case, alternating the frameworks' order from one repeat to the next; write after each measurement."
     results = existing_results(results_path, suite_name, suite)
+    results["environment"] = RETAINED_MEMORY if retained_memory else {}
     for remat in remats or suite["remats"]:
         for prompt, answer in cases or suite["cases"]:
             runs = {name: [] for name in frameworks}
             for repeat in range(repeats or suite["repeats"]):
                 for name in (frameworks if repeat % 2 == 0 else tuple(reversed(frameworks))):
-                    runs[name].append(run_case(name, model, prompt, answer, suite, remat, timeout))
+                    runs[name].append(run_case(name, model, prompt, answer, suite, remat, timeout, retained_memory))
                     earlier = next((r for r in results["rows"] if (r["remat"], r["prompt"], r["answer"]) ==
                                     (remat, prompt, answer)), None)
                     merged = {**(earlier or {}).get("runs", {}), **{k: v for k, v in runs.items() if v}}
@@ -293,6 +301,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, help="measurements per framework and case (default: the suite's)")
     parser.add_argument("--timeout", type=float, help="seconds allowed to one measurement (default: the suite's)")
     parser.add_argument("--write-model-only", action="store_true", help="write the suite's checkpoint and stop")
+    parser.add_argument("--retained-memory", action="store_true",
+                        help="run both frameworks with glibc keeping freed memory; write <suite>-retained-memory.json")
     args = parser.parse_args(argv)
     if args.suite == "memory":
         memory_suite(args.results)
@@ -304,10 +314,11 @@ def main(argv=None):
     if args.write_model_only:
         print("wrote", model)
         return
-    path = args.results / f"{args.suite}.json"
+    path = args.results / f"{args.suite}{'-retained-memory' if args.retained_memory else ''}.json"
     compare(args.suite, suite, model, frameworks=tuple(args.frameworks.split(",")), cases=parse_cases(args.cases, suite),
             remats=args.remats.split(",") if args.remats else None, repeats=args.repeats, timeout=args.timeout,
-            results_path=path, command=" ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]))
+            results_path=path, command=" ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
+            retained_memory=args.retained_memory)
     print("wrote", path)
 
 

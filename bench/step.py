@@ -10,7 +10,8 @@ otherwise the last `--answer` positions carry labels and the prompt none. Each f
 
 Reported: the loss of the first step (both must agree: same weights, same tokens, B starts at zero), the median of
 `--steps` timed steps after `--warmup` untimed ones, tokens per second, jora's compile time (lowering + XLA compile,
-outside the timed steps), peak RSS of the process, and on a GPU the device's peak memory.
+outside the timed steps), peak RSS of the process, on a GPU the device's peak memory, and per timed step the process's
+user and system CPU seconds and minor page faults (memory the step maps afresh is faulted in, and zeroed, page by page).
 """
 import argparse
 import json
@@ -36,6 +37,12 @@ def token_batch(vocab_size: int, batch: int, prompt: int, answer: int, seed: int
 def peak_rss_bytes() -> int:
     "Peak resident set size of this process (Linux reports kilobytes)."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_use() -> dict:
+    "This process's CPU seconds so far (user, system) and minor page faults."
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_seconds": usage.ru_utime, "system_seconds": usage.ru_stime, "page_faults": usage.ru_minflt}
 
 
 def check_gpu(framework: str) -> None:
@@ -154,11 +161,12 @@ def main(argv=None):
     first_step_seconds = time.perf_counter() - first
     for _ in range(args.warmup - 1):
         one_step()
-    times = []
+    times, before = [], cpu_use()
     for _ in range(args.steps):
         started = time.perf_counter()
         one_step()
         times.append(time.perf_counter() - started)
+    per_step = {f"{name}_per_step": (value - before[name]) / args.steps for name, value in cpu_use().items()}
     median = statistics.median(times)
     print(json.dumps({
         "framework": args.framework, "device": device, "dtype": args.dtype, "remat": args.remat,
@@ -166,7 +174,7 @@ def main(argv=None):
         "first_loss": first_loss, "compile_seconds": compile_seconds, "first_step_seconds": first_step_seconds,
         "step_seconds": times, "median_step_seconds": median, "tokens_per_second": ids.size / median,
         "peak_rss_bytes": peak_rss_bytes(), "rss_before_first_step_bytes": rss_before,
-        "peak_device_bytes": peak_device(),
+        "peak_device_bytes": peak_device(), **per_step,
         "options": {"logits_chunk": args.logits_chunk, "attention_block": args.attention_block}
         if args.framework == "jora" else {"attn_implementation": "sdpa"}}))
 

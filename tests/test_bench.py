@@ -34,6 +34,9 @@ def test_smoke_suite_measures_both_frameworks_on_the_same_step(tmp_path):
         assert len(measured["step_seconds"]) == results["timed_steps"]
         assert measured["tokens_per_step"] == 64 and measured["peak_rss_bytes"] > 0
         assert measured["tokens_per_second"] == pytest.approx(64 / measured["median_step_seconds"])
+        # the process's own CPU use over the timed steps, per step
+        assert measured["user_seconds_per_step"] > 0 and measured["page_faults_per_step"] >= 0
+        assert measured["system_seconds_per_step"] >= 0
     assert row["jora"]["compile_seconds"] > 0 and row["hf"]["compile_seconds"] is None
     # the ratio of the medians over the repeated runs, and a range over the paired runs around it
     assert row["time_ratio"] == pytest.approx(row["jora_step_seconds"]["median"] / row["hf_step_seconds"]["median"])
@@ -123,3 +126,22 @@ def test_longest_sequence_bench_chooses_its_rows_and_keeps_each_once():
     everything = longest.argparse.Namespace(devices=None, remat=None, scheme=None, model=None)
     keys = [tuple(row.values()) for row, _, _ in longest.rows_to_measure(everything)]
     assert len(keys) == len(set(keys)) == 4 * (1 + 3 + 5 + 5 + 1 + 5)
+
+
+def test_retained_memory_applies_the_same_glibc_settings_to_both_frameworks(monkeypatch, tmp_path):
+    "`--retained-memory` sets glibc's settings in every measured process, whichever framework, and writes its own file."
+    bench = load_bench()
+    for suite in bench.SUITES.values():
+        plain, kept = bench.case_environment(suite), bench.case_environment(suite, retained_memory=True)
+        assert all(name not in plain or plain[name] == value for name, value in bench.RETAINED_MEMORY.items())
+        assert {name: kept[name] for name in bench.RETAINED_MEMORY} == bench.RETAINED_MEMORY
+        assert {name: value for name, value in kept.items() if name not in bench.RETAINED_MEMORY} == plain
+    seen = []
+    fake = {"median_step_seconds": 1.0, "peak_rss_bytes": 1, "first_loss": 1.0, "peak_device_bytes": None,
+            "device": "cpu: cpu", "tokens_per_second": 1.0}
+    monkeypatch.setattr(bench, "run_case", lambda name, *arguments: seen.append((name, arguments[-1])) or dict(fake))
+    monkeypatch.setattr(bench, "model_folder", lambda *arguments: tmp_path)
+    bench.main(["smoke", "--results", str(tmp_path), "--retained-memory", "--repeats", "1"])
+    assert sorted(seen) == [("hf", True), ("jora", True)]
+    written = json.loads((tmp_path / "smoke-retained-memory.json").read_text())
+    assert written["environment"] == bench.RETAINED_MEMORY and not (tmp_path / "smoke.json").exists()
