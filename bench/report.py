@@ -65,8 +65,9 @@ def retained_memory_table(default: dict, retained: dict) -> pd.DataFrame:
     "`cpu_use_table` of the default run and of the `--retained-memory` run, each case's two rows side by side."
     both = pd.concat([cpu_use_table(default).assign(glibc="default"),
                       cpu_use_table(retained).assign(glibc="freed memory kept")])
-    order = [both["remat"].map({"none": 0, "full": 1}), both["tokens"].map(lambda text: int(text.split(" + ")[0]))]
-    both = both.iloc[sorted(range(len(both)), key=lambda index: (order[0].iloc[index], order[1].iloc[index]))]
+    both = both.assign(remat_order=both["remat"].map({"none": 0, "full": 1}),
+                       prompt=both["tokens"].map(lambda text: int(text.split(" + ")[0])))
+    both = both.sort_values(["remat_order", "prompt"], kind="stable").drop(columns=["remat_order", "prompt"])
     return both[["glibc", *both.columns[:-1]]].reset_index(drop=True)
 
 

@@ -90,8 +90,10 @@ def lora_flops_per_token(shape: dict, sequence: int, lora_rank: int = 16) -> flo
 
 def case_environment(suite: dict, retained_memory: bool = False) -> dict:
     """The checkout on PYTHONPATH, a persistent compilation cache, on a GPU up to 95% of its memory for a fair peak,
-    and with `retained_memory` glibc's `RETAINED_MEMORY` settings (for either framework alike)."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    and glibc's `RETAINED_MEMORY` settings with `retained_memory` only (for either framework alike): without it, any
+    of them set in this shell is left out, so that the default run runs under glibc's defaults."""
+    inherited = {name: value for name, value in os.environ.items() if name not in RETAINED_MEMORY}
+    environment = {**inherited, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                    "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false",
                    "JAX_COMPILATION_CACHE_DIR": str(BUILD / "jax-compilation-cache")}
     if suite["device"] == "gpu":
