@@ -37,6 +37,10 @@ def step_table(results: dict) -> pd.DataFrame:
             **({"jora peak GPU GB": jora["peak_device_bytes"] / 1e9, "HF peak GPU GB": hf["peak_device_bytes"] / 1e9,
                 "GPU memory ratio": row["device_memory_ratio"]} if "device_memory_ratio" in row else {}),
             **({"jora MFU": row["mfu"]["jora"], "HF MFU": row["mfu"]["hf"]} if "mfu" in row else {}),
+            **({"jora system s/step": jora["system_seconds_per_step"], "HF system s/step": hf["system_seconds_per_step"],
+                "jora page faults/step": round(jora["page_faults_per_step"]),
+                "HF page faults/step": round(hf["page_faults_per_step"])}
+               if "page_faults_per_step" in jora and "page_faults_per_step" in hf else {}),
             **({"target": f"time ratio <= {row['time_target']}, RSS ratio <= 1",
                 "met": f"time {'yes' if row['time_target_met'] else 'no'}, RSS {'yes' if row['rss_target_met'] else 'no'}"}
                if "time_target" in row else {}),
@@ -44,31 +48,20 @@ def step_table(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cpu_use_table(results: dict) -> pd.DataFrame:
-    "Per case, each framework's median run: its step time, and per step its system CPU seconds and minor page faults."
-    rows = []
-    for row in results["rows"]:
-        jora, hf = row["jora"], row["hf"]
-        if "page_faults_per_step" not in jora or "page_faults_per_step" not in hf:
-            continue
-        rows.append({"remat": row["remat"], "tokens": f"{row['prompt']} + {row['answer']}" if row["answer"] else str(row["prompt"]),
-                     "jora s/step": jora["median_step_seconds"], "HF s/step": hf["median_step_seconds"],
-                     "time ratio": row["time_ratio"], "runs": row.get("paired_runs", "-"),
-                     "ratio range": f"{row['time_ratio_runs']['min']:.2f}-{row['time_ratio_runs']['max']:.2f}",
-                     "jora system s/step": jora["system_seconds_per_step"], "HF system s/step": hf["system_seconds_per_step"],
-                     "jora page faults/step": round(jora["page_faults_per_step"]),
-                     "HF page faults/step": round(hf["page_faults_per_step"])})
-    return pd.DataFrame(rows)
+CPU_USE_COLUMNS = ["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "runs", "ratio range",
+                   "jora system s/step", "HF system s/step", "jora page faults/step", "HF page faults/step"]
 
 
 def retained_memory_table(default: dict, retained: dict) -> pd.DataFrame:
-    "`cpu_use_table` of the default run and of the `--retained-memory` run, each case's two rows side by side."
-    both = pd.concat([cpu_use_table(default).assign(glibc="default"),
-                      cpu_use_table(retained).assign(glibc="freed memory kept")])
+    """The cases measured with CPU use, from the default run and from the `--retained-memory` run, each case's two rows
+    side by side: step times and ratio, and per step the system CPU seconds and minor page faults."""
+    both = pd.concat([step_table(results).assign(glibc=glibc)[["glibc", *CPU_USE_COLUMNS]]
+                      for results, glibc in ((default, "default"), (retained, "freed memory kept"))])
+    both = both.dropna(subset=["jora page faults/step"]).astype({"jora page faults/step": int, "HF page faults/step": int})
     both = both.assign(remat_order=both["remat"].map({"none": 0, "full": 1}),
                        prompt=both["tokens"].map(lambda text: int(text.split(" + ")[0])))
     both = both.sort_values(["remat_order", "prompt"], kind="stable").drop(columns=["remat_order", "prompt"])
-    return both[["glibc", *both.columns[:-1]]].reset_index(drop=True)
+    return both.reset_index(drop=True)
 
 
 def memory_table(results: dict) -> pd.DataFrame:
@@ -155,6 +148,12 @@ def plot(cpu: dict | None, memory: dict | None):
     return figure
 
 
+def commands(results: dict) -> str:
+    "The commands that wrote a results file's rows, each once, as inline code."
+    return ", ".join(f"`{command}`" for command in dict.fromkeys(row.get("command", results["command"])
+                                                                    for row in results["rows"]))
+
+
 def front_page_markdown(folder: Path = RESULTS) -> str:
     "The results section of the front page: the tables with their date, machine and command."
     parts = []
@@ -167,7 +166,7 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
         machine = cpu["machine"]
         parts.append(f"**CPU step, jora vs transformers {machine['transformers']} + peft {machine['peft']}** "
                      f"({cpu['date']}, {machine['cpu']}, {machine['cpu_count']} cores; "
-                     f"{', '.join(f'`{c}`' for c in dict.fromkeys(r.get('command', cpu['command']) for r in cpu['rows']))}; "
+                     f"{commands(cpu)}; "
                      f"{cpu['model_shape']['num_hidden_layers']} layers, hidden {cpu['model_shape']['hidden_size']}, "
                      f"vocabulary {cpu['model_shape']['vocab_size']}, {cpu['dtype']}, {cpu['lora']}, batch 1, "
                      f"`runs` paired runs per case, the frameworks alternating; each run is "
@@ -177,9 +176,8 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
     retained = load("cpu-retained-memory", folder)
     if cpu is not None and retained is not None:
         settings = " ".join(f"{name}={value}" for name, value in retained["environment"].items())
-        parts.append(f"**Where the CPU step's system time goes** ({retained['date']}; the same cases run by "
-                     f"`python bench/run.py cpu ...` as above, then with `--retained-memory`: both frameworks under "
-                     f"glibc's `{settings}`). Both frameworks map the step's scratch memory afresh every step and the "
+        parts.append(f"**Where the CPU step's system time goes** ({retained['date']}; the runs of the table above, "
+                     f"and the same cases with both frameworks under glibc's `{settings}`: {commands(retained)}). Both frameworks map the step's scratch memory afresh every step and the "
                      f"kernel faults it in page by page; with freed memory kept mapped, most of the faults go and no case "
                      f"gets slower. This is a setting for any CPU process, not a jora change, so the time target above "
                      f"is judged without it:\n\n"
