@@ -141,7 +141,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=["none", "full"],
                         help="full: jora's per-layer remat / transformers' gradient checkpointing")
-    parser.add_argument("--logits-chunk", type=int, default=512, help="jora only (0: all positions at once)")
+    parser.add_argument("--logits-chunk", type=int, default=None,
+                        help="jora only; default: jora's LOGITS_CHUNK (0: all positions at once)")
     parser.add_argument("--attention-block", type=int, default=1024, help="jora only (0: one call)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
@@ -150,6 +151,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if args.framework == "jora" and args.logits_chunk is None:
+        from jora.config import ParallamaConfig
+        args.logits_chunk = ParallamaConfig().LOGITS_CHUNK
     if args.device == "gpu":
         check_gpu(args.framework)
     vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]

@@ -74,9 +74,9 @@ STEP_FIELDS = {   # jora's own, for the compiled step: adapters, devices, memory
     "REMAT": Field(str, 'full', "Model",
                    "rematerialisation policy: none, full, projections, or nested (the least memory: "
                    "layers in rematerialised groups, one more forward pass)", choices=tuple(REMAT_POLICIES)),
-    "LOGITS_CHUNK": Field(int, 512, "Model",
-                          "positions per LM-head chunk in the loss; unlabelled chunks are skipped (0: all positions "
-                          "at once)", low=0),
+    "LOGITS_CHUNK": Field(int, 256, "Model",
+                          "positions per LM-head chunk in the loss; chunks without labels are skipped, so a short "
+                          "answer costs one chunk (0: all positions at once)", low=0),
     "ATTENTION_BLOCK": Field(int, 640, "Model",
                              "most query positions per block of the XLA attention path (cut evenly, keys in half "
                              "blocks), shared by the seq devices; 500-640 is fastest on CPU, smaller saves memory on "

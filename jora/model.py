@@ -25,7 +25,7 @@ from .memory import (FEED_FORWARD_CHUNK, PROJECTION_OUTPUT, chunked_token_loss, 
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
            'PROJECTION_DIMENSIONS', 'IGNORE_INDEX', 'RopeScaling', 'LlamaConfig', 'dimension_sizes', 'projection_shape',
            'has_bias', 'param_dimensions', 'param_shapes', 'init_params', 'rms_norm', 'rope_inverse_frequencies',
-           'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'feed_forward', 'decoder_layer',
+           'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'swiglu', 'feed_forward', 'decoder_layer',
            'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward', 'causal_lm_loss_sum',
            'causal_lm_loss', 'sample_top_p', 'generate']
 
@@ -212,6 +212,12 @@ def project(x: jax.Array, layer: dict, name: str, lora: LoraWeights | None = Non
         y = y + (lora.scale * ((source @ adapter["lora_A"]) @ adapter["lora_B"])).astype(y.dtype)
     return checkpoint_name(y, PROJECTION_OUTPUT)
 
+# %% ../nbs/00_model.ipynb #1a27e505
+@jax.checkpoint
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    "`silu(gate) * up`, whose backward keeps only `gate` and `up` and recomputes silu and the products."
+    return jax.nn.silu(gate) * up
+
 # %% ../nbs/00_model.ipynb #0b9e4d7a
 def feed_forward(x: jax.Array, layer: dict, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
                  chunk: int | None = None) -> jax.Array:
@@ -219,7 +225,7 @@ def feed_forward(x: jax.Array, layer: dict, lora: LoraWeights | None = None, dro
     per device, each recomputed in the backward and with its own dropout."""
     def mlp(x, key):
         proj = partial(project, layer=layer, lora=lora, dropout_key=key)
-        gated = constrain(jax.nn.silu(proj(x, name="gate_proj")) * proj(x, name="up_proj"), "batch", "length", "mlp")
+        gated = constrain(swiglu(proj(x, name="gate_proj"), proj(x, name="up_proj")), "batch", "length", "mlp")
         return proj(gated, name="down_proj")
 
     count = feed_forward_pieces(x.shape[1], sequence_axis_size(), chunk)

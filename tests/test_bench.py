@@ -38,6 +38,8 @@ def test_smoke_suite_measures_both_frameworks_on_the_same_step(tmp_path):
         assert measured["user_seconds_per_step"] > 0 and measured["page_faults_per_step"] >= 0
         assert measured["system_seconds_per_step"] >= 0
     assert row["jora"]["compile_seconds"] > 0 and row["hf"]["compile_seconds"] is None
+    from jora.config import ParallamaConfig   # jora runs as a user would: the LM-head chunk is the config's default
+    assert row["jora"]["options"]["logits_chunk"] == ParallamaConfig().LOGITS_CHUNK
     # the ratio of the medians over the repeated runs, and a range over the paired runs around it
     assert row["time_ratio"] == pytest.approx(row["jora_step_seconds"]["median"] / row["hf_step_seconds"]["median"])
     assert row["time_ratio_runs"]["min"] <= row["time_ratio_runs"]["max"]
