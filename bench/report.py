@@ -64,6 +64,19 @@ def retained_memory_table(default: dict, retained: dict) -> pd.DataFrame:
     return both.reset_index(drop=True)
 
 
+def retained_memory_effect(default: dict, retained: dict) -> str:
+    """How much keeping freed memory mapped changed each framework's median step time, over the cases both runs hold:
+    the range of `retained / default` (above 1: slower)."""
+    key = lambda row: (row["remat"], row["prompt"], row["answer"])
+    before = {key(row): row for row in default["rows"]}
+    parts = []
+    for name, label in (("jora", "jora's"), ("hf", "transformers + peft's")):
+        changes = [row[f"{name}_step_seconds"]["median"] / before[key(row)][f"{name}_step_seconds"]["median"]
+                   for row in retained["rows"] if key(row) in before]
+        parts.append(f"{label} x{min(changes):.2f} to x{max(changes):.2f}")
+    return ", ".join(parts)
+
+
 def memory_table(results: dict) -> pd.DataFrame:
     "Per-device GB of the 7B LoRA step for 1/2/4/8 devices beside the paper's Table 1."
     table = pd.DataFrame([{"devices": row["devices"], "jora GB per device": row["total_bytes"] / 1e9,
@@ -154,6 +167,14 @@ def commands(results: dict) -> str:
                                                                     for row in results["rows"]))
 
 
+def compiled_how(results: dict) -> str:
+    "Where a results file's runs took jora's compiled step from: a fresh compile, or the cache it names."
+    if results.get("compilation_cache"):
+        return f"jora's step read from the compilation cache in `{results['compilation_cache']}` once compiled"
+    return ("in a fresh process that compiles jora's step (no compilation cache: the compile time is a real "
+            "compile's and jora's peak RSS includes the compiler's)")
+
+
 def front_page_markdown(folder: Path = RESULTS) -> str:
     "The results section of the front page: the tables with their date, machine and command."
     parts = []
@@ -170,7 +191,8 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
                      f"{cpu['model_shape']['num_hidden_layers']} layers, hidden {cpu['model_shape']['hidden_size']}, "
                      f"vocabulary {cpu['model_shape']['vocab_size']}, {cpu['dtype']}, {cpu['lora']}, batch 1, "
                      f"`runs` paired runs per case, the frameworks alternating; each run is "
-                     f"the median of {cpu['timed_steps']} steps after {cpu['warmup_steps']} warm-up; the table shows "
+                     f"the median of {cpu['timed_steps']} steps after {cpu['warmup_steps']} warm-up, "
+                     f"{compiled_how(cpu)}; the table shows "
                      f"the median run and the range of the paired runs' ratios):\n\n"
                      + table.to_markdown(index=False, floatfmt=".3g"))
     retained = load("cpu-retained-memory", folder)
@@ -178,9 +200,9 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
         settings = " ".join(f"{name}={value}" for name, value in retained["environment"].items())
         parts.append(f"**Where the CPU step's system time goes** ({retained['date']}; the runs of the table above, "
                      f"and the same cases with both frameworks under glibc's `{settings}`: {commands(retained)}). Both frameworks map the step's scratch memory afresh every step and the "
-                     f"kernel faults it in page by page; with freed memory kept mapped, most of the faults go and no case "
-                     f"gets slower. This is a setting for any CPU process, not a jora change, so the time target above "
-                     f"is judged without it:\n\n"
+                     f"kernel faults it in page by page; with freed memory kept mapped most of the faults go, and the "
+                     f"median step times change by {retained_memory_effect(cpu, retained)} (above 1: slower). This is a "
+                     f"setting for any CPU process, not a jora change, so the time target above is judged without it:\n\n"
                      + retained_memory_table(cpu, retained).to_markdown(index=False, floatfmt=".3g"))
     if memory is not None:
         parts.append(f"**Per-device memory, Llama-2-7B LoRA step** ({memory['date']}, `{memory['command']}`; "

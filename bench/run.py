@@ -89,15 +89,18 @@ def lora_flops_per_token(shape: dict, sequence: int, lora_rank: int = 16) -> flo
 
 
 def case_environment(suite: dict, retained_memory: bool = False) -> dict:
-    """The checkout on PYTHONPATH, a persistent compilation cache, on a GPU up to 95% of its memory for a fair peak,
-    and glibc's `RETAINED_MEMORY` settings with `retained_memory` only (for either framework alike): without it, any
-    of them set in this shell is left out, so that the default run runs under glibc's defaults."""
-    inherited = {name: value for name, value in os.environ.items() if name not in RETAINED_MEMORY}
+    """The checkout on PYTHONPATH; on a GPU a persistent compilation cache (a short lease compiles each step once) and
+    up to 95% of its memory for a fair peak; on the CPU no cache, so that every run compiles its step and its compile
+    time and peak RSS are those of a fresh process; and glibc's `RETAINED_MEMORY` settings with `retained_memory` only
+    (for either framework alike): without it, any of them set in this shell is left out, so that the default run runs
+    under glibc's defaults."""
+    left_out = {*RETAINED_MEMORY, "JAX_COMPILATION_CACHE_DIR"}
+    inherited = {name: value for name, value in os.environ.items() if name not in left_out}
     environment = {**inherited, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                   "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false",
-                   "JAX_COMPILATION_CACHE_DIR": str(BUILD / "jax-compilation-cache")}
+                   "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false"}
     if suite["device"] == "gpu":
-        environment["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"
+        environment.update(JAX_COMPILATION_CACHE_DIR=str(BUILD / "jax-compilation-cache"),
+                           XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
     return {**environment, **(RETAINED_MEMORY if retained_memory else {})}
 
 
@@ -178,6 +181,8 @@ def compare(suite_name: str, suite: dict, model: Path, *, frameworks=("jora", "h
     "Measure every case, alternating the frameworks' order from one repeat to the next; write after each measurement."
     results = existing_results(results_path, suite_name, suite)
     results["environment"] = RETAINED_MEMORY if retained_memory else {}
+    cache = case_environment(suite).get("JAX_COMPILATION_CACHE_DIR")
+    results["compilation_cache"] = cache and str(Path(cache).relative_to(ROOT))
     for remat in remats or suite["remats"]:
         for prompt, answer in cases or suite["cases"]:
             runs = {name: [] for name in frameworks}
@@ -255,7 +260,8 @@ def memory_suite(folder: Path = RESULTS) -> dict:
     results = {"suite": "memory", "date": datetime.date.today().isoformat(), "machine": machine(),
                "what": "compiled memory analysis of the step train_lora compiles (XLA:CPU, simulated devices, nothing "
                        "allocated): Llama-2-7B shape, bf16 weights, LoRA q,v r=16, AdamW with clipping, 512 tokens, "
-                       "full remat, LM head in chunks of 512, attention blocks of 640, model axis",
+                       f"full remat, LM head in chunks of {run.LOGITS_CHUNK}, attention blocks of {run.ATTENTION_BLOCK}, "
+                       "model axis",
                "command": "python bench/run.py memory", "rows": rows, "paper_table_1_gb": PAPER_TABLE_1_GB}
     save(results, folder / "memory.json")
     return results

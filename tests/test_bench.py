@@ -27,6 +27,7 @@ def test_smoke_suite_measures_both_frameworks_on_the_same_step(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "smoke.json").read_text())
     assert results["machine"]["cpu_count"] >= 1 and results["command"] == "python bench/run.py smoke"
+    assert results["compilation_cache"] is None   # every CPU run compiles its step afresh
     (row,) = results["rows"]
     assert row["first_loss_difference"] <= 1e-4, row
     for name in ("jora", "hf"):
@@ -148,3 +149,25 @@ def test_retained_memory_applies_the_same_glibc_settings_to_both_frameworks(monk
     assert sorted(seen) == [("hf", True), ("jora", True)]
     written = json.loads((tmp_path / "smoke-retained-memory.json").read_text())
     assert written["environment"] == bench.RETAINED_MEMORY and not (tmp_path / "smoke.json").exists()
+
+
+def test_only_the_gpu_suite_reads_compiled_steps_from_a_cache(monkeypatch):
+    """A CPU run compiles its step in every process (its compile time and peak RSS are a fresh process's, even with a
+    cache set in the shell); the GPU suite reads the step from the persistent cache, so a short lease compiles it once."""
+    bench = load_bench()
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/else")
+    assert "JAX_COMPILATION_CACHE_DIR" not in bench.case_environment(bench.SUITES["cpu"])
+    assert "JAX_COMPILATION_CACHE_DIR" not in bench.case_environment(bench.SUITES["smoke"])
+    gpu = bench.case_environment(bench.SUITES["gpu"])
+    assert gpu["JAX_COMPILATION_CACHE_DIR"] == str(bench.BUILD / "jax-compilation-cache")
+    assert gpu["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
+
+
+def test_retained_memory_effect_gives_each_frameworks_range_of_time_changes():
+    "The caption's figures: each framework's retained / default median step time, smallest to largest, per case."
+    report = load_bench_module("report")
+    row = lambda remat, jora, hf: {"remat": remat, "prompt": 512, "answer": 0, "jora_step_seconds": {"median": jora},
+                                   "hf_step_seconds": {"median": hf}}
+    default = {"rows": [row("none", 1.0, 2.0), row("full", 2.0, 4.0)]}
+    retained = {"rows": [row("none", 1.1, 1.0), row("full", 1.8, 4.4)]}
+    assert report.retained_memory_effect(default, retained) == "jora's x0.90 to x1.10, transformers + peft's x0.50 to x1.10"
