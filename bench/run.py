@@ -49,8 +49,9 @@ SUITES = {
                   targets={}, timeout=600),
 }
 # glibc settings under which freed memory stays mapped: one arena (worker threads' large blocks would be mapped apart),
-# never a separate mapping, never handed back. Both frameworks map their step's scratch memory (about 300 MB here)
-# afresh each step, and the kernel faults and zeroes it page by page; with these settings it is reused instead.
+# never a separate mapping, never handed back. Both frameworks map their step's scratch memory (XLA's temporaries,
+# torch's large tensors) afresh each step, and the kernel faults and zeroes it page by page; with these settings it is
+# reused instead.
 RETAINED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
 PAPER_ONE_GPU = {"step_seconds": 0.19, "memory_gb": 23.1}           # JORA paper, Llama-2-7B, one GPU
 PAPER_TABLE_1_GB = {1: 23.1, 2: 16.1, 4: 11.4}                      # JORA paper, Table 1, memory per GPU
