@@ -80,14 +80,17 @@ def in_pieces(position_wise, x: jax.Array, count: int, key: jax.Array | None = N
 
 # %% ../nbs/00_memory.ipynb #f79034d9
 def _token_loss_and_hidden_grad(weight, hidden, targets, labelled):
-    "The summed loss of one chunk and its gradient with respect to `hidden`, from one pass over the logits."
-    logits = jnp.matmul(hidden, weight, preferred_element_type=jnp.float32)
+    """The summed loss of one chunk and its gradient with respect to `hidden`, from one pass over the logits, which
+    are rows of one `[positions, vocabulary]` matrix, so that their gradient can take their buffer."""
+    rows, targets, labelled = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), labelled.reshape(-1)
+    logits = jnp.matmul(rows, weight, preferred_element_type=jnp.float32)
     log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(labelled, targets, 0)[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logits, jnp.where(labelled, targets, 0)[:, None], axis=-1)[:, 0]
     loss = jnp.sum(jnp.where(labelled, log_normaliser - picked, 0.0))
-    logit_grads = (jnp.exp(logits - log_normaliser[..., None])
-                   - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)) * labelled[..., None]
-    return loss, jnp.matmul(logit_grads.astype(weight.dtype), weight.T, preferred_element_type=jnp.float32)
+    logit_grads = (jnp.exp(logits - log_normaliser[:, None])
+                   - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)) * labelled[:, None]
+    row_grads = jnp.matmul(logit_grads.astype(weight.dtype), weight.T, preferred_element_type=jnp.float32)
+    return loss, row_grads.reshape(hidden.shape)
 
 
 @jax.custom_vjp
