@@ -161,6 +161,37 @@ def plot(cpu: dict | None, memory: dict | None):
     return figure
 
 
+def matmul_table(results: dict) -> pd.DataFrame:
+    "One row per product of `bench/matmul.py`: XLA's and torch's GFLOP/s on the same shapes, and their ratio."
+    return pd.DataFrame([{"product": row["product"], "XLA GFLOP/s": row["xla_gflops"],
+                          "torch GFLOP/s": row["torch_gflops"], "XLA / torch": row["xla_over_torch"],
+                          "range": f"{row['xla_over_torch_runs']['min']:.2f}-{row['xla_over_torch_runs']['max']:.2f}"}
+                         for row in results["rows"]])
+
+
+def other_machines(folder: Path = RESULTS) -> list[Path]:
+    "The subfolders of `folder` holding the CPU suite measured on another machine (`bench/run.py cpu --results ...`)."
+    return sorted(path for path in folder.iterdir() if (path / "cpu.json").exists())
+
+
+def other_machine_markdown(folder: Path) -> str:
+    "The CPU suite as measured on another machine, with that machine's matrix-product speeds when measured."
+    cpu, matmul = load("cpu", folder), load("matmul", folder)
+    machine = cpu["machine"]
+    table = step_table(cpu)[["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "ratio range", "runs", "met"]]
+    text = (f"**The same CPU suite on another machine** ({cpu['date']}, {machine['cpu']}, {machine['cpu_count']} cores; "
+            f"{commands(cpu)}; the same model, options and pairing as above):\n\n"
+            + table.to_markdown(index=False, floatfmt=".3g"))
+    if matmul is not None:
+        flags = ", ".join(matmul["machine"].get("cpu_flags", [])) or "not reported"
+        text += (f"\n\n**How fast each library multiplies the step's shapes on that machine** ({matmul['date']}, "
+                 f"`{matmul['command']}`; CPU flags: {flags}; fp32, each the median of {matmul['rounds']} rounds of {matmul['repeats']} calls, the "
+                 f"libraries alternating; XLA is "
+                 f"what jora's step runs, torch what transformers+peft's runs):\n\n"
+                 + matmul_table(matmul).to_markdown(index=False, floatfmt=".3g"))
+    return text
+
+
 def commands(results: dict) -> str:
     "The commands that wrote a results file's rows, each once, as inline code."
     return ", ".join(f"`{command}`" for command in dict.fromkeys(row.get("command", results["command"])
@@ -204,6 +235,7 @@ def front_page_markdown(folder: Path = RESULTS) -> str:
                      f"median step times change by {retained_memory_effect(cpu, retained)} (above 1: slower). This is a "
                      f"setting for any CPU process, not a jora change, so the time target above is judged without it:\n\n"
                      + retained_memory_table(cpu, retained).to_markdown(index=False, floatfmt=".3g"))
+    parts.extend(other_machine_markdown(machine_folder) for machine_folder in other_machines(folder))
     if memory is not None:
         parts.append(f"**Per-device memory, Llama-2-7B LoRA step** ({memory['date']}, `{memory['command']}`; "
                      f"{memory['what']}):\n\n" + memory_table(memory).to_markdown(floatfmt=".3g"))

@@ -171,3 +171,28 @@ def test_retained_memory_effect_gives_each_frameworks_range_of_time_changes():
     default = {"rows": [row("none", 1.0, 2.0), row("full", 2.0, 4.0)]}
     retained = {"rows": [row("none", 1.1, 1.0), row("full", 1.8, 4.4)]}
     assert report.retained_memory_effect(default, retained) == "jora's x0.90 to x1.10, transformers + peft's x0.50 to x1.10"
+
+
+def test_matmul_bench_counts_flops_and_times_both_libraries(tmp_path):
+    "Each product's FLOPs are 2 x every index's size; one quick round writes a row per product for both libraries."
+    matmul = load_bench_module("matmul")
+    assert matmul.product_flops("hqd,hkd->hqk", (8, 64, 64), (8, 512, 64)) == 2 * 8 * 64 * 512 * 64
+    assert matmul.product_flops("mv,dv->md", (256, 32000), (512, 32000)) == 2 * 256 * 32000 * 512
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "matmul.py"), "--repeats", "1", "--rounds", "1",
+                           "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "matmul.json").read_text())
+    assert [row["product"] for row in results["rows"]] == list(matmul.PRODUCTS)
+    assert all(row["xla_gflops"] > 0 and row["torch_gflops"] > 0 for row in results["rows"])
+
+
+def test_front_page_shows_the_cpu_suite_of_another_machine_with_its_products(tmp_path):
+    "A subfolder with its own cpu.json (and matmul.json) gets its own tables on the front page; others are ignored."
+    report = load_bench_module("report")
+    for name in ("cpu.json", "matmul.json"):
+        (tmp_path / "xeon").mkdir(exist_ok=True)
+        (tmp_path / "xeon" / name).write_text((ROOT / "bench" / "results" / "intel-xeon" / name).read_text())
+    (tmp_path / "empty").mkdir()
+    assert report.other_machines(tmp_path) == [tmp_path / "xeon"]
+    text = report.front_page_markdown(tmp_path)
+    assert "The same CPU suite on another machine" in text and "attention p^T.q, tile 64 x 512" in text

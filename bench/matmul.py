@@ -1,0 +1,141 @@
+"""The matrix products of the CPU suite's training step, timed alone in XLA (what jora's step runs) and in torch (what
+transformers+peft's step runs), on this machine: how fast each library multiplies the same shapes bounds the time
+ratio `bench/run.py cpu` can reach here, since products are most of both steps.
+
+    python bench/matmul.py          # writes bench/results/matmul.json; about a minute
+
+Shapes (fp32, batch 1, the cpu suite's model: hidden 512, MLP 1376, vocabulary 32000, 8 heads of 64):
+the layer projections of 512 and 2112 positions, one LM-head chunk of 256 positions forward and backward, and the
+attention products: jora's 64-query tiles of a 512-token row and its 704 x 352 blocks of a 2112-token row, for
+scores (`q.k`), mixing (`p.v`) and the key/value gradients' form (`p^T.q`, contracting over the queries). Each is the
+median of repeated calls after a warm-up, in one process; every product is timed in both libraries (each with all
+cores) once per round, and the median of the rounds is reported with the range of XLA's speed over torch's. GFLOP/s count 2 x m x n x k per product.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import RESULTS, machine, save  # noqa: E402
+
+HEADS, HEAD_DIM = 8, 64
+# name -> (einsum, left operand shape, right operand shape)
+PRODUCTS = {
+    "projection 512 x 512 -> 512": ("md,dn->mn", (512, 512), (512, 512)),
+    "projection 512 x 512 -> 1376": ("md,dn->mn", (512, 512), (512, 1376)),
+    "projection 512 x 1376 -> 512": ("md,dn->mn", (512, 1376), (1376, 512)),
+    "projection 2112 x 512 -> 1376": ("md,dn->mn", (2112, 512), (512, 1376)),
+    "projection 2112 x 1376 -> 512": ("md,dn->mn", (2112, 1376), (1376, 512)),
+    "LM head 256 x 512 -> 32000": ("md,dn->mn", (256, 512), (512, 32000)),
+    "LM head gradient 256 x 32000 -> 512": ("mv,dv->md", (256, 32000), (512, 32000)),
+    "attention scores, tile 64 x 512": ("hqd,hkd->hqk", (HEADS, 64, HEAD_DIM), (HEADS, 512, HEAD_DIM)),
+    "attention mixing, tile 64 x 512": ("hqk,hkd->hqd", (HEADS, 64, 512), (HEADS, 512, HEAD_DIM)),
+    "attention p^T.q, tile 64 x 512": ("hqk,hqd->hkd", (HEADS, 64, 512), (HEADS, 64, HEAD_DIM)),
+    "attention scores, block 704 x 352": ("hqd,hkd->hqk", (HEADS, 704, HEAD_DIM), (HEADS, 352, HEAD_DIM)),
+    "attention mixing, block 704 x 352": ("hqk,hkd->hqd", (HEADS, 704, 352), (HEADS, 352, HEAD_DIM)),
+    "attention p^T.q, block 704 x 352": ("hqk,hqd->hkd", (HEADS, 704, 352), (HEADS, 704, HEAD_DIM)),
+}
+
+
+def product_flops(equation: str, left: tuple, right: tuple) -> int:
+    "2 x the product of every index's size (batch, kept and contracted): the multiply-adds of one product."
+    inputs = equation.split("->")[0].split(",")
+    sizes = {**dict(zip(inputs[0], left)), **dict(zip(inputs[1], right))}
+    return 2 * int(np.prod(list(sizes.values())))
+
+
+def median_seconds(call, repeats: int) -> float:
+    "The median wall time of `repeats` calls after two untimed ones (`call` waits for its result)."
+    for _ in range(2):
+        call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def product_timers(repeats: int) -> dict:
+    "Per product, a function that times it once in XLA and once in torch (seconds, each a median of `repeats` calls)."
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    timers = {}
+    for name, (equation, left, right) in PRODUCTS.items():
+        generator = np.random.default_rng(0)
+        operands = [generator.standard_normal(shape, dtype=np.float32) for shape in (left, right)]
+        product = jax.jit(lambda a, b, equation=equation: jnp.einsum(equation, a, b))
+        on_device, tensors = [jnp.asarray(x) for x in operands], [torch.from_numpy(x) for x in operands]
+
+        def both(product=product, on_device=on_device, tensors=tensors, equation=equation):
+            xla = median_seconds(lambda: product(*on_device).block_until_ready(), repeats)
+            with torch.no_grad():
+                eager = median_seconds(lambda: torch.einsum(equation, *tensors), repeats)
+            return xla, eager
+        timers[name] = both
+    return timers
+
+
+def time_products(repeats: int, rounds: int) -> list[dict]:
+    """One row per product: XLA's and torch's GFLOP/s on the same random operands (the median of `rounds` rounds, each
+    timing every product once in both libraries), and XLA's speed over torch's with its range over the rounds."""
+    timers = product_timers(repeats)
+    measured = {name: [timer() for _ in range(rounds)] for name, timer in timers.items()}
+    rows = []
+    for name, runs in measured.items():
+        equation, left, right = PRODUCTS[name]
+        flops = product_flops(equation, left, right)
+        xla, eager = (statistics.median(run[i] for run in runs) for i in (0, 1))
+        ratios = [run[1] / run[0] for run in runs]
+        rows.append({"product": name, "einsum": equation, "shapes": [list(left), list(right)], "flops": flops,
+                     "xla_gflops": flops / xla / 1e9, "torch_gflops": flops / eager / 1e9,
+                     "xla_over_torch": statistics.median(ratios),
+                     "xla_over_torch_runs": {"min": min(ratios), "max": max(ratios)}})
+        print(f"{name:40s} XLA {rows[-1]['xla_gflops']:6.1f}  torch {rows[-1]['torch_gflops']:6.1f} GFLOP/s", flush=True)
+    return rows
+
+
+def cpu_flags() -> list[str]:
+    "The vector extensions the CPU reports that matter to fp32 products (AVX2, AVX-512, AMX)."
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(flag for flag in flags.split(":", 1)[1].split() if flag in ("avx2", "fma", "avx512f", "amx_tile"))
+
+
+def command_line(results: Path) -> str:
+    "The command as a user types it in the checkout: `--results` shown only when it is not the default folder."
+    if results.resolve() == RESULTS:
+        return "python bench/matmul.py"
+    shown = results.resolve().relative_to(HERE.parent) if results.resolve().is_relative_to(HERE.parent) else results
+    return f"python bench/matmul.py --results {shown}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="calls per timing")
+    parser.add_argument("--rounds", type=int, default=5, help="timings per product and library")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for matmul.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    rows = time_products(args.repeats, args.rounds)
+    results = {"date": datetime.date.today().isoformat(), "machine": {**machine(), "cpu_flags": cpu_flags()},
+               "command": command_line(args.results), "repeats": args.repeats,
+               "rounds": args.rounds, "rows": rows}
+    print(f"wrote {save(results, args.results / 'matmul.json')}")
+
+
+if __name__ == "__main__":
+    main()
