@@ -2,14 +2,15 @@
 transformers+peft's step runs), on this machine: how fast each library multiplies the same shapes bounds the time
 ratio `bench/run.py cpu` can reach here, since products are most of both steps.
 
-    python bench/matmul.py          # writes bench/results/matmul.json; about a minute
+    python bench/matmul.py          # writes bench/results/matmul.json; about 35 seconds on 2 cores
 
 Shapes (fp32, batch 1, the cpu suite's model: hidden 512, MLP 1376, vocabulary 32000, 8 heads of 64):
 the layer projections of 512 and 2112 positions, one LM-head chunk of 256 positions forward and backward, and the
 attention products: jora's 64-query tiles of a 512-token row and its 704 x 352 blocks of a 2112-token row, for
 scores (`q.k`), mixing (`p.v`) and the key/value gradients' form (`p^T.q`, contracting over the queries). Each is the
 median of repeated calls after a warm-up, in one process; every product is timed in both libraries (each with all
-cores) once per round, and the median of the rounds is reported with the range of XLA's speed over torch's. GFLOP/s count 2 x m x n x k per product.
+cores) once per round, and the median of the rounds is reported with the range of XLA's speed over torch's. A
+product's FLOPs are 2 x the product of every index's size (heads included).
 """
 import argparse
 import datetime
@@ -102,7 +103,7 @@ def time_products(repeats: int, rounds: int) -> list[dict]:
                      "xla_gflops": flops / xla / 1e9, "torch_gflops": flops / eager / 1e9,
                      "xla_over_torch": statistics.median(ratios),
                      "xla_over_torch_runs": {"min": min(ratios), "max": max(ratios)}})
-        print(f"{name:40s} XLA {rows[-1]['xla_gflops']:6.1f}  torch {rows[-1]['torch_gflops']:6.1f} GFLOP/s", flush=True)
+        print(f"{name:40s} XLA {rows[-1]['xla_gflops']:6.1f}  torch {rows[-1]['torch_gflops']:6.1f} GFLOP/s")
     return rows
 
 

@@ -179,15 +179,16 @@ def other_machine_markdown(folder: Path) -> str:
     cpu, matmul = load("cpu", folder), load("matmul", folder)
     machine = cpu["machine"]
     table = step_table(cpu)[["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "ratio range", "runs", "met"]]
-    text = (f"**The same CPU suite on another machine** ({cpu['date']}, {machine['cpu']}, {machine['cpu_count']} cores; "
-            f"{commands(cpu)}; the same model, options and pairing as above):\n\n"
+    text = (f"**The same CPU suite on another machine** ({cpu['date']}, {machine['cpu']}, "
+            f"{machine['cpu_count']} cores; {commands(cpu)}; the same model, options and pairing as above):\n\n"
             + table.to_markdown(index=False, floatfmt=".3g"))
     if matmul is not None:
         flags = ", ".join(matmul["machine"].get("cpu_flags", [])) or "not reported"
-        text += (f"\n\n**How fast each library multiplies the step's shapes on that machine** ({matmul['date']}, "
-                 f"`{matmul['command']}`; CPU flags: {flags}; fp32, each the median of {matmul['rounds']} rounds of {matmul['repeats']} calls, the "
-                 f"libraries alternating; XLA is "
-                 f"what jora's step runs, torch what transformers+peft's runs):\n\n"
+        text += (f"\n\n**How fast each library multiplies the step's shapes on that machine**, products being most "
+                 f"of both steps ({matmul['date']}, "
+                 f"`{matmul['command']}`; CPU flags: {flags}; fp32, each the median of {matmul['rounds']} rounds of "
+                 f"{matmul['repeats']} calls, the libraries alternating; XLA is what jora's step runs, torch what "
+                 f"transformers+peft's runs):\n\n"
                  + matmul_table(matmul).to_markdown(index=False, floatfmt=".3g"))
     return text
 

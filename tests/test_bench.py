@@ -189,8 +189,8 @@ def test_matmul_bench_counts_flops_and_times_both_libraries(tmp_path):
 def test_front_page_shows_the_cpu_suite_of_another_machine_with_its_products(tmp_path):
     "A subfolder with its own cpu.json (and matmul.json) gets its own tables on the front page; others are ignored."
     report = load_bench_module("report")
+    (tmp_path / "xeon").mkdir()
     for name in ("cpu.json", "matmul.json"):
-        (tmp_path / "xeon").mkdir(exist_ok=True)
         (tmp_path / "xeon" / name).write_text((ROOT / "bench" / "results" / "intel-xeon" / name).read_text())
     (tmp_path / "empty").mkdir()
     assert report.other_machines(tmp_path) == [tmp_path / "xeon"]
