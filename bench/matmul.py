@@ -18,13 +18,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from attention import timings  # noqa: E402
 from run import RESULTS, machine, save  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
@@ -54,15 +54,8 @@ def product_flops(equation: str, left: tuple, right: tuple) -> int:
 
 
 def median_seconds(call, repeats: int) -> float:
-    "The median wall time of `repeats` calls after two untimed ones (`call` waits for its result)."
-    for _ in range(2):
-        call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    "The median wall time of `repeats` calls after an untimed one (`call` waits for its result)."
+    return timings(call, repeats)["median_ms"] / 1000
 
 
 def product_timers(repeats: int) -> dict:
