@@ -180,7 +180,8 @@ def other_machine_markdown(folder: Path) -> str:
     machine = cpu["machine"]
     table = step_table(cpu)[["remat", "tokens", "jora s/step", "HF s/step", "time ratio", "ratio range", "runs", "met"]]
     text = (f"**The same CPU suite on another machine** ({cpu['date']}, {machine['cpu']}, "
-            f"{machine['cpu_count']} cores; {commands(cpu)}; the same model, options and pairing as above):\n\n"
+            f"{machine['cpu_count']} cores; {commands(cpu)}; the same model and pairing as above, jora with "
+            f"{jora_options(cpu)}):\n\n"
             + table.to_markdown(index=False, floatfmt=".3g"))
     if matmul is not None:
         flags = ", ".join(matmul["machine"].get("cpu_flags", [])) or "not reported"
@@ -191,6 +192,14 @@ def other_machine_markdown(folder: Path) -> str:
                  f"transformers+peft's runs):\n\n"
                  + matmul_table(matmul).to_markdown(index=False, floatfmt=".3g"))
     return text
+
+
+def jora_options(results: dict) -> str:
+    "The LM-head chunk and attention block jora's rows of a CPU suite ran with, as a phrase."
+    options = {(row["jora"]["options"]["logits_chunk"], row["jora"]["options"]["attention_block"])
+               for row in results["rows"]}
+    return "; ".join(f"LM head in chunks of {chunk}, attention blocks of at most {block}"
+                     for chunk, block in sorted(options))
 
 
 def commands(results: dict) -> str:

@@ -143,7 +143,8 @@ def main(argv=None):
                         help="full: jora's per-layer remat / transformers' gradient checkpointing")
     parser.add_argument("--logits-chunk", type=int, default=None,
                         help="jora only; default: jora's LOGITS_CHUNK (0: all positions at once)")
-    parser.add_argument("--attention-block", type=int, default=1024, help="jora only (0: one call)")
+    parser.add_argument("--attention-block", type=int, default=None,
+                        help="jora only; default: jora's ATTENTION_BLOCK (0: one call)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
@@ -151,9 +152,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
-    if args.framework == "jora" and args.logits_chunk is None:
+    if args.framework == "jora":
         from jora.config import ParallamaConfig
-        args.logits_chunk = ParallamaConfig().LOGITS_CHUNK
+        defaults = ParallamaConfig()
+        args.logits_chunk = defaults.LOGITS_CHUNK if args.logits_chunk is None else args.logits_chunk
+        args.attention_block = defaults.ATTENTION_BLOCK if args.attention_block is None else args.attention_block
     if args.device == "gpu":
         check_gpu(args.framework)
     vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]

@@ -146,10 +146,11 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: flo
 
 # %% ../nbs/00_model.ipynb #200e3161
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    "Root-mean-square normalisation with statistics in fp32."
+    "Root-mean-square normalisation with statistics in fp32 (one sequence's rows as a `[time, hidden]` matrix)."
     x32 = x.astype(jnp.float32)
-    normalised = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normalised.astype(x.dtype)
+    rows = x32.reshape(x.shape[-2:]) if x.ndim > 2 and math.prod(x.shape[:-2]) == 1 else x32
+    normalised = rows * jax.lax.rsqrt(jnp.mean(rows * rows, axis=-1, keepdims=True) + eps)
+    return weight * normalised.reshape(x.shape).astype(x.dtype)
 
 # %% ../nbs/00_model.ipynb #f5e7c291
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:

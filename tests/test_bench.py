@@ -39,8 +39,9 @@ def test_smoke_suite_measures_both_frameworks_on_the_same_step(tmp_path):
         assert measured["user_seconds_per_step"] > 0 and measured["page_faults_per_step"] >= 0
         assert measured["system_seconds_per_step"] >= 0
     assert row["jora"]["compile_seconds"] > 0 and row["hf"]["compile_seconds"] is None
-    from jora.config import ParallamaConfig   # jora runs as a user would: the LM-head chunk is the config's default
-    assert row["jora"]["options"]["logits_chunk"] == ParallamaConfig().LOGITS_CHUNK
+    from jora.config import ParallamaConfig   # jora runs as a user would: LM-head chunk and attention block by default
+    defaults = ParallamaConfig()
+    assert row["jora"]["options"] == {"logits_chunk": defaults.LOGITS_CHUNK, "attention_block": defaults.ATTENTION_BLOCK}
     # the ratio of the medians over the repeated runs, and a range over the paired runs around it
     assert row["time_ratio"] == pytest.approx(row["jora_step_seconds"]["median"] / row["hf_step_seconds"]["median"])
     assert row["time_ratio_runs"]["min"] <= row["time_ratio_runs"]["max"]
@@ -196,3 +197,6 @@ def test_front_page_shows_the_cpu_suite_of_another_machine_with_its_products(tmp
     assert report.other_machines(tmp_path) == [tmp_path / "xeon"]
     text = report.front_page_markdown(tmp_path)
     assert "The same CPU suite on another machine" in text and "attention p^T.q, tile 64 x 512" in text
+    options = {(row["jora"]["options"]["logits_chunk"], row["jora"]["options"]["attention_block"])
+               for row in json.loads((tmp_path / "xeon" / "cpu.json").read_text())["rows"]}
+    assert all(f"LM head in chunks of {chunk}, attention blocks of at most {block}" in text for chunk, block in options)

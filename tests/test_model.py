@@ -12,7 +12,8 @@ import pytest
 import torch
 import transformers
 
-from jora.model import IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, forward, generate, positions_from_mask
+from jora.model import (IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, forward, generate, positions_from_mask,
+                        rms_norm)
 from jora.formats import checkpoint_tensor_files, load_hf_checkpoint, load_hf_config
 from jora.testing import save_tiny_hf_checkpoint
 
@@ -120,6 +121,25 @@ def test_generation_without_stop_gives_twenty_tokens(checkpoint):
                                       pad_token_id=0).numpy()
     assert ours.shape == (1, 26)
     np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 24), (3, 37, 24), (37, 24), (1, 1, 5, 24)])
+def test_rms_norm_and_its_gradient_match_transformers(shape):
+    "One sequence's rows take the `[time, hidden]` path, several the batched one; both equal `LlamaRMSNorm` within 1e-6."
+    rng = np.random.default_rng(0)
+    x, weight, output_grad = (rng.normal(size=size).astype(np.float32) for size in (shape, shape[-1:], shape))
+    reference = transformers.models.llama.modeling_llama.LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        reference.weight.copy_(torch.tensor(weight))
+    x_torch = torch.tensor(x, requires_grad=True)
+    expected = reference(x_torch)
+    expected.backward(torch.tensor(output_grad))
+    ours, pullback = jax.vjp(lambda x, w: rms_norm(x, w, 1e-5), jnp.asarray(x), jnp.asarray(weight))
+    x_grad, weight_grad = pullback(jnp.asarray(output_grad))
+    assert ours.shape == shape
+    np.testing.assert_allclose(ours, expected.detach().numpy(), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(x_grad, x_torch.grad.numpy(), atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(weight_grad, reference.weight.grad.numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_checkpoint_really_is_sharded(tmp_path):
