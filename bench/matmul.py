@@ -6,7 +6,8 @@ ratio `bench/run.py cpu` can reach here, since products are most of both steps.
 
 Shapes (fp32, batch 1, the cpu suite's model: hidden 512, MLP 1376, vocabulary 32000, 8 heads of 64):
 the layer projections of 512 and 2112 positions, one LM-head chunk of 256 positions forward and backward, and the
-attention products: jora's 64-query tiles of a 512-token row and its 704 x 352 blocks of a 2112-token row, for
+attention products: jora's 64-query tiles of a 512-token row and its blocks of a 2112-token row (528 x 264 with the
+default ATTENTION_BLOCK; both sizes are read from jora), for
 scores (`q.k`), mixing (`p.v`) and the key/value gradients' form (`p^T.q`, contracting over the queries). Each is the
 median of repeated calls after a warm-up, in one process; every product is timed in both libraries (each with all
 cores) once per round, and the median of the rounds is reported with the range of XLA's speed over torch's. A
@@ -28,6 +29,17 @@ from attention import timings  # noqa: E402
 from run import RESULTS, machine, save  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
+
+
+def attention_sizes() -> tuple[int, int, int]:
+    "jora's query tile at 512 positions, and its query and key blocks at 2112 positions with the default ATTENTION_BLOCK."
+    from jora.attention import block_layout, short_layout
+    from jora.config import ParallamaConfig
+    blocks = block_layout(2112, ParallamaConfig().ATTENTION_BLOCK)
+    return short_layout(512).size, blocks.size, blocks.key_size
+
+
+TILE, BLOCK, KEY_BLOCK = attention_sizes()
 # name -> (einsum, left operand shape, right operand shape)
 PRODUCTS = {
     "projection 512 x 512 -> 512": ("md,dn->mn", (512, 512), (512, 512)),
@@ -37,12 +49,15 @@ PRODUCTS = {
     "projection 2112 x 1376 -> 512": ("md,dn->mn", (2112, 1376), (1376, 512)),
     "LM head 256 x 512 -> 32000": ("md,dn->mn", (256, 512), (512, 32000)),
     "LM head gradient 256 x 32000 -> 512": ("mv,dv->md", (256, 32000), (512, 32000)),
-    "attention scores, tile 64 x 512": ("hqd,hkd->hqk", (HEADS, 64, HEAD_DIM), (HEADS, 512, HEAD_DIM)),
-    "attention mixing, tile 64 x 512": ("hqk,hkd->hqd", (HEADS, 64, 512), (HEADS, 512, HEAD_DIM)),
-    "attention p^T.q, tile 64 x 512": ("hqk,hqd->hkd", (HEADS, 64, 512), (HEADS, 64, HEAD_DIM)),
-    "attention scores, block 704 x 352": ("hqd,hkd->hqk", (HEADS, 704, HEAD_DIM), (HEADS, 352, HEAD_DIM)),
-    "attention mixing, block 704 x 352": ("hqk,hkd->hqd", (HEADS, 704, 352), (HEADS, 352, HEAD_DIM)),
-    "attention p^T.q, block 704 x 352": ("hqk,hqd->hkd", (HEADS, 704, 352), (HEADS, 704, HEAD_DIM)),
+    f"attention scores, tile {TILE} x 512": ("hqd,hkd->hqk", (HEADS, TILE, HEAD_DIM), (HEADS, 512, HEAD_DIM)),
+    f"attention mixing, tile {TILE} x 512": ("hqk,hkd->hqd", (HEADS, TILE, 512), (HEADS, 512, HEAD_DIM)),
+    f"attention p^T.q, tile {TILE} x 512": ("hqk,hqd->hkd", (HEADS, TILE, 512), (HEADS, TILE, HEAD_DIM)),
+    f"attention scores, block {BLOCK} x {KEY_BLOCK}": ("hqd,hkd->hqk", (HEADS, BLOCK, HEAD_DIM),
+                                                       (HEADS, KEY_BLOCK, HEAD_DIM)),
+    f"attention mixing, block {BLOCK} x {KEY_BLOCK}": ("hqk,hkd->hqd", (HEADS, BLOCK, KEY_BLOCK),
+                                                       (HEADS, KEY_BLOCK, HEAD_DIM)),
+    f"attention p^T.q, block {BLOCK} x {KEY_BLOCK}": ("hqk,hqd->hkd", (HEADS, BLOCK, KEY_BLOCK),
+                                                      (HEADS, BLOCK, HEAD_DIM)),
 }
 
 
