@@ -32,7 +32,7 @@ HEADS, HEAD_DIM = 8, 64
 
 
 def attention_sizes() -> tuple[int, int, int]:
-    "jora's query tile at 512 positions, and its query and key blocks at 2112 positions with the default ATTENTION_BLOCK."
+    "jora's query tile at 512 positions, and its query and key blocks at 2112 positions (default ATTENTION_BLOCK)."
     from jora.attention import block_layout, short_layout
     from jora.config import ParallamaConfig
     blocks = block_layout(2112, ParallamaConfig().ATTENTION_BLOCK)

@@ -41,7 +41,8 @@ def test_smoke_suite_measures_both_frameworks_on_the_same_step(tmp_path):
     assert row["jora"]["compile_seconds"] > 0 and row["hf"]["compile_seconds"] is None
     from jora.config import ParallamaConfig   # jora runs as a user would: LM-head chunk and attention block by default
     defaults = ParallamaConfig()
-    assert row["jora"]["options"] == {"logits_chunk": defaults.LOGITS_CHUNK, "attention_block": defaults.ATTENTION_BLOCK}
+    assert row["jora"]["options"] == {"logits_chunk": defaults.LOGITS_CHUNK,
+                                      "attention_block": defaults.ATTENTION_BLOCK}
     # the ratio of the medians over the repeated runs, and a range over the paired runs around it
     assert row["time_ratio"] == pytest.approx(row["jora_step_seconds"]["median"] / row["hf_step_seconds"]["median"])
     assert row["time_ratio_runs"]["min"] <= row["time_ratio_runs"]["max"]
