@@ -88,6 +88,15 @@ def test_attention_microbenchmark_runs_every_path(tmp_path):
     assert all(row["length"] == 80 and 0 < row["min_ms"] <= row["median_ms"] for row in rows)
 
 
+def test_norm_reduction_bench_times_every_case():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "norm_reduction.py"), "--time", "48", "--hiddens", "16",
+                           "--repeats", "2", "--rounds", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 4 and {row["hidden"] for row in rows} == {16}
+    assert all(0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] for row in rows)
+
+
 def test_retrieval_bench_reports_index_search_and_rows(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "retrieval.py"), "--documents", "1500", "--questions",
                            "150", "--repeats", "1", "--results", str(tmp_path), "--no-wikitablequestions"],
