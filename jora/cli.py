@@ -20,7 +20,7 @@ import jax
 
 from .model import PROJECTIONS, forward, generate
 from .data import (PROMPT_FORMAT_FILE, TOKENIZER_FILES, chat_messages, format_prompt, generate_alpaca_dataset,
-                       is_chat, load_tokenizer, prompt_ids, read_records)
+                       code_a_folder_asks_for, is_chat, load_tokenizer, no_folder_code, prompt_ids, read_records)
 from .files import describe_checkpoints, output_folder, run_command
 from .formats import load_hf_checkpoint, load_peft_adapter
 from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
@@ -140,6 +140,9 @@ def train_main(argv: list[str] | None = None) -> int:
     print(f"step {last.get('step', 0)}: loss {last.get('loss', float('nan')):.4f}"
           + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
     print(f"LoRA adapter: {result.checkpoint / 'lora.safetensors' if result.checkpoint else 'none saved'}")
+    if result.interrupted_by is not None:   # so that `jora train ... && huggingface_merger ...` stops here
+        print(f"interrupted at step {last.get('step', 0)} (saved); run the same command to resume", file=sys.stderr)
+        return 128 + result.interrupted_by
     return 0
 
 
@@ -202,10 +205,11 @@ def check(style: str = "llama3.1", prompt: str = "Which post does this reply ans
     with output_folder(folder, "tiny check model", overwrite=True) as temporary:  # never a folder of the user's
         save_tiny_hf_checkpoint(temporary, style)
     config, params = load_hf_checkpoint(folder, dtype=jnp.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     input_ids = tokenizer([prompt], return_tensors="np")["input_ids"]
     ours = generate(config, params, input_ids, max_new_tokens=max_new_tokens)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager",
+                                                                  trust_remote_code=False).eval()
     with torch.no_grad():
         expected = reference.generate(torch.tensor(input_ids), attention_mask=torch.ones(input_ids.shape, dtype=torch.long),
                                       max_new_tokens=max_new_tokens, do_sample=False,
@@ -237,7 +241,12 @@ def _peft_greedy(base: Path, adapter: Path, prompts: list[list[int]], max_new_to
         raise SystemExit("jora check --adapter serves the adapter with transformers + peft, which need torch and peft: "
                          "pip install torch peft (on a CPU-only machine a CPU build of torch first).") from None
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    asked = code_a_folder_asks_for(base)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager",
+                                                                  trust_remote_code=False)
+    except ValueError as error:
+        raise ValueError(no_folder_code(base, asked) + " Its model needs that code.") if asked else error from None
     model = PeftModel.from_pretrained(model, adapter).eval()
     outputs = []
     with torch.no_grad():

@@ -19,8 +19,8 @@ from .sharding import CONTEXT_PARALLEL_SCHEMES
 
 # %% auto #0
 __all__ = ['PAPER_FIELDS', 'STEP_FIELDS', 'RUN_FIELDS', 'FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field',
-           'config_to_dict', 'field_type', 'value_problem', 'check_field', 'config_from_dict', 'config_to_toml',
-           'config_from_toml', 'field_label', 'parse_field_text']
+           'config_to_dict', 'field_type', 'value_problem', 'check_field', 'config_from_dict', 'checked_config',
+           'config_to_toml', 'config_from_toml', 'field_label', 'parse_field_text']
 
 # %% ../nbs/05_config.ipynb #4912111e
 class Field(NamedTuple):
@@ -55,7 +55,7 @@ PAPER_FIELDS = {   # the paper's fields, in its order
                                   "micro-batches per optimizer step (gradients averaged over their tokens)", low=1),
     "MAX_SEQ_LEN": Field(int, 512, "Data", "longest example in tokens (longer ones are cut context-first)", low=16),
     "N_EPOCHS": Field(int, 1, "Optimisation", "passes over the train split", low=1),
-    "SEED": Field(int, 0, "Data", "seed for data order, LoRA initialisation and dropout"),
+    "SEED": Field(int, 0, "Data", "seed for data order, LoRA initialisation and dropout", low=0, high=2**31 - 2),
 }
 
 # %% ../nbs/05_config.ipynb #0e564f83
@@ -105,6 +105,9 @@ RUN_FIELDS = {   # jora's own, for the run: schedule, evaluation, checkpoints, d
     "CHECKPOINT_EVERY": Field(int, 100, "Optimisation",
                               "optimizer steps between checkpoints (one is always written at the end)", low=0),
     "KEEP_CHECKPOINTS": Field(int, 2, "Optimisation", "how many recent checkpoints to keep", low=1),
+    "NONFINITE_PATIENCE": Field(int, 0, "Optimisation",
+                                "optimizer steps in a row whose loss, gradient or update is NaN or infinite that are "
+                                "skipped (the adapters kept) before the run stops (0: stop at the first)", low=0),
     "SPLIT_PERCENTAGE": Field(float, 0.8, "Data", "share of the records in the train split", low=1e-09, high=1.0),
     "ALPACA_MIX": Field(float, 0.0, "Data",
                         "general instruction records mixed into the train split, per task record", low=0),
@@ -143,6 +146,8 @@ def value_problem(field: str, value) -> str | None:
         return f"takes one of {', '.join(declared.choices)}"
     if value is None or isinstance(value, (str, tuple, bool)):
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     if (declared.low is not None and value < declared.low) or (declared.high is not None and value > declared.high):
         return (f"must be at least {declared.low}" if declared.high is None else
                 f"must be between {declared.low} and {declared.high}")
@@ -175,6 +180,11 @@ def config_from_dict(values: dict) -> ParallamaConfig:
         raise ValueError(f"Unknown ParallamaConfig fields {unknown}; the fields are {list(ParallamaConfig._fields)}.")
     return ParallamaConfig(**{field: check_field(field, value) for field, value in values.items()})
 
+
+def checked_config(config: ParallamaConfig) -> ParallamaConfig:
+    "`config` with every field checked as a file's or a flag's would be (a config built in Python is not checked)."
+    return config_from_dict(config._asdict())
+
 # %% ../nbs/05_config.ipynb #ce41e393
 def config_to_toml(config: ParallamaConfig) -> str:
     "The config as the TOML file `jora train --config` reads: every field with a value (an absent one is None)."
@@ -195,6 +205,9 @@ def config_from_toml(path) -> ParallamaConfig:
         raise FileNotFoundError(f"No config file at {path}.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid TOML: {error}.") from None
+    if "jora" in table and len(table) > 1:
+        raise ValueError(f"{path} has a [jora] table and also {sorted(set(table) - {'jora'})} outside it: put every "
+                         f"field in the [jora] table, or every field at the top.")
     try:
         return config_from_dict(table.get("jora", table))
     except ValueError as error:

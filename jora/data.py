@@ -24,8 +24,9 @@ __all__ = ['CHAT_ROLES', 'PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'PROMPT_FO
            'RecordError', 'read_records', 'prompt_format', 'format_prompt', 'prompt_parts', 'listed',
            'TruncationReport', 'prompt_tokens', 'answer_tokens', 'longest_fitting', 'cut_context', 'tokenize_record',
            'is_chat', 'chat_messages', 'render_chat', 'assistant_spans', 'tokenize_chat_record', 'tokenize_example',
-           'as_chat', 'prompt_ids', 'split_records', 'mix_general_records', 'load_tokenizer', 'AlpacaDataset',
-           'generate_alpaca_dataset', 'default_buckets', 'empty_rows', 'pack_examples', 'epoch_rows', 'batches']
+           'as_chat', 'prompt_ids', 'split_records', 'mix_general_records', 'load_tokenizer', 'code_a_folder_asks_for',
+           'no_folder_code', 'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets', 'empty_rows',
+           'pack_examples', 'epoch_rows', 'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
 class RecordError(ValueError):
@@ -460,10 +461,38 @@ def load_tokenizer(tokenizer):
         raise FileNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
                                 f"model's tokenizer files into it, as `save_pretrained` writes them.")
     from transformers import AutoTokenizer
+    asked = code_a_folder_asks_for(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
+        if asked:
+            raise ValueError(no_folder_code(folder, asked) + " Its tokenizer needs that code; use a tokenizer "
+                             "transformers knows (tokenizer.json with a built-in tokenizer_class).") from None
         raise ValueError(f"The tokenizer in {folder} cannot be loaded: {error}") from None
+    if asked:
+        warnings.warn(no_folder_code(folder, asked) + f" It loaded transformers' own {type(loaded).__name__}.",
+                      stacklevel=2)
+    return loaded
+
+
+def code_a_folder_asks_for(folder) -> list[str]:
+    """The code a model folder asks transformers to run (the `auto_map` entries of its config.json and
+    tokenizer_config.json); jora never runs it (`trust_remote_code=False` on every load)."""
+    entries = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            settings = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = settings.get("auto_map") if isinstance(settings, dict) else None
+        if isinstance(auto_map, dict):
+            entries += [f"{name}: {value}" for value in auto_map.values()]
+    return entries
+
+
+def no_folder_code(folder, asked: list[str]) -> str:
+    return (f"{folder} asks to run its own code ({'; '.join(map(str, asked))}); jora does not run a model folder's "
+            f"code (trust_remote_code=False).")
 
 
 def _check_chat_template(records: list[dict], tokenizer, source) -> None:

@@ -14,17 +14,21 @@ import os
 import re
 import shutil
 import socket
+import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import numpy as np
+
 # %% auto #0
-__all__ = ['MARKER', 'MANIFEST', 'CHECKPOINT_PREFIX', 'UnsafeFolderError', 'EarlierOutputError', 'CheckpointError', 'WriteError',
-           'CheckpointWarning', 'write_failure', 'is_user_error', 'run_command', 'read_marker', 'check_output_folder',
-           'fsync_tree', 'write_json', 'output_folder', 'checkpoint_name', 'checkpoint_step', 'file_digest',
-           'write_manifest', 'checkpoint_problems', 'step_folders', 'checkpoints', 'latest_checkpoint',
-           'delete_checkpoint', 'rotate_checkpoints', 'set_aside', 'temporary_checkpoint_name', 'stale_work',
-           'clean_stale_work', 'probe_write', 'prepare_checkpoint_folder', 'check_free_space', 'describe_checkpoints']
+__all__ = ['MARKER', 'MANIFEST', 'CHECKPOINT_PREFIX', 'LOCK', 'HOLDER', 'UnsafeFolderError', 'EarlierOutputError',
+           'CheckpointError', 'WriteError', 'CheckpointWarning', 'write_failure', 'is_user_error', 'run_command',
+           'read_marker', 'check_output_folder', 'fsync_tree', 'write_json', 'output_folder', 'checkpoint_name',
+           'checkpoint_step', 'file_digest', 'write_manifest', 'checkpoint_problems', 'non_finite_tensors',
+           'step_folders', 'checkpoints', 'latest_checkpoint', 'delete_checkpoint', 'rotate_checkpoints', 'set_aside',
+           'temporary_checkpoint_name', 'stale_work', 'clean_stale_work', 'probe_write', 'prepare_checkpoint_folder',
+           'FolderInUseError', 'run_lock', 'check_free_space', 'describe_checkpoints']
 
 # %% ../nbs/04_files.ipynb #0042c0b5
 class UnsafeFolderError(ValueError):
@@ -92,6 +96,11 @@ def run_command(program: str, main, argv: list[str]) -> int:
             warnings.showwarning = lambda message, *rest: print(f"{program}: warning: {message}", file=sys.stderr)
         try:
             return main(argv)
+        except KeyboardInterrupt:   # a Ctrl-C before training's own handler (loading, compiling) or a second one
+            if debug:
+                raise
+            print(f"{program}: interrupted", file=sys.stderr)
+            return 130
         except Exception as error:
             if debug or not is_user_error(error):
                 raise
@@ -312,7 +321,7 @@ def checkpoint_problems(folder) -> list[str]:
         assert isinstance(files, dict) and manifest.get("step") == step
     except FileNotFoundError:
         return [f"{MANIFEST} is missing (written by a jora without manifests, or not by jora)"]
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
         return [f"{MANIFEST} is damaged"]
     problems = []
     present = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
@@ -331,7 +340,23 @@ def checkpoint_problems(folder) -> list[str]:
                 problems.append(f"state.json says step {state.get('step')}, the folder name says {step}")
         except (OSError, ValueError, AttributeError):
             problems.append("state.json is missing or not a JSON object")
+    if not problems:
+        problems += [f"{file.name} holds NaN or infinite values in {', '.join(names)}"
+                     for file, names in non_finite_tensors(folder).items()]
     return problems
+
+
+def non_finite_tensors(folder) -> dict:
+    "`{file: [tensor names]}` of the safetensors files in `folder` whose floating-point tensors hold NaN or infinity."
+    from safetensors import safe_open
+    found = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as handle:
+            names = [name for name in handle.keys() if np.issubdtype((tensor := handle.get_tensor(name)).dtype, np.floating)
+                     and not np.isfinite(tensor).all()]
+        if names:
+            found[file] = names
+    return found
 
 # %% ../nbs/04_files.ipynb #c60a2244
 def step_folders(root) -> list[Path]:
@@ -440,8 +465,10 @@ def probe_write(folder) -> None:
         probe.unlink(missing_ok=True)
 
 # %% ../nbs/04_files.ipynb #eafc7488
-def prepare_checkpoint_folder(root, *, protected=()) -> list[Path]:
-    "Check, mark and probe a checkpoint folder before training; returns the stale folders it cleaned."
+def prepare_checkpoint_folder(root, *, protected=(), lock: ExitStack | None = None) -> list[Path]:
+    """Check, mark and probe a checkpoint folder before training; returns the stale folders it cleaned. With `lock`,
+    the run's lock (`run_lock`) is taken as soon as the folder exists, before anything is written in it, and held
+    until `lock` closes."""
     root_path = Path(root)
     exists = root_path.is_dir()
     if exists and read_marker(root_path) is None and _looks_like_checkpoints(root_path):
@@ -453,10 +480,73 @@ def prepare_checkpoint_folder(root, *, protected=()) -> list[Path]:
     except OSError as error:
         raise WriteError(f"Cannot create the checkpoint folder {root}: {write_failure(error) or error.strerror}. "
                          f"Choose a writable folder; no training was done.", error.errno) from None
+    if lock is not None:
+        lock.enter_context(run_lock(target))
     probe_write(target)
     if read_marker(target) is None:
         write_json(target / MARKER, {"writer": "jora", "kind": "checkpoint folder", "entries": []})
     return clean_stale_work(target)
+
+
+LOCK, HOLDER = ".jora-run.lock", ".jora-run.json"   # the run's lock in a checkpoint folder, and who holds it
+
+
+class FolderInUseError(UnsafeFolderError):
+    "Another run holds this checkpoint folder."
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(folder):
+    """Hold checkpoint `folder` for one run: an OS file lock (`filelock`; the system frees it when the holder dies), and
+    beside it who holds it (host, PID, since when). A second run gets a `FolderInUseError` naming the holder; a lock
+    left by a run that died is taken over with a warning."""
+    from filelock import FileLock, Timeout
+    folder = Path(folder)
+    lock, holder_file = FileLock(folder / LOCK), folder / HOLDER
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FolderInUseError(f"{folder} is in use by another jora run ({_holder_words(holder_file)}). Wait for it "
+                               f"to finish or stop it, or choose another checkpoint folder.") from None
+    try:
+        left = _read_holder(holder_file)
+        if left is not None:
+            alive = left.get("host") != socket.gethostname() or _process_is_running(left.get("pid", -1))
+            warnings.warn(f"Taking over the lock on {folder} left by a run that ended without releasing it "
+                          f"({_holder_words(holder_file)}"
+                          f"{'' if not alive else '; if that run still writes here from another host, stop it'}).",
+                          CheckpointWarning, stacklevel=3)
+        write_json(holder_file, {"host": socket.gethostname(), "pid": os.getpid(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        yield folder
+    finally:
+        holder_file.unlink(missing_ok=True)
+        lock.release()
+
+
+def _read_holder(file: Path) -> dict | None:
+    try:
+        holder = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_words(file: Path) -> str:
+    holder = _read_holder(file)
+    if not holder:
+        return "holder unknown"
+    return f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, since {holder.get('since', '?')}"
 
 
 def check_free_space(folder, needed_bytes: int) -> None:
@@ -479,7 +569,7 @@ def describe_checkpoints(root) -> tuple[list[str], Path | None]:
             (None if problems else root)
     lines, stale = [], set(stale_work(root))
     for entry in sorted(root.iterdir(), key=lambda p: (checkpoint_step(p) is None, checkpoint_step(p) or 0, p.name)):
-        if entry.name == MARKER:
+        if entry.name in (MARKER, LOCK, HOLDER):
             continue
         if checkpoint_step(entry) is not None and entry.is_dir():
             problems = checkpoint_problems(entry)

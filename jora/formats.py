@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .model import (ATTENTION_PROJECTIONS, PROJECTIONS, SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, LlamaConfig,
                         LoraWeights, RopeScaling, _as_id_tuple, has_bias, param_shapes, projection_shape)
-from .sharding import param_specs
+from .sharding import first_process_does, param_specs, place
 from .lora import LoraConfig
 from .data import PROMPT_FORMAT_FILE, TOKENIZER_FILES, load_tokenizer, prompt_format
 from .files import (MANIFEST, CheckpointError, CheckpointWarning, WriteError, checkpoint_name, checkpoint_problems,
@@ -34,8 +34,8 @@ from .files import (MANIFEST, CheckpointError, CheckpointWarning, WriteError, ch
 # %% auto #0
 __all__ = ['PARAMS_KIND', 'load_hf_config', 'module_group', 'hf_weight_names', 'hf_tensor_shapes', 'checkpoint_tensor_files',
            'load_hf_checkpoint', 'save_params', 'is_params_folder', 'load_params', 'save_lora', 'load_lora',
-           'save_checkpoint', 'load_optimizer_state', 'peft_key', 'save_peft_adapter', 'load_peft_adapter',
-           'load_any_adapter']
+           'save_checkpoint', 'NonFiniteError', 'load_optimizer_state', 'peft_key', 'save_peft_adapter',
+           'load_peft_adapter', 'load_any_adapter']
 
 # %% ../nbs/04_formats.ipynb #1c814822
 def _read_hf_config(path_or_dict) -> tuple[dict, str]:
@@ -419,12 +419,26 @@ def save_checkpoint(checkpoint_path, step: int, lora: LoraWeights, lora_config: 
     final = root / checkpoint_name(step)
     lora_tensors = _lora_tensors(lora)
     optimizer_tensors = {name: _host(leaf) for name, leaf in _leaf_names(optimizer_state)}
-    if jax.process_index() != 0:
-        return final
-    temporary = root / temporary_checkpoint_name(step)
+    not_finite = [name for tensors in (lora_tensors, optimizer_tensors) for name, tensor in tensors.items()
+                  if np.issubdtype(tensor.dtype, np.floating) and not np.isfinite(tensor).all()]
+    if not_finite:
+        raise NonFiniteError(f"Not writing checkpoint {final}: {', '.join(not_finite[:4])}"
+                             f"{' and more' if len(not_finite) > 4 else ''} hold NaN or infinite values.")
+    first_process_does(partial(_write_checkpoint_folder, root, step, lora_tensors, optimizer_tensors,
+                               _lora_metadata(lora_config), state, keep), f"writing checkpoint {final}")
+    return final
+
+
+class NonFiniteError(FloatingPointError):
+    "Tensors about to be saved hold NaN or infinite values."
+
+
+def _write_checkpoint_folder(root: Path, step: int, lora_tensors: dict, optimizer_tensors: dict, metadata: dict,
+                             state: dict, keep: int) -> None:
+    final, temporary = root / checkpoint_name(step), root / temporary_checkpoint_name(step)
     try:
         temporary.mkdir()
-        _write_safetensors(temporary / "lora.safetensors", lora_tensors, _lora_metadata(lora_config))
+        _write_safetensors(temporary / "lora.safetensors", lora_tensors, metadata)
         _write_safetensors(temporary / "optimizer.safetensors", optimizer_tensors)
         write_json(temporary / "state.json", state)
         write_manifest(temporary, step)
@@ -442,7 +456,6 @@ def save_checkpoint(checkpoint_path, step: int, lora: LoraWeights, lora_config: 
                          f"(newest: {previous.name if previous else 'none'}); free some space or fix the permissions, "
                          f"then run again to resume.", getattr(error, "errno", None)) from error
     rotate_checkpoints(root, keep)
-    return final
 
 # %% ../nbs/04_formats.ipynb #16ebb5ef
 def load_optimizer_state(folder, like):
@@ -460,7 +473,7 @@ def load_optimizer_state(folder, like):
     for name, live in names:
         if saved[name].shape != live.shape:
             raise ValueError(f"{folder}: optimizer entry {name} has shape {saved[name].shape}, expected {live.shape}.")
-        leaves.append(jax.device_put(saved[name], live.sharding))
+        leaves.append(place(saved[name], live.sharding))
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 # %% ../nbs/04_formats.ipynb #a85bc1d0

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .model import LlamaConfig, LoraWeights, PROJECTIONS, projection_shape
-from .sharding import adapter_shapes, adapter_specs, named_shardings
+from .sharding import adapter_shapes, adapter_specs, named_shardings, place
 
 # %% auto #0
 __all__ = ['LoraConfig', 'lora_parameter_count', 'init_lora', 'shard_lora', 'merge_lora']
@@ -69,7 +69,7 @@ def init_lora(config: LlamaConfig, lora_config: LoraConfig, key: jax.Array, mesh
 def shard_lora(config: LlamaConfig, lora: LoraWeights, mesh) -> LoraWeights:
     "Place adapters on `mesh` beside their base weights."
     shardings = named_shardings(mesh, adapter_specs(config, tuple(lora.adapters), mesh))
-    return LoraWeights(jax.device_put(lora.adapters, shardings), scale=lora.scale, dropout=lora.dropout)
+    return LoraWeights(place(lora.adapters, shardings), scale=lora.scale, dropout=lora.dropout)
 
 # %% ../nbs/02_lora.ipynb #1714836c
 @jax.jit

@@ -24,11 +24,11 @@ from .model import PROJECTION_DIMENSIONS, LlamaConfig, dimension_sizes, param_di
 # %% auto #0
 __all__ = ['MESH_AXES', 'LOGICAL_AXIS_RULES', 'CONTEXT_PARALLEL_SCHEMES', 'COLLECTIVES', 'DTYPE_BYTES',
            'CPU_MEMORY_ESTIMATE_OPTIONS', 'make_mesh', 'axis_rules', 'placement', 'dimension_units', 'axis_sizes',
-           'specs_from_dimensions', 'model_axis_sizes', 'check_model_axis', 'param_specs', 'named_shardings',
-           'shard_params', 'batch_spec', 'adapter_dimensions', 'adapter_shapes', 'adapter_specs', 'compiled_memory',
-           'device_memory_stats', 'shape_bytes', 'collective_bytes', 'largest_arrays', 'abstract_params_and_adapters',
-           'abstract_optimizer_state', 'random_bits_lowered_as_on_gpu', 'compile_for_memory_estimate',
-           'longest_length_within']
+           'specs_from_dimensions', 'model_axis_sizes', 'check_model_axis', 'param_specs', 'named_shardings', 'place',
+           'shard_params', 'batch_spec', 'FirstProcessError', 'first_process_does', 'adapter_dimensions',
+           'adapter_shapes', 'adapter_specs', 'compiled_memory', 'device_memory_stats', 'shape_bytes',
+           'collective_bytes', 'largest_arrays', 'abstract_params_and_adapters', 'abstract_optimizer_state',
+           'random_bits_lowered_as_on_gpu', 'compile_for_memory_estimate', 'longest_length_within']
 
 # %% ../nbs/01_sharding.ipynb #16790a1d
 MESH_AXES = ("data", "seq", "model")
@@ -132,15 +132,56 @@ def named_shardings(mesh: Mesh, specs):
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def place(tree, shardings):
+    """Global arrays of `tree`'s values under `shardings` (one sharding, or a matching pytree): each device takes its
+    slice of the host value. Every process passes the same values, so this works when the mesh spans processes, where
+    `jax.device_put` cannot reach another process's devices. Random keys keep their type."""
+    def one(value, sharding):
+        if isinstance(value, jax.Array) and value.sharding == sharding:
+            return value
+        if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(value), sharding), impl=jax.random.key_impl(value))
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda value: one(value, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_params(config: LlamaConfig, params: dict, mesh: Mesh) -> dict:
     "Place `params` on `mesh` in their tensor-parallel layout."
-    return jax.device_put(params, named_shardings(mesh, param_specs(config, params, mesh)))
+    return place(params, named_shardings(mesh, param_specs(config, params, mesh)))
 
 
 def batch_spec() -> P:
     "Token arrays `[batch, time]`: rows over `data`, positions over `seq`."
     return P(LOGICAL_AXIS_RULES["batch"], LOGICAL_AXIS_RULES["length"])
 
+
+# %% ../nbs/01_sharding.ipynb #8a3fc459
+class FirstProcessError(RuntimeError):
+    "Work done once by process 0 failed there; the other processes raise this with its message."
+
+
+def first_process_does(work, what: str):
+    """`work()` on process 0 only (its result there, None elsewhere). When it raises, process 0 raises that error and
+    every other process a `FirstProcessError` naming `what` with its message, so no host waits for the others forever."""
+    if jax.process_count() == 1:
+        return work()
+    from jax.experimental import multihost_utils
+    result, error, message = None, None, np.zeros(4096, np.uint8)
+    if jax.process_index() == 0:
+        try:
+            result = work()
+        except Exception as raised:
+            error, encoded = raised, f"{type(raised).__name__}: {raised}".encode()[:4095] or b"?"
+            message[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    message = np.asarray(multihost_utils.broadcast_one_to_all(message))
+    if error is not None:
+        raise error
+    if message.any():
+        raise FirstProcessError(f"Process 0 failed at {what}: {bytes(message).rstrip(bytes(1)).decode(errors='replace')}")
+    return result
 
 # %% ../nbs/01_sharding.ipynb #4baea693
 def adapter_dimensions(targets) -> dict:

@@ -108,7 +108,7 @@ CHAT_TEMPLATES = {  # assistant turns marked with {% generation %}, so transform
 def add_chat_template(folder: str | Path, style: str = "header") -> Path:
     "Give the tokenizer saved in `folder` a chat template (`CHAT_TEMPLATES[style]`), saved in its folder as an instruct model's is."
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     tokenizer.chat_template = CHAT_TEMPLATES[style]
     tokenizer.save_pretrained(str(folder))
     return Path(folder)

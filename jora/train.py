@@ -26,9 +26,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .model import LlamaConfig, LoraWeights, causal_lm_loss_sum
 from .sharding import (abstract_optimizer_state, abstract_params_and_adapters, batch_spec, compile_for_memory_estimate,
                            CONTEXT_PARALLEL_SCHEMES, compiled_memory, device_memory_stats, longest_length_within,
-                           make_mesh, placement)
+                           first_process_does, make_mesh, place, placement)
 from .lora import LoraConfig, init_lora, shard_lora
-from .config import ParallamaConfig, config_to_dict
+from .config import ParallamaConfig, checked_config, config_to_dict
 from .data import batches, empty_rows
 from .formats import (PARAMS_KIND, is_params_folder, load_hf_checkpoint, load_lora, load_optimizer_state,
                           load_params, save_checkpoint, save_params)
@@ -38,12 +38,13 @@ from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderEr
 
 # %% auto #0
 __all__ = ['parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'load_model', 'make_optimizer', 'TrainState',
-           'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged', 'TrainResult',
-           'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder', 'step_options',
-           'run_train_step', 'Run', 'prepare_run', 'fresh_state', 'restore_state', 'micro_batch_groups', 'ctrl_c_sets',
-           'compiled_step', 'device_memory_limit', 'readable_bytes', 'memory_alternatives', 'check_step_fits',
-           'step_record', 'check_finite', 'write_checkpoint', 'train_lora', 'loss_figure', 'figure_png',
-           'loss_plot_png', 'LossPlot', 'abstract_train_inputs', 'step_memory', 'longest_trainable_sequence']
+           'all_finite', 'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged',
+           'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder',
+           'step_options', 'run_train_step', 'Run', 'prepare_run', 'fresh_state', 'agreed_checkpoint', 'restore_state',
+           'micro_batch_groups', 'Interruption', 'ctrl_c_sets', 'compiled_step', 'device_memory_limit',
+           'readable_bytes', 'memory_alternatives', 'check_step_fits', 'step_record', 'check_finite', 'TrainingWarning',
+           'write_checkpoint', 'train_lora', 'loss_figure', 'figure_png', 'loss_plot_png', 'LossPlot',
+           'abstract_train_inputs', 'step_memory', 'longest_trainable_sequence']
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
 def parameter_count(params: dict) -> int:
@@ -133,6 +134,12 @@ class TrainState(NamedTuple):
     key: jax.Array
 
 # %% ../nbs/05_train.ipynb #190cded3
+def all_finite(tree) -> jax.Array:
+    "Whether every floating-point value in `tree` is finite, as one boolean."
+    leaves = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
 def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfig, remat: str | None, mesh,
                     logits_chunk: int | None = None, attention_block: int | None = None, *,
                     attention_implementation: str = "auto", row_layout: str = "any", context_parallel: str = "ring"):
@@ -166,11 +173,14 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         loss, grad_norm = loss_sum / denominator, optax.tree.norm(grads)
         updates, new_optimizer_state = optimizer.update(grads, state.optimizer_state, state.adapters)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_adapters = optax.apply_updates(state.adapters, updates)
+        finite_update = all_finite(new_adapters) & all_finite(new_optimizer_state)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_update
         keep = lambda new, old: jnp.where(finite, new, old)
-        new_state = TrainState(jax.tree.map(keep, optax.apply_updates(state.adapters, updates), state.adapters),
+        new_state = TrainState(jax.tree.map(keep, new_adapters, state.adapters),
                                jax.tree.map(keep, new_optimizer_state, state.optimizer_state), state.step + 1, state.key)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "finite": finite}
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "finite": finite,
+                           "finite_update": finite_update}
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -219,6 +229,7 @@ class TrainResult(NamedTuple):
     history: list
     checkpoint: Path | None
     stopped_early: bool
+    interrupted_by: int | None = None   # the signal (SIGINT, SIGTERM) that stopped the run early, if one did
 
 
 def lora_config_of(config: ParallamaConfig) -> LoraConfig:
@@ -259,11 +270,13 @@ def checkpoint_bytes(adapters, optimizer_state) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) + (1 << 20)
 
 
-def prepare_run_folder(config: ParallamaConfig, checkpoint_path, *, resume: bool, overwrite: bool) -> None:
-    """Before anything is loaded: the checkpoint folder may be written (new, empty or jora's; a probe write works),
-    killed runs' leftovers are cleaned, and an earlier run's checkpoints are only replaced when asked to."""
+def prepare_run_folder(config: ParallamaConfig, checkpoint_path, *, resume: bool, overwrite: bool,
+                       lock: contextlib.ExitStack | None = None) -> None:
+    """Before anything is loaded: the checkpoint folder may be written (new, empty or jora's; a probe write works), the
+    run's lock is taken (held until `lock` closes), killed runs' leftovers are cleaned, and an earlier run's
+    checkpoints are only replaced when asked to."""
     model_folders = [config.LLAMA2_HF_PATH, config.LLAMA2_META_PATH, config.JAX_PARAMS_PATH]
-    for cleaned in prepare_checkpoint_folder(checkpoint_path, protected=model_folders):
+    for cleaned in prepare_checkpoint_folder(checkpoint_path, protected=model_folders, lock=lock):
         warnings.warn(f"Removed {cleaned}, left by a killed run.", CheckpointWarning)
     earlier = [folder for folder in step_folders(checkpoint_path) if (folder / MANIFEST).is_file()]
     if resume or not earlier:
@@ -306,13 +319,15 @@ class Run(NamedTuple):
 
 
 def prepare_run(config: ParallamaConfig, dataset, checkpoint_path, *, resume: bool, overwrite: bool, with_eval: bool,
-                model=None) -> Run:
-    "Check the mesh and the checkpoint folder, load the model (unless given), and build the optimizer and the steps."
+                model=None, lock: contextlib.ExitStack | None = None) -> Run:
+    """Check the config, the mesh and the checkpoint folder (process 0 takes the run's lock into `lock`), load the
+    model (unless given), and build the optimizer and the steps."""
+    config = checked_config(config)
     mesh = run_mesh(config)
     if config.BATCH_SIZE % mesh.shape["data"]:
         raise ValueError(f"BATCH_SIZE={config.BATCH_SIZE} must be divisible by MESH_DATA={mesh.shape['data']}.")
-    if jax.process_index() == 0:
-        prepare_run_folder(config, checkpoint_path, resume=resume, overwrite=overwrite)
+    first_process_does(lambda: prepare_run_folder(config, checkpoint_path, resume=resume, overwrite=overwrite,
+                                                  lock=lock), f"preparing {checkpoint_path}")
     model_config, params = model if model is not None else load_model(config, mesh)
     epoch_steps = sum(steps_per_epoch(dataset, config, epoch) for epoch in range(config.N_EPOCHS))
     if epoch_steps == 0:
@@ -329,8 +344,24 @@ def prepare_run(config: ParallamaConfig, dataset, checkpoint_path, *, resume: bo
 def fresh_state(run: Run) -> TrainState:
     "Step 0: fresh adapters on the run's mesh, their optimizer state, and the run's random key."
     lora = init_lora(run.model_config, run.lora_config, jax.random.key(run.config.SEED), mesh=run.mesh)
-    step, key = jax.device_put((jnp.int32(0), jax.random.key(run.config.SEED + 1)), NamedSharding(run.mesh, P()))
-    return TrainState(lora.adapters, jax.jit(run.optimizer.init)(lora.adapters), step, key)
+    step, key = place((np.int32(0), jax.random.key(run.config.SEED + 1)), NamedSharding(run.mesh, P()))
+    placed_like = jax.tree.map(lambda shape: shape.sharding, abstract_optimizer_state(run.optimizer, lora.adapters, run.mesh))
+    return TrainState(lora.adapters, jax.jit(run.optimizer.init, out_shardings=placed_like)(lora.adapters), step, key)
+
+
+def agreed_checkpoint(checkpoint_path) -> Path | None:
+    """The newest verified checkpoint in `checkpoint_path`, which every process must see alike: on several hosts the
+    checkpoint folder is one shared folder (process 0 writes it, every process reads it)."""
+    latest = latest_checkpoint(checkpoint_path)
+    if jax.process_count() == 1:
+        return latest
+    from jax.experimental import multihost_utils
+    steps = np.asarray(multihost_utils.process_allgather(np.int64(-1 if latest is None else checkpoint_step(latest))))
+    if len(set(steps.tolist())) > 1:
+        seen = ", ".join(f"process {number}: {'none' if step < 0 else f'step {step}'}" for number, step in enumerate(steps))
+        raise CheckpointError(f"The processes see different newest checkpoints in {checkpoint_path} ({seen}). The "
+                              f"checkpoint folder must be one folder shared by every host (a network filesystem).")
+    return latest
 
 
 def restore_state(run: Run, state: TrainState, folder: Path) -> tuple[TrainState, dict]:
@@ -344,7 +375,7 @@ def restore_state(run: Run, state: TrainState, folder: Path) -> tuple[TrainState
                          f"Use another checkpoint_path, or resume=False to start over.")
     adapters = shard_lora(run.model_config, restored, run.mesh).adapters
     optimizer_state = load_optimizer_state(folder, state.optimizer_state)
-    step = jax.device_put(jnp.int32(saved["step"]), state.step.sharding)
+    step = place(np.int32(saved["step"]), state.step.sharding)
     return state._replace(adapters=adapters, optimizer_state=optimizer_state, step=step), saved
 
 
@@ -367,26 +398,38 @@ def micro_batch_groups(dataset, config: ParallamaConfig, epoch: int, next_batch:
 
 
 # %% ../nbs/05_train.ipynb #2c14709c
+class Interruption(threading.Event):
+    "Set by a run's first Ctrl-C (SIGINT) or SIGTERM; `signal` says which."
+    signal: int | None = None
+
+
 @contextlib.contextmanager
 def ctrl_c_sets(interrupted: threading.Event):
-    """While inside, a first Ctrl-C sets `interrupted` (the loop saves and stops after its step) and a second one
-    interrupts; the previous SIGINT handler is back on exit. Off the main thread (a panel's run) nothing changes."""
+    """While inside, a first Ctrl-C or SIGTERM sets `interrupted` (the loop saves and stops after its step; an
+    `Interruption` also records the signal) and a second one interrupts (`KeyboardInterrupt`, or exit status 143 for
+    SIGTERM); the previous handlers are back on exit. Off the main thread (a panel's run) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     import signal
 
-    def on_interrupt(signum, frame):
+    def on_signal(signum, frame):
         if interrupted.is_set():
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        if isinstance(interrupted, Interruption):
+            interrupted.signal = signum
         interrupted.set()
-        print("\nInterrupted: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort).")
+        print(f"\n{'Interrupted' if signum == signal.SIGINT else 'Terminated (SIGTERM)'}: finishing this step, saving "
+              f"a checkpoint, then stopping (Ctrl-C again to abort).")
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 # %% ../nbs/05_train.ipynb #0b015213
@@ -448,13 +491,29 @@ def step_record(run: Run, metrics: dict, stacked: dict, seconds: float, step: in
             **_device_memory_fields()}
 
 
-def check_finite(metrics: dict, step: int, last_saved: Path | None) -> None:
-    "Raise `TrainingDiverged` when step `step`'s loss or gradient norm was not finite (the step kept the old state)."
-    if not metrics["finite"]:
-        raise TrainingDiverged(
-            f"The loss became {float(metrics['loss'])} (gradient norm {float(metrics['grad_norm'])}) at step {step}; "
-            f"that update was not applied and nothing was saved over the last good checkpoint "
-            f"({last_saved or 'none yet'}). Lower LR, check the data, or resume from that checkpoint.")
+def check_finite(metrics: dict, step: int, last_saved: Path | None, *, skipped_before: int = 0,
+                 patience: int = 0) -> int:
+    """How many steps in a row, up to step `step`, had a loss, gradient or update that was not finite (each kept the
+    old state); past `patience` of them, raise `TrainingDiverged` naming the last good checkpoint."""
+    if metrics["finite"]:
+        return 0
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    what = (f"The loss became {loss} (gradient norm {grad_norm})" if not (math.isfinite(loss) and math.isfinite(grad_norm))
+            else f"The update made the adapters or the optimizer state NaN or infinite (loss {loss}, gradient norm "
+                 f"{grad_norm}; LR, WEIGHT_DECAY or MIN_LR_RATIO too large?)")
+    skipped = skipped_before + 1
+    if skipped <= patience:
+        warnings.warn(f"{what} at step {step}; that update was skipped ({skipped} of NONFINITE_PATIENCE={patience} "
+                      f"in a row).", TrainingWarning)
+        return skipped
+    in_a_row = f" ({skipped} steps in a row)" if skipped > 1 else ""
+    raise TrainingDiverged(
+        f"{what} at step {step}{in_a_row}; that update was not applied and nothing was saved over the last good "
+        f"checkpoint ({last_saved or 'none yet'}). Lower LR, check the data, or resume from that checkpoint.")
+
+
+class TrainingWarning(UserWarning):
+    "A training step was skipped because its loss, gradient or update was not finite."
 
 # %% ../nbs/05_train.ipynb #762db548
 def write_checkpoint(run: Run, checkpoint_path, state: TrainState, position: dict, callbacks) -> Path:
@@ -475,54 +534,56 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
     schedule (for tests and trials); `model` is an already loaded `(model_config, params)` on the run's mesh;
     `resume=False` on a folder with checkpoints needs `overwrite=True`, and then replaces them."""
     from tqdm.auto import tqdm
-    run = prepare_run(config, dataset, checkpoint_path, resume=resume, overwrite=overwrite,
-                      with_eval=eval_dataset is not None, model=model)
-    state = fresh_state(run)
-    if jax.process_index() == 0:
-        check_free_space(checkpoint_path, checkpoint_bytes(state.adapters, state.optimizer_state))
-    last_saved, position = latest_checkpoint(checkpoint_path) if resume else None, {"epoch": 0, "next_batch": 0}
-    if last_saved is not None:
-        state, position = restore_state(run, state, last_saved)
-    step, epoch, next_batch, history = int(state.step), position["epoch"], position["next_batch"], position.get("history", [])
-    interrupted, compiled, stopped_early = threading.Event(), {}, False
-    for callback in callbacks: callback("start", {"total_steps": run.total_steps, "step": step, "config": config,
-                                                  "history": list(history), "resumed_from": last_saved})
-    bar = tqdm(total=run.total_steps, initial=step, disable=not progress, desc="LoRA", unit="step", dynamic_ncols=True)
-    with ctrl_c_sets(interrupted), contextlib.closing(bar):
-        for group, group_epoch, group_next in micro_batch_groups(dataset, config, epoch, next_batch):
-            if step >= run.total_steps:
-                break
-            if (stop is not None and stop.is_set()) or interrupted.is_set() or (stop_after is not None and step >= stop_after):
-                stopped_early = True
-                break
-            stacked = stack_micro_batches(group, config.N_ACCUMULATION_STEPS)
-            inputs = (state, run.params, place_batch(stacked, run.mesh, leading=1))
-            program, record = compiled_step(compiled, run.train_step, inputs)
-            if record:
-                check_step_fits(run, record["compiled_bytes_per_device"], stacked["input_ids"].shape[-1])
-            started = time.perf_counter()
-            state, metrics = program(*inputs)
-            metrics = jax.device_get(metrics)
-            record.update(step_record(run, metrics, stacked, time.perf_counter() - started, step + 1, group_epoch))
-            check_finite(metrics, step + 1, last_saved)
-            step, epoch, next_batch = step + 1, group_epoch, group_next
-            if eval_dataset is not None and ((config.EVAL_EVERY and step % config.EVAL_EVERY == 0) or step == run.total_steps):
-                record["eval_loss"] = evaluate(run.eval_step, state.adapters, run.params, eval_dataset, config, run.mesh,
-                                               config.EVAL_BATCHES)
-                for callback in callbacks: callback("eval", record)
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
-            for callback in callbacks: callback("step", record)
-            if config.CHECKPOINT_EVERY and step % config.CHECKPOINT_EVERY == 0 and step < run.total_steps:
+    with contextlib.ExitStack() as lock:
+        run = prepare_run(config, dataset, checkpoint_path, resume=resume, overwrite=overwrite,
+                          with_eval=eval_dataset is not None, model=model, lock=lock)
+        config, state = run.config, fresh_state(run)
+        first_process_does(lambda: check_free_space(checkpoint_path, checkpoint_bytes(state.adapters, state.optimizer_state)),
+                           f"checking the free space in {checkpoint_path}")
+        last_saved, position = agreed_checkpoint(checkpoint_path) if resume else None, {"epoch": 0, "next_batch": 0}
+        if last_saved is not None:
+            state, position = restore_state(run, state, last_saved)
+        step, epoch, next_batch, history = int(state.step), position["epoch"], position["next_batch"], position.get("history", [])
+        interrupted, compiled, stopped_early, skipped = Interruption(), {}, False, 0
+        for callback in callbacks: callback("start", {"total_steps": run.total_steps, "step": step, "config": config,
+                                                      "history": list(history), "resumed_from": last_saved})
+        bar = tqdm(total=run.total_steps, initial=step, disable=not progress, desc="LoRA", unit="step", dynamic_ncols=True)
+        with ctrl_c_sets(interrupted), contextlib.closing(bar):
+            for group, group_epoch, group_next in micro_batch_groups(dataset, config, epoch, next_batch):
+                if step >= run.total_steps:
+                    break
+                if (stop is not None and stop.is_set()) or interrupted.is_set() or (stop_after is not None and step >= stop_after):
+                    stopped_early = True
+                    break
+                stacked = stack_micro_batches(group, config.N_ACCUMULATION_STEPS)
+                inputs = (state, run.params, place_batch(stacked, run.mesh, leading=1))
+                program, record = compiled_step(compiled, run.train_step, inputs)
+                if record:
+                    check_step_fits(run, record["compiled_bytes_per_device"], stacked["input_ids"].shape[-1])
+                started = time.perf_counter()
+                state, metrics = program(*inputs)
+                metrics = jax.device_get(metrics)
+                record.update(step_record(run, metrics, stacked, time.perf_counter() - started, step + 1, group_epoch))
+                skipped = check_finite(metrics, step + 1, last_saved, skipped_before=skipped,
+                                       patience=config.NONFINITE_PATIENCE)
+                step, epoch, next_batch = step + 1, group_epoch, group_next
+                if eval_dataset is not None and ((config.EVAL_EVERY and step % config.EVAL_EVERY == 0) or step == run.total_steps):
+                    record["eval_loss"] = evaluate(run.eval_step, state.adapters, run.params, eval_dataset, config, run.mesh,
+                                                   config.EVAL_BATCHES)
+                    for callback in callbacks: callback("eval", record)
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
+                for callback in callbacks: callback("step", record)
+                if config.CHECKPOINT_EVERY and step % config.CHECKPOINT_EVERY == 0 and step < run.total_steps:
+                    last_saved = write_checkpoint(run, checkpoint_path, state, dict(step=step, epoch=epoch,
+                                                  next_batch=next_batch, history=history), callbacks)
+            if step > 0 and (last_saved is None or checkpoint_step(last_saved) != step):
                 last_saved = write_checkpoint(run, checkpoint_path, state, dict(step=step, epoch=epoch,
                                               next_batch=next_batch, history=history), callbacks)
-        if step > 0 and (last_saved is None or checkpoint_step(last_saved) != step):
-            last_saved = write_checkpoint(run, checkpoint_path, state, dict(step=step, epoch=epoch,
-                                          next_batch=next_batch, history=history), callbacks)
     for callback in callbacks: callback("end", {"step": step, "checkpoint": str(last_saved), "stopped_early": stopped_early})
     return TrainResult(LoraWeights(state.adapters, run.lora_config.scale, run.lora_config.dropout), run.lora_config,
-                       run.model_config, history, last_saved, stopped_early)
+                       run.model_config, history, last_saved, stopped_early, interrupted.signal)
 
 
 # %% ../nbs/05_train.ipynb #b5e1f002

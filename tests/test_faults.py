@@ -310,7 +310,7 @@ def test_killed_runs_leave_nothing_behind_after_the_next_start(setup, finished_r
         resumed = train_lora(config, train, copy, progress=False)
     np.testing.assert_array_equal(losses(resumed), whole)
     left = sorted(p.name for p in copy.iterdir() if p.name.startswith("."))
-    assert left == [".jora-output.json", alive.name], left
+    assert left == [".jora-output.json", ".jora-run.lock", alive.name], left   # the lock file stays, unheld
 
 
 # ---- 3. fail before training, not after ----
