@@ -30,9 +30,9 @@ from .evaluate import ANSWER_RULES, adapter_label, compare_robustness, evaluate_
 from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict, config_from_toml
 
 # %% auto #0
-__all__ = ['demo_config', 'demo', 'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'train_main',
-           'eval_argument_parser', 'eval_main', 'check', 'check_adapter', 'report_adapter_check', 'check_checkpoints',
-           'main']
+__all__ = ['demo_config', 'demo', 'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'start_distributed',
+           'train_main', 'eval_argument_parser', 'eval_main', 'check', 'check_adapter', 'report_adapter_check',
+           'check_checkpoints', 'main']
 
 # %% ../nbs/09_cli.ipynb #dc83c58f
 def demo_config(folder: Path, **changes) -> ParallamaConfig:
@@ -126,11 +126,25 @@ def config_from_arguments(arguments) -> ParallamaConfig:
 
 
 # %% ../nbs/09_cli.ipynb #03f8c189
+def start_distributed() -> None:
+    """With `JORA_DISTRIBUTED=1`, join the other hosts' processes (`jax.distributed.initialize`): on Slurm (and the
+    other clusters JAX detects) it finds its peers itself; elsewhere every host sets `JAX_COORDINATOR_ADDRESS` (process
+    0's `host:port`), `JAX_NUM_PROCESSES` and its own `JAX_PROCESS_ID`."""
+    if not os.environ.get("JORA_DISTRIBUTED"):
+        return
+    settings = {}
+    for variable, setting in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(variable):
+            if not os.environ[variable].strip().isdigit():
+                raise ValueError(f"{variable}={os.environ[variable]!r} is not a whole number.")
+            settings[setting] = int(os.environ[variable])
+    jax.distributed.initialize(**settings)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     "`jora train`: fine-tune from the command line."
     arguments = train_argument_parser().parse_args(argv)
-    if os.environ.get("JORA_DISTRIBUTED"):
-        jax.distributed.initialize()
+    start_distributed()
     config = config_from_arguments(arguments)
     train = generate_alpaca_dataset(arguments.data, "train", config)
     test = generate_alpaca_dataset(arguments.data, "test", config) if config.SPLIT_PERCENTAGE < 1 else None

@@ -21,7 +21,7 @@ from .model import IGNORE_INDEX
 
 # %% auto #0
 __all__ = ['CHAT_ROLES', 'PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'PROMPT_FORMAT_FILE', 'ASSISTANT_TURNS', 'TOKENIZER_FILES',
-           'RecordError', 'read_records', 'prompt_format', 'format_prompt', 'prompt_parts', 'listed',
+           'RecordError', 'utf8_text', 'read_records', 'prompt_format', 'format_prompt', 'prompt_parts', 'listed',
            'TruncationReport', 'prompt_tokens', 'answer_tokens', 'longest_fitting', 'cut_context', 'tokenize_record',
            'is_chat', 'chat_messages', 'render_chat', 'assistant_spans', 'tokenize_chat_record', 'tokenize_example',
            'as_chat', 'prompt_ids', 'split_records', 'mix_general_records', 'load_tokenizer', 'code_a_folder_asks_for',
@@ -76,15 +76,24 @@ def _check_chat_record(record: dict, where: str) -> dict:
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "context": context}
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise FileNotFoundError(f"No data file at {path}: pass the path of a JSON list or JSONL file of Alpaca records.")
-    raw = path.read_bytes()
+def utf8_text(path: Path) -> str:
+    """A text file's contents: UTF-8, a byte-order mark allowed; a `RecordError` naming the file for anything else (other
+    encodings, binary files)."""
+    raw = Path(path).read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise RecordError(f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
                           f"re-save the file as UTF-8.") from None
+    if "\x00" in text:
+        raise RecordError(f"{path}: holds NUL bytes at offset {text.index(chr(0))}, so it is a binary file, not text.")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"No data file at {path}: pass the path of a JSON list or JSONL file of Alpaca records.")
+    text = utf8_text(path)
     if not text.strip():
         raise RecordError(f"{path} is empty: it holds no records.")
     return text

@@ -72,7 +72,9 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
                 for key in handle.keys():
                     tensor = handle.get_tensor(key)
                     tensors[key] = _merge_tensor(tensor, *updates[key], lora.scale) if key in updates else tensor
-            save_file(tensors, str(temporary / shard.name), metadata={**metadata, "format": metadata.get("format", "pt")})
+            written = temporary / shard.relative_to(hf_path)   # the base's layout kept: shards in subfolders too
+            written.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(written), metadata={**metadata, "format": metadata.get("format", "pt")})
             del tensors
     return save_path
 

@@ -140,9 +140,12 @@ def check_output_folder(path, kind: str, *, overwrite: bool = False, protected=(
         raise UnsafeFolderError(f"No folder given for the {kind}: give the path of a new folder.")
     target = Path(path).expanduser().resolve()
     for folder in protected:
-        if folder is not None and str(folder).strip() and _is_or_contains(target, Path(folder).expanduser().resolve()):
-            raise UnsafeFolderError(f"{path} is, or contains, {folder}; jora will not write the {kind} there. "
-                                    f"Choose a new folder elsewhere.")
+        if folder is None or not str(folder).strip():
+            continue
+        kept = Path(folder).expanduser().resolve()
+        if _is_or_contains(target, kept) or _is_or_contains(kept, target):
+            raise UnsafeFolderError(f"{path} is, contains or lies inside {folder}; jora will not write the {kind} "
+                                    f"there. Choose a new folder elsewhere.")
     if not target.exists():
         return target
     if not target.is_dir():
@@ -218,11 +221,19 @@ def _from_a_dead_process(tag: str) -> bool:
     return False
 
 
-def _temporary_beside(target: Path) -> Path:
-    for stale in target.parent.glob(f".{target.name}.jora-tmp-*"):
+def _temporary_for(target: Path) -> Path:
+    """Where an output is written before it is moved into place: inside `target` when it exists (so the moves stay on
+    its filesystem, even when it is a mount point), else beside it. Killed writers' temporaries are removed first."""
+    where, prefix = (target, "") if target.is_dir() else (target.parent, f".{target.name}")
+    _remove_killed_temporaries(where, prefix)
+    return where / f"{prefix}.jora-tmp-{_process_tag()}"
+
+
+def _remove_killed_temporaries(where: Path, prefix: str = "") -> None:
+    "Remove the temporary folders (`{prefix}.jora-tmp-pid@host`) in `where` that ended processes of this host left."
+    for stale in Path(where).glob(f"{prefix}.jora-tmp-*"):
         if _from_a_dead_process(stale.name.rsplit(".jora-tmp-", 1)[1]):
             shutil.rmtree(stale, ignore_errors=True)
-    return target.parent / f".{target.name}.jora-tmp-{_process_tag()}"
 
 # %% ../nbs/04_files.ipynb #09a1861b
 def _move_into_place(temporary: Path, target: Path, kind: str) -> None:
@@ -237,14 +248,19 @@ def _move_into_place(temporary: Path, target: Path, kind: str) -> None:
         raise UnsafeFolderError(f"{target} holds {_listing(clashes)}, which jora did not write; it was left as it was. "
                                 f"Choose a new folder.")
     write_json(target / MARKER, {"writer": "jora", "kind": kind, "entries": sorted(set(old) | set(new))})
-    for name in old:
-        entry = target / name
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        elif entry.exists() or entry.is_symlink():
-            entry.unlink()
-    for name in new:
-        os.replace(temporary / name, target / name)
+    try:
+        for name in old:
+            entry = target / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+        for name in new:
+            os.replace(temporary / name, target / name)
+    except BaseException:   # the marker lists only what is there
+        present = [name for name in sorted(set(old) | set(new)) if os.path.lexists(target / name)]
+        write_json(target / MARKER, {"writer": "jora", "kind": kind, "entries": present})
+        raise
     write_json(target / MARKER, {"writer": "jora", "kind": kind, "entries": new})
     shutil.rmtree(temporary)
     _fsync_folder(target)
@@ -254,11 +270,13 @@ def _move_into_place(temporary: Path, target: Path, kind: str) -> None:
 def output_folder(path, kind: str, *, overwrite: bool = False, protected=()):
     """Write a `kind` output to `path`: yields a temporary folder to fill, then moves it into place with a marker.
     `check_output_folder` decides whether `path` may be written; on failure nothing at `path` changes."""
+    if path is not None and str(path).strip() and Path(path).expanduser().is_dir():
+        _remove_killed_temporaries(Path(path).expanduser())   # a killed write into this folder left it
     target = check_output_folder(path, kind, overwrite=overwrite, protected=protected)
     temporary = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = _temporary_beside(target)
+        temporary = _temporary_for(target)
         temporary.mkdir()
         yield temporary
         names = sorted(entry.name for entry in temporary.iterdir())
@@ -364,7 +382,7 @@ def step_folders(root) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    found = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
 
 
@@ -495,14 +513,7 @@ class FolderInUseError(UnsafeFolderError):
     "Another run holds this checkpoint folder."
 
 
-def _process_is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process
-        return True
-    return True
+
 
 
 @contextmanager
@@ -521,7 +532,7 @@ def run_lock(folder):
     try:
         left = _read_holder(holder_file)
         if left is not None:
-            alive = left.get("host") != socket.gethostname() or _process_is_running(left.get("pid", -1))
+            alive = not _from_a_dead_process(f"{left.get('pid')}@{left.get('host')}")
             warnings.warn(f"Taking over the lock on {folder} left by a run that ended without releasing it "
                           f"({_holder_words(holder_file)}"
                           f"{'' if not alive else '; if that run still writes here from another host, stop it'}).",

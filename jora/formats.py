@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import warnings
 from contextlib import ExitStack
@@ -49,9 +50,13 @@ def _read_hf_config(path_or_dict) -> tuple[dict, str]:
         raise FileNotFoundError(f"No Hugging Face config at {path}: pass a model folder that holds config.json "
                                 f"(as written by `save_pretrained`) or the path of the config.json itself.")
     try:
-        return json.loads(path.read_text(encoding="utf-8")), str(path)
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); re-download or re-save the model's config.json.") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an object of settings; re-download or "
+                         f"re-save the model's config.json.")
+    return values, str(path)
 
 
 def _rope_scaling_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
@@ -67,6 +72,12 @@ def _rope_scaling_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling | N
                          f"{', '.join(SUPPORTED_ROPE_TYPES)}. Remove or change the rope scaling entry.")
     if rope_type == "default":
         return theta, None
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")}[rope_type]
+    missing = [key for key in needed if not isinstance(merged.get(key), (int, float)) or isinstance(merged[key], bool)]
+    if missing:
+        raise ValueError(f"{source}: {rope_type} rope scaling needs the numbers {list(needed)}; {missing} are missing "
+                         f"or not numbers. Fix the rope_scaling entry.")
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor=float(merged["factor"]))
     return theta, RopeScaling(
@@ -87,6 +98,12 @@ def _config_from_hf_dict(hf: dict, source: str) -> LlamaConfig:
                            "num_attention_heads") if k not in hf]
     if missing:
         raise ValueError(f"{source}: missing required keys {missing}; is this a Llama-family config.json?")
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
+    wrong = [f"{key}={hf[key]!r}" for key in sizes if hf.get(key) is not None
+             and (not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1)]
+    if wrong:
+        raise ValueError(f"{source}: {', '.join(wrong)}: sizes must be positive whole numbers.")
     theta, scaling = _rope_scaling_from_hf(hf, source)
     heads = int(hf["num_attention_heads"])
     return LlamaConfig(
@@ -150,10 +167,16 @@ def _safetensors_keys(file: Path) -> list[str]:
 
 def _shard_in(folder: Path, shard, index: Path) -> Path:
     "A shard named in an index, refused when its name leads outside the model folder (`../`, an absolute path)."
-    name = os.path.normpath(str(shard))
+    if not isinstance(shard, str):
+        raise ValueError(f"{index}: the weight_map gives {shard!r} as a shard; each tensor must map to a file name.")
+    name = os.path.normpath(shard)
     if os.path.isabs(name) or name == ".." or name.startswith(".." + os.sep):
         raise ValueError(f"{index} names the shard {shard!r}, which lies outside {folder}; jora reads only shards "
                          f"inside the model folder. Fix the index's weight_map.")
+    inside = (folder / name).parent.resolve()   # a subfolder that is a link out of the model folder leads outside too
+    if inside != folder.resolve() and folder.resolve() not in inside.parents:
+        raise ValueError(f"{index} names the shard {shard!r}, whose folder leads outside {folder} (to {inside}); jora "
+                         f"reads only shards inside the model folder. Copy the shards in, or fix the index.")
     return folder / name
 
 # %% ../nbs/04_formats.ipynb #2c40f036
@@ -167,8 +190,11 @@ def checkpoint_tensor_files(path: str | Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
             raise ValueError(f"{index} is not a valid safetensors index ({error!r}); it needs a 'weight_map'.") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: its weight_map is a JSON {type(weight_map).__name__}, not an object of tensor "
+                             f"name -> shard file; re-download or re-save the checkpoint.")
         files = {name: _shard_in(path, shard, index) for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -188,7 +214,13 @@ _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _check_tensors(path: Path, config: LlamaConfig, files: dict, handles) -> None:
-    "Every expected tensor is present with the shape the config implies, and nothing unexpected is there."
+    """The checkpoint holds the layers config.json says (checked first, from the names alone, so a wrong layer count
+    is refused before anything is sized by it), every expected tensor with the shape the config implies, and nothing
+    unexpected."""
+    layers = {int(found.group(1)) for name in files if (found := re.match(r"model\.layers\.(\d+)\.", name))}
+    if len(layers) != config.num_hidden_layers:
+        raise ValueError(f"{path}: config.json says num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+                         f"{len(layers)} layers. Is config.json the right one?")
     expected = hf_tensor_shapes(config)
     for name, shape in expected.items():
         if name not in files:

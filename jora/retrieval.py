@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .data import RecordError, as_chat, format_prompt, listed, prompt_tokens
+from .data import RecordError, as_chat, format_prompt, listed, prompt_tokens, utf8_text
 
 # %% auto #0
-__all__ = ['NO_EVIDENCE', 'Document', 'read_corpus', 'document_text', 'CorpusIndex', 'RaftReport', 'check_question',
+__all__ = ['NO_EVIDENCE', 'Document', 'read_corpus', 'document_text', 'CorpusIndex', 'RaftReport', 'check_question', 'oracle_ids',
            'read_questions', 'question_random', 'document_block', 'context_of', 'context_length', 'cut_text',
-           'context_budget', 'fit_budget', 'answer_text', 'raft_row', 'raft_rows']
+           'cut_text_counted', 'context_budget', 'fit_budget', 'answer_text', 'raft_row', 'raft_rows']
 
 # %% ../nbs/03_retrieval.ipynb #b1e70007
 class Document(NamedTuple):
@@ -36,25 +39,51 @@ def _corpus_entries(source) -> tuple[list[dict], str]:
         return [dict(entry) if not isinstance(entry, Document) else entry._asdict() for entry in source], "corpus"
     path = Path(source)
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        return [{"id": file.relative_to(path).with_suffix("").as_posix(), "text": file.read_text(encoding="utf-8")}
-                for file in files], str(path)
+        return [{"id": file.relative_to(path).with_suffix("").as_posix(), "text": utf8_text(file)}
+                for file in _text_files(path)], str(path)
     if not path.is_file():
         raise FileNotFoundError(f"No corpus at {path}: give a JSONL/JSON or CSV file, or a folder of .txt files.")
+    text = utf8_text(path)
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle)), str(path)
-    text = path.read_text(encoding="utf-8")
+        limit = csv.field_size_limit(2**31 - 1)   # a long document is one field: no 128 KiB cap
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline=""))), str(path)
+        except csv.Error as error:
+            raise RecordError(f"{path}: not a readable CSV file ({error}).") from None
+        finally:
+            csv.field_size_limit(limit)
     if path.suffix.lower() == ".json":
-        return json.loads(text), str(path)
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RecordError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}).") from None
+        if not isinstance(entries, list):
+            raise RecordError(f"{path}: holds a JSON {type(entries).__name__}, not a list of records.")
+        return entries, str(path)
     entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):   # only \n ends a record (U+2028 may be inside one)
         if line.strip():
             try:
-                entries.append(json.loads(line))
+                entries.append(json.loads(line.removesuffix("\r")))
             except json.JSONDecodeError as error:
                 raise RecordError(f"{path}, line {number}: not JSON ({error.msg}).") from None
     return entries, str(path)
+
+
+def _text_files(folder: Path) -> list[Path]:
+    """The `.txt` files under `folder`: a link leading out of it is refused, anything that is not a regular file (a
+    FIFO, a socket, a device) is skipped with a warning, so reading never blocks."""
+    inside, files = folder.resolve(), []
+    for file in sorted(folder.rglob("*.txt")):
+        target = file.resolve()
+        if inside not in target.parents:
+            raise RecordError(f"{file} leads out of the corpus folder {folder} (to {target}); jora reads only files "
+                              f"inside it. Copy the file in, or remove the link.")
+        if not stat.S_ISREG(target.stat().st_mode):
+            warnings.warn(f"Skipping {file}: not a regular file (a FIFO, socket or device).", stacklevel=3)
+            continue
+        files.append(file)
+    return files
 
 # %% ../nbs/03_retrieval.ipynb #0753d2c0
 def read_corpus(source) -> list[Document]:
@@ -64,9 +93,13 @@ def read_corpus(source) -> list[Document]:
     entries, where = _corpus_entries(source)
     documents, seen = [], {}
     for number, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict) or not str(entry.get("id", "")).strip() or not str(entry.get("text", "")).strip():
+        if not isinstance(entry, dict) or not str(entry.get("id", "")).strip() or entry.get("id") is None:
             raise RecordError(f"{where}, document {number}: needs a non-empty `id` and `text`; got "
                               f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__}.")
+        if not isinstance(entry.get("text"), str) or not entry["text"].strip():
+            raise RecordError(f"{where}, document {number} ({entry['id']!r}): its `text` is "
+                              f"{'missing' if 'text' not in entry else repr(entry['text'])[:40]}; every document "
+                              f"needs text.")
         document = Document(str(entry["id"]).strip(), str(entry["text"]), str(entry.get("title") or ""))
         if document.id in seen:
             raise RecordError(f"{where}: documents {seen[document.id]} and {number} share the id {document.id!r}; "
@@ -91,12 +124,24 @@ class CorpusIndex:
         import bm25s
         self.documents = {document.id: document for document in documents}
         self.ids, self.threads = [document.id for document in documents], threads
+        self.cut_texts = {}   # (document id, tokenizer, budget) -> (cut text, tokens cut off), see `text_within`
         self.bm25 = bm25s.BM25()
         self.bm25.index(bm25s.tokenize([document_text(d) for d in documents], stopwords="en", show_progress=False),
                         show_progress=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def text_within(self, document_id: str, tokenizer, tokens: int) -> tuple[str, int]:
+        """`document_text` of a document cut to at most `tokens` tokens, and the number of tokens cut off. A long
+        document is tokenized once per tokenizer and budget, however many rows and settings show it."""
+        text = document_text(self.documents[document_id])
+        if 4 * len(text) + 8 <= tokens:   # tokens cover a byte or more (4 at most a character), a few none: it fits
+            return text, 0
+        key = (document_id, id(tokenizer), tokens)
+        if key not in self.cut_texts:
+            self.cut_texts[key] = cut_text_counted(tokenizer, text, tokens)
+        return self.cut_texts[key]
 
     def search(self, queries: list[str], k: int) -> list[list[str]]:
         "The ids of the `k` best documents for each query (all of them when the corpus is smaller), best first."
@@ -135,13 +180,7 @@ class RaftReport:
 def check_question(record: dict, number: int, index: CorpusIndex) -> dict:
     """A question record checked: `question`, `answer`, and `oracle_ids` (or one `oracle_id`) naming documents of the
     corpus; optional `id`, `rationale` and `answers`. Errors name the question and what to fix."""
-    if not isinstance(record, dict) or not str(record.get("question", "")).strip() or "answer" not in record:
-        raise RecordError(f"question {number}: needs `question` and `answer`; got "
-                          f"{sorted(record) if isinstance(record, dict) else type(record).__name__}.")
-    oracles = record.get("oracle_ids", [record["oracle_id"]] if record.get("oracle_id") is not None else [])
-    oracles = [str(oracle) for oracle in oracles]
-    if not oracles:
-        raise RecordError(f"question {number}: names no oracle document (`oracle_ids` or `oracle_id`).")
+    oracles = _question_fields(record, number)
     unknown = [oracle for oracle in oracles if oracle not in index.documents]
     if unknown:
         raise RecordError(f"question {number}: oracle ids {unknown} are not in the corpus ({len(index)} documents); "
@@ -149,11 +188,54 @@ def check_question(record: dict, number: int, index: CorpusIndex) -> dict:
     return {**record, "oracle_ids": list(dict.fromkeys(oracles))}
 
 
+def _question_fields(record, number: int) -> list[str]:
+    "A question's own fields checked (text `question` and `answer`, oracle ids of a usable type); its oracle ids."
+    if not isinstance(record, dict) or not str(record.get("question", "")).strip() or "answer" not in record:
+        raise RecordError(f"question {number}: needs `question` and `answer`; got "
+                          f"{sorted(record) if isinstance(record, dict) else type(record).__name__}.")
+    if not isinstance(record["answer"], str):
+        raise RecordError(f"question {number}: its `answer` is {record['answer']!r}; it must be text (several gold "
+                          f"answers go in `answers`).")
+    oracles = oracle_ids(record, number)
+    if not oracles:
+        raise RecordError(f"question {number}: names no oracle document (`oracle_ids` or `oracle_id`).")
+    return oracles
+
+
+def oracle_ids(record: dict, number: int) -> list[str]:
+    """A question's oracle document ids: `oracle_ids` as a list of ids, or as text (one id, a JSON list, or ids joined
+    by `|`, as a CSV column holds them), or one `oracle_id`. Other types are named."""
+    oracles = record.get("oracle_ids")
+    if oracles is None:
+        oracles = [record["oracle_id"]] if record.get("oracle_id") is not None else []
+    elif isinstance(oracles, str):
+        text = oracles.strip()
+        oracles = json.loads(text) if text.startswith("[") and _is_json(text) else [part for part in text.split("|")]
+    if not isinstance(oracles, list) or not all(isinstance(o, (str, int)) and not isinstance(o, bool) for o in oracles):
+        raise RecordError(f"question {number}: `oracle_ids` is {record.get('oracle_ids')!r}; it must be a list of "
+                          f"document ids (text or whole numbers), or ids joined by '|'.")
+    return [str(oracle).strip() for oracle in oracles if str(oracle).strip()]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def read_questions(source) -> list[dict]:
-    "Question records from a JSONL, JSON or CSV file (or a list), as `raft_rows` takes them; each is checked there."
+    """Question records from a JSONL, JSON or CSV file (or a list), as `raft_rows` takes them: each record's own fields
+    are checked here, naming the file (its oracles against the corpus in `raft_rows`)."""
     entries, where = _corpus_entries(source)
     if not entries:
         raise ValueError(f"{where} holds no questions.")
+    for number, record in enumerate(entries, start=1):
+        try:
+            _question_fields(record, number)
+        except RecordError as error:
+            raise RecordError(f"{where}, {error}") from None
     return entries
 
 
@@ -178,10 +260,15 @@ def context_length(tokenizer, texts: list[str]) -> int:
 def cut_text(tokenizer, text: str, tokens: int) -> str:
     """`text` when it has at most `tokens` tokens; otherwise its start, cut where token number `tokens` begins and
     always shorter than `text` (some tokenizers give several tokens one end offset)."""
+    return cut_text_counted(tokenizer, text, tokens)[0]
+
+
+def cut_text_counted(tokenizer, text: str, tokens: int) -> tuple[str, int]:
+    "`cut_text`, and how many of the text's tokens were cut off."
     ids, offsets = prompt_tokens(tokenizer, text, special_tokens=False)
     if tokens >= len(ids):
-        return text
-    return text[:min(offsets[tokens][0] if tokens > 0 else 0, len(text) - 1)]
+        return text, 0
+    return text[:min(offsets[tokens][0] if tokens > 0 else 0, len(text) - 1)], len(ids) - tokens
 
 
 def context_budget(questions: list[dict], tokenizer, max_len: int) -> int:
@@ -254,8 +341,17 @@ def raft_row(question: dict, number: int, retrieved: list[str], index: CorpusInd
     report.oracle_left_out += not keep_oracle
     texts = {document: document_text(index.documents[document]) for document in oracles + chosen}
     if tokenizer is not None and context_tokens is not None:
-        oracle_texts, distractor_texts = fit_budget(tokenizer, context_tokens, [texts[d] for d in oracles],
-                                                    [texts[d] for d in chosen], report, number)
+        # a document longer than the whole budget is cut to it first, once for the index (not per row or setting)
+        within = {document: index.text_within(document, tokenizer, context_tokens) for document in oracles + chosen}
+        cut_before = report.oracle_cut
+        oracle_texts, distractor_texts = fit_budget(tokenizer, context_tokens, [within[d][0] for d in oracles],
+                                                    [within[d][0] for d in chosen], report, number)
+        cut_ahead = sum(within[d][1] for d in oracles)
+        if cut_ahead:
+            report.oracle_tokens_removed += cut_ahead
+            if report.oracle_cut == cut_before:
+                report.oracle_cut += 1
+                report.cut_rows.append(number)
         texts.update(zip(oracles, oracle_texts))
         chosen = chosen[:len(distractor_texts)]
     order = list(chosen)

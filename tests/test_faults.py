@@ -95,7 +95,7 @@ def test_merger_refuses_a_users_folder_and_the_base_models_parent(setup, finishe
     assert str(users) in line
     line = one_error_line(subprocess.run([*MERGER, str(model), str(run), str(folder)], capture_output=True, text=True))
     assert snapshot(folder) == model_before  # the base model and everything beside it
-    assert "is, or contains" in line
+    assert "is, contains or lies inside" in line
     line = one_error_line(subprocess.run([*MERGER, str(model), str(run), str(run / "step-00000004")],
                                          capture_output=True, text=True))
     assert snapshot(folder) == model_before and "holds files jora did not write" in line  # a checkpoint is not a merge
@@ -122,8 +122,8 @@ def test_adapter_export_refuses_foreign_folders_the_base_model_and_the_checkpoin
     lora, lora_config = load_lora(latest_checkpoint(run))
     users = users_folder(tmp_path / "users")
     before, model_before, run_before = snapshot(users), snapshot(folder), snapshot(run)
-    for target, message in [(users, "holds files jora did not write"), (model, "is, or contains"),
-                            (folder, "is, or contains"), (run, "is, or contains")]:
+    for target, message in [(users, "holds files jora did not write"), (model, "is, contains or lies inside"),
+                            (folder, "is, contains or lies inside"), (run, "is, contains or lies inside")]:
         with pytest.raises(UnsafeFolderError, match=message):
             save_peft_adapter(target, lora, lora_config, str(model), protected=[run])
     assert (snapshot(users), snapshot(folder), snapshot(run)) == (before, model_before, run_before)
@@ -139,7 +139,7 @@ def test_training_refuses_a_users_folder_and_the_model_folder_for_params_and_che
     train, _ = datasets(data, config)
     with pytest.raises(UnsafeFolderError, match="holds files jora did not write"):  # JAX_PARAMS_PATH
         train_lora(config._replace(JAX_PARAMS_PATH=str(users)), train, tmp_path / "a", progress=False)
-    with pytest.raises(UnsafeFolderError, match="is, or contains"):
+    with pytest.raises(UnsafeFolderError, match="is, contains or lies inside"):
         train_lora(config._replace(JAX_PARAMS_PATH=str(model)), train, tmp_path / "b", progress=False)
     for target in (users, model, folder):  # checkpoint_path
         with pytest.raises(UnsafeFolderError):

@@ -4,6 +4,7 @@ non-zero, and malformed files get one line. As in `test_faults.py`, the user's f
 (sha256) before the message is."""
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -277,3 +278,210 @@ def test_a_toml_with_a_jora_table_and_top_level_keys_and_an_out_of_range_seed_ar
     with pytest.raises(ValueError, match=r"seed.toml: SEED must be between 0 and 2147483646"):
         config_from_toml(seed)
     assert value_problem("SEED", -1) == "must be between 0 and 2147483646"
+
+
+# ---- every file read as carefully as training data ----
+
+def read_error(action) -> str:
+    "The one-line message of the error `action` raises (a `ValueError`: RecordError, UnsafeFolderError, ...)."
+    with pytest.raises(ValueError) as raised:
+        action()
+    message = str(raised.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def test_corpus_files_and_folders_are_read_with_care(tmp_path):
+    from jora.retrieval import read_corpus
+    jsonl = tmp_path / "corpus.jsonl"   # a BOM, U+2028 and U+0085 inside strings (written raw, as ensure_ascii=False)
+    jsonl.write_text("\ufeff" + json.dumps({"id": "a", "text": "one\u2028line"}, ensure_ascii=False) + "\n"
+                     + json.dumps({"id": "b", "text": "next\u0085line"}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert [(d.id, d.text) for d in read_corpus(jsonl)] == [("a", "one\u2028line"), ("b", "next\u0085line")]
+    wide = tmp_path / "wide.csv"                                            # a field over csv's 128 KiB default cap
+    wide.write_text("id,text\nlong," + "x" * 300_000 + "\n", encoding="utf-8")
+    assert len(read_corpus(wide)[0].text) == 300_000
+    empty = tmp_path / "null.jsonl"
+    empty.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": null}\n')
+    assert read_error(lambda: read_corpus(empty)) == f"{empty}, document 2 ('b'): its `text` is None; every document needs text."
+    missing = tmp_path / "missing.json"
+    missing.write_text('[{"id": "a"}]')
+    assert "document 1 ('a'): its `text` is missing" in read_error(lambda: read_corpus(missing))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"id": "a", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    assert read_error(lambda: read_corpus(latin)).startswith(f"{latin}: not UTF-8 text (byte 0xe9")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "kept.txt").write_text("a document")
+    (folder / "binary.txt").write_bytes(b"PK\x03\x04\x00\x00binary")
+    assert read_error(lambda: read_corpus(folder)).startswith(f"{folder / 'binary.txt'}: holds NUL bytes")
+    (folder / "binary.txt").unlink()
+    os.mkfifo(folder / "pipe.txt")                                          # reading it would block forever
+    with pytest.warns(UserWarning, match=r"Skipping .*pipe.txt: not a regular file"):
+        assert [d.id for d in read_corpus(folder)] == ["kept"]
+    (folder / "pipe.txt").unlink()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the corpus")
+    (folder / "link.txt").symlink_to(secret)
+    before = snapshot(tmp_path / "folder")
+    assert "leads out of the corpus folder" in read_error(lambda: read_corpus(folder))
+    assert snapshot(tmp_path / "folder") == before
+
+
+def test_question_files_name_the_file_the_question_and_the_field(tmp_path):
+    from jora.retrieval import CorpusIndex, Document, raft_rows, read_questions
+    index = CorpusIndex([Document("a", "alpha document"), Document("b", "beta document"), Document("c", "gamma")])
+    table = tmp_path / "questions.csv"                                       # oracle ids as a CSV column
+    table.write_text('question,answer,oracle_ids\nwhich?,alpha,a|b\nand?,gamma,"[""c""]"\n')
+    rows, _ = raft_rows(read_questions(table), index, distractors=1, seed=0, oracle_probability=1.0)
+    assert [row["oracle_ids"] for row in rows] == [["a", "b"], ["c"]]
+    for record, message in [({"question": "q", "answer": None, "oracle_ids": ["a"]}, "its `answer` is None"),
+                            ({"question": "q", "answer": "x", "oracle_ids": {"a": 1}}, "`oracle_ids` is {'a': 1}"),
+                            ({"question": "q", "answer": "x", "oracle_ids": [["a"]]}, "`oracle_ids` is [['a']]"),
+                            ({"question": "q", "answer": "x", "oracle_ids": [True]}, "`oracle_ids` is [True]")]:
+        file = tmp_path / "bad.jsonl"
+        file.write_text(json.dumps({"question": "fine", "answer": "x", "oracle_ids": ["a"]}) + "\n" + json.dumps(record))
+        assert read_error(lambda: read_questions(file)).startswith(f"{file}, question 2: {message}")
+
+
+def test_a_long_document_is_tokenized_once_for_every_row_and_setting(monkeypatch, tmp_path):
+    "A 1 MB oracle shown in three settings' rows is tokenized whole once (it was 5 or more times per row before)."
+    import jora.retrieval as retrieval
+    from jora.data import load_tokenizer
+    from jora.testing import save_tiny_tokenizer
+    tokenizer = load_tokenizer(save_tiny_tokenizer(tmp_path / "tokenizer"))
+    long = " ".join(["the table lists the year and the city"] * 25_000)
+    index = retrieval.CorpusIndex([retrieval.Document("long", long)] +
+                                  [retrieval.Document(f"d{i}", f"document {i} about a city") for i in range(8)])
+    questions = [{"question": f"which city {i}?", "answer": "x", "oracle_ids": ["long"]} for i in range(4)]
+    counted, tokens = [], retrieval.prompt_tokens
+
+    def counting(tokenizer, text, **options):
+        counted.append(len(text))
+        return tokens(tokenizer, text, **options)
+    monkeypatch.setattr(retrieval, "prompt_tokens", counting)
+    reports = [raft_rows_report(retrieval, questions, index, tokenizer, distractors) for distractors in (0, 2, 4)]
+    assert sum(length >= len(long) for length in counted) == 1
+    assert all(report.oracle_cut == 4 and report.oracle_tokens_removed == reports[0].oracle_tokens_removed > 0
+               for report in reports)
+
+
+def raft_rows_report(retrieval, questions, index, tokenizer, distractors):
+    return retrieval.raft_rows(questions, index, distractors=distractors, seed=0, oracle_probability=1.0,
+                               tokenizer=tokenizer, context_tokens=300)[1]
+
+
+def hostile_copy(model: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+    copy = tmp_path / name
+    shutil.copytree(model, copy)
+    return copy
+
+
+def test_hostile_model_folders_get_one_line_each(setup, tmp_path):
+    from jora.formats import load_hf_checkpoint
+    _, _, model = setup
+    settings = json.loads((model / "config.json").read_text())
+    cases = {"config-list": (lambda f: (f / "config.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
+             "no-factor": (lambda f: (f / "config.json").write_text(json.dumps({**settings, "rope_parameters": {
+                 key: value for key, value in settings["rope_parameters"].items() if key != "factor"}})),
+                 "llama3 rope scaling needs the numbers"),
+             "many-layers": (lambda f: (f / "config.json").write_text(json.dumps({**settings,
+                                                                                  "num_hidden_layers": 10**8})),
+                             "says num_hidden_layers=100000000, but the weights hold 2 layers"),
+             "float-layers": (lambda f: (f / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": 1e8})),
+                              "num_hidden_layers=100000000.0: sizes must be positive whole numbers"),
+             "map-list": (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}'),
+                          "its weight_map is a JSON list"),
+             "map-number": (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": {"a": 3}}'),
+                            "the weight_map gives 3 as a shard")}
+    for name, (spoil, message) in cases.items():
+        folder = hostile_copy(model, tmp_path, name)
+        spoil(folder)
+        before = snapshot(folder)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_hf_checkpoint(folder)
+        assert time.monotonic() - started < 30 and snapshot(folder) == before, name
+    outside = tmp_path / "elsewhere"                                       # shards through a linked subfolder
+    outside.mkdir()
+    linked = hostile_copy(model, tmp_path, "linked")
+    (linked / "model.safetensors").rename(outside / "model.safetensors")
+    (linked / "weights").symlink_to(outside)
+    from safetensors import safe_open
+    with safe_open(str(outside / "model.safetensors"), framework="numpy") as handle:
+        names = list(handle.keys())
+    (linked / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {name: "weights/model.safetensors" for name in names}}))
+    assert "whose folder leads outside" in read_error(lambda: load_hf_checkpoint(linked))
+    process = subprocess.run([*JORA, "train", "--data", str(setup[1]), "--checkpoint-path", str(tmp_path / "run"),
+                              "--llama2-hf-path", str(tmp_path / "many-layers"), "--num-gpus", "1"],
+                             capture_output=True, text=True, timeout=300)
+    assert "num_hidden_layers=100000000" in one_error_line(process)
+
+
+# ---- outputs ----
+
+def test_an_output_inside_the_base_model_folder_is_refused(setup, tmp_path):
+    from jora.export import merge_to_hf
+    from jora.files import UnsafeFolderError
+    _, data, model = setup
+    copy = hostile_copy(model, tmp_path, "base")
+    before = snapshot(copy)
+    with pytest.raises(UnsafeFolderError, match="is, contains or lies inside"):
+        merge_to_hf(copy, tmp_path / "adapter-not-needed", copy / "merged")
+    assert snapshot(copy) == before
+
+
+def test_a_base_with_shards_in_subfolders_is_merged_with_its_layout(setup, tmp_path):
+    from jora.export import merge_to_hf
+    from jora.formats import checkpoint_tensor_files, load_hf_checkpoint
+    _, data, model = setup
+    config = small_config(model, MAX_STEPS=1, LORA_R=2)
+    train, _ = datasets(data, config)
+    adapter = train_lora(config, train, tmp_path / "run", progress=False).checkpoint
+    nested = hostile_copy(model, tmp_path, "nested")
+    (nested / "weights").mkdir()
+    (nested / "model.safetensors").rename(nested / "weights" / "model.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(nested / "weights" / "model.safetensors"), framework="numpy") as handle:
+        names = list(handle.keys())
+    (nested / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {name: "weights/model.safetensors" for name in names}}))
+    merged = merge_to_hf(nested, adapter, tmp_path / "merged")
+    flat = merge_to_hf(model, adapter, tmp_path / "flat")
+    assert (merged / "weights" / "model.safetensors").is_file() and not (merged / "model.safetensors").exists()
+    assert set(checkpoint_tensor_files(merged)) == set(names)
+    _, from_nested = load_hf_checkpoint(merged, dtype=np.float32)
+    _, from_flat = load_hf_checkpoint(flat, dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(from_nested["layers"]["q_proj"]), np.asarray(from_flat["layers"]["q_proj"]))
+
+
+def test_rotation_never_follows_a_linked_step_folder(setup, tmp_path):
+    _, data, model = setup
+    config = small_config(model, CHECKPOINT_EVERY=1, KEEP_CHECKPOINTS=1, MAX_STEPS=2)
+    train, _ = datasets(data, config)
+    elsewhere = train_lora(config._replace(MAX_STEPS=1), train, tmp_path / "elsewhere", progress=False).checkpoint
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "step-00000000").symlink_to(elsewhere)                           # a user's link to another run's checkpoint
+    before = snapshot(tmp_path / "elsewhere")
+    result = train_lora(config, train, run, progress=False)
+    assert result.checkpoint.name == "step-00000002" and (run / "step-00000000").is_symlink()
+    assert snapshot(tmp_path / "elsewhere") == before
+
+
+def test_an_empty_mount_point_is_a_working_output_and_the_marker_lists_what_is_there(setup, tmp_path):
+    "An output folder on another filesystem (a tmpfs mounted there): written inside it, nothing left beside it."
+    from jora.export import merge_to_hf
+    from jora.files import MARKER
+    from test_faults import small_disk
+    _, data, model = setup
+    config = small_config(model, MAX_STEPS=1, LORA_R=2)
+    train, _ = datasets(data, config)
+    adapter = train_lora(config, train, tmp_path / "run", progress=False).checkpoint
+    with small_disk(tmp_path / "mounted", "64m") as mounted:
+        merge_to_hf(model, adapter, mounted)
+        listed = json.loads((mounted / MARKER).read_text())["entries"]
+        assert sorted(listed) == sorted(p.name for p in mounted.iterdir() if p.name != MARKER)
+        assert "model.safetensors" in listed and not list(mounted.glob(".jora-tmp-*"))
+        assert not list(tmp_path.glob(".mounted.jora-tmp-*"))
