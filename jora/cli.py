@@ -31,8 +31,8 @@ from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_fro
 
 # %% auto #0
 __all__ = ['demo_config', 'demo', 'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'start_distributed',
-           'train_main', 'eval_argument_parser', 'eval_main', 'check', 'check_adapter', 'report_adapter_check',
-           'check_checkpoints', 'main']
+           'train_main', 'whole_number', 'eval_argument_parser', 'eval_main', 'check', 'check_adapter',
+           'report_adapter_check', 'check_checkpoints', 'main']
 
 # %% ../nbs/09_cli.ipynb #dc83c58f
 def demo_config(folder: Path, **changes) -> ParallamaConfig:
@@ -161,6 +161,17 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 # %% ../nbs/09_cli.ipynb #c1e0a002
+def whole_number(low: int):
+    "An argparse type: a whole number of at least `low` (argparse then prints one usage line and exits 2)."
+    import argparse
+
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"takes a whole number of at least {low}, not {text!r}")
+        return int(text)
+    return parse
+
+
 def eval_argument_parser():
     import argparse
     parser = argparse.ArgumentParser(prog="jora eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -169,12 +180,13 @@ def eval_argument_parser():
     parser.add_argument("--adapter", required=True, help="a checkpoint, a folder of checkpoints, or a PEFT adapter folder")
     parser.add_argument("--config", help="TOML file with ParallamaConfig fields (flags override it)")
     parser.add_argument("--rule", default="exact match", choices=list(ANSWER_RULES), help="how answers are scored")
-    parser.add_argument("--max-examples", type=int, default=None, help="score at most this many test records")
+    parser.add_argument("--max-examples", type=whole_number(1), default=None, help="score at most this many test records")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="the longest answer generated")
     parser.add_argument("--corpus", default=None, help="with --questions: measure robustness to retrieval noise on RAFT "
                         "rows built from this corpus (JSONL/JSON/CSV or a folder of .txt files) instead")
     parser.add_argument("--questions", default=None, help="question records (question, answer, oracle_ids) for --corpus")
-    parser.add_argument("--distractors", type=int, default=4, help="with --corpus: the most distractors (0, k/2, k are measured)")
+    parser.add_argument("--distractors", type=whole_number(0), default=4,
+                        help="with --corpus: the most distractors (0, k/2, k are measured)")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return add_field_flags(parser)
 

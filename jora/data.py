@@ -50,8 +50,18 @@ def _check_record(record: Any, where: str) -> dict:
             value = ""
         if not isinstance(value, str):
             raise RecordError(f"{where}: {key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r}).")
-        clean[key] = value
+        clean[key] = _unicode_text(value, where, repr(key))
     return clean
+
+
+def _unicode_text(text: str, where: str, what: str) -> str:
+    "`text`, or a `RecordError` when it holds a lone surrogate (a `\\ud800` escape in JSON), which no tokenizer takes."
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RecordError(f"{where}: {what} holds a lone surrogate {text[error.start]!r} at character {error.start}, "
+                          f"which is not text; fix that \\u escape in the record.") from None
+    return text
 
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -66,6 +76,7 @@ def _check_chat_record(record: dict, where: str) -> dict:
         if not (isinstance(message, dict) and message.get("role") in CHAT_ROLES and isinstance(message.get("content"), str)):
             raise RecordError(f"{where}, message {number}: expected {{'role': one of {', '.join(CHAT_ROLES)}, "
                               f"'content': a string}}, got {str(message)[:60]!r}.")
+        _unicode_text(message["content"], where, f"message {number}")
     roles = [message["role"] for message in messages]
     if "assistant" not in roles[1:]:
         raise RecordError(f"{where}: no assistant turn after the first message, so there is nothing to learn; add "
@@ -73,6 +84,7 @@ def _check_chat_record(record: dict, where: str) -> dict:
     context = record.get("context") or ""
     if not isinstance(context, str) or (context and "user" not in roles):
         raise RecordError(f"{where}: 'context' must be a string, and goes into the first user turn (there is none).")
+    _unicode_text(context, where, "'context'")
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "context": context}
 
 

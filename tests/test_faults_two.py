@@ -485,3 +485,26 @@ def test_an_empty_mount_point_is_a_working_output_and_the_marker_lists_what_is_t
         assert sorted(listed) == sorted(p.name for p in mounted.iterdir() if p.name != MARKER)
         assert "model.safetensors" in listed and not list(mounted.glob(".jora-tmp-*"))
         assert not list(tmp_path.glob(".mounted.jora-tmp-*"))
+
+
+def test_a_lone_surrogate_in_data_names_the_file_and_the_record(tmp_path):
+    from jora.data import read_records
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "fine", "output": "yes"}\n{"instruction": "bad \\ud800 escape", "output": "x"}\n')
+    assert read_error(lambda: read_records(data)) == (f"{data}, record 2 (line 2): 'instruction' holds a lone surrogate "
+                                                      f"'\\ud800' at character 4, which is not text; fix that \\u escape "
+                                                      f"in the record.")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "\ud800"}]}) + "\n")
+    assert "message 2 holds a lone surrogate" in read_error(lambda: read_records(chat))
+
+
+@pytest.mark.parametrize("flag, value, message", [("--max-examples", "0", "at least 1, not '0'"),
+                                                  ("--distractors", "-1", "at least 0, not '-1'")])
+def test_jora_eval_refuses_counts_out_of_range_in_one_line(flag, value, message):
+    process = subprocess.run([*JORA, "eval", "--adapter", "anything", flag, value], capture_output=True, text=True,
+                             timeout=120)
+    errors = [line for line in process.stderr.splitlines() if "error:" in line]
+    assert process.returncode == 2 and errors == [f"jora eval: error: argument {flag}: takes a whole number of {message}"]
+    assert "Traceback" not in process.stderr
