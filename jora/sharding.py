@@ -159,8 +159,9 @@ def batch_spec() -> P:
 
 
 # %% ../nbs/01_sharding.ipynb #8a3fc459
-class FirstProcessError(RuntimeError):
-    "Work done once by process 0 failed there; the other processes raise this with its message."
+class FirstProcessError(ValueError):
+    """Work done once by process 0 failed there; the other processes raise this with its message (a `ValueError`, so
+    the command line shows it as one line, as process 0 shows its own)."""
 
 
 def first_process_does(work, what: str):

@@ -29,6 +29,8 @@ def two_processes(tmp_path_factory):
     "Both processes' results, and the folder they trained in."
     folder = tmp_path_factory.mktemp("multihost")
     write_case(folder)
+    (folder / "users").mkdir()
+    (folder / "users" / "thesis.tex").write_text("years of work")
     port = str(free_port())
     workers = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(number), port, str(folder)],
                                 cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -50,7 +52,7 @@ def two_processes(tmp_path_factory):
 def test_two_processes_train_as_one(two_processes, tmp_path):
     folder, (first, second) = two_processes
     assert first["devices"] == second["devices"] == 4          # one global mesh across both processes
-    assert first == {**second, "process": 0}                  # both processes report the same run
+    assert first == {**second, "process": 0, "refused": first["refused"]}   # both processes report the same run
     config = case_config(folder)
     train, test = case_datasets(folder, config)
     alone = train_lora(config, train, tmp_path / "alone", eval_dataset=test, progress=False)   # 4 of 8 devices here
@@ -68,3 +70,12 @@ def test_a_stopped_two_process_run_resumes(two_processes):
     assert len(first["part"]) == 2 and len(first["rest"]) == 4
     np.testing.assert_array_equal(first["rest"], first["whole"])   # the resumed run is the whole run, to the bit
     np.testing.assert_array_equal(first["part"], first["whole"][:2])
+
+
+def test_an_error_on_process_0_stops_every_process(two_processes):
+    "Process 0 refuses a user's folder as checkpoints; process 1 gets its message instead of waiting forever."
+    folder, (first, second) = two_processes
+    assert first["refused"].startswith(f"UnsafeFolderError: {folder / 'users'} already holds files jora did not write")
+    assert second["refused"].startswith(f"FirstProcessError: Process 0 failed at preparing {folder / 'users'}: "
+                                        f"UnsafeFolderError: {folder / 'users'} already holds files")
+    assert sorted(p.name for p in (folder / "users").iterdir()) == ["thesis.tex"]
