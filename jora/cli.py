@@ -1,4 +1,4 @@
-"""`jora demo`, `jora train`, `jora eval` and `jora check`: the `jora` console script.
+"""`jora demo`, `jora train`, `jora eval`, `jora check` and `jora convert`: the `jora` console script.
 
 Docs: https://jora-dev.github.io/jora/nbs/cli.html.md"""
 
@@ -22,7 +22,7 @@ from .model import PROJECTIONS, forward, generate
 from .data import (PROMPT_FORMAT_FILE, TOKENIZER_FILES, chat_messages, format_prompt, generate_alpaca_dataset,
                        code_a_folder_asks_for, is_chat, load_tokenizer, no_folder_code, prompt_ids, read_records)
 from .files import describe_checkpoints, output_folder, run_command
-from .formats import load_hf_checkpoint, load_peft_adapter
+from .formats import convert_gguf, is_gguf, load_hf_checkpoint, load_peft_adapter
 from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
 from .train import load_model, run_mesh, train_lora
 from .retrieval import CorpusIndex, read_corpus, read_questions
@@ -31,8 +31,8 @@ from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_fro
 
 # %% auto #0
 __all__ = ['demo_config', 'demo', 'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'start_distributed',
-           'train_main', 'whole_number', 'eval_argument_parser', 'eval_main', 'check', 'check_adapter',
-           'report_adapter_check', 'check_checkpoints', 'main']
+           'train_main', 'whole_number', 'eval_argument_parser', 'eval_main', 'check', 'compare_with_transformers',
+           'check_adapter', 'report_adapter_check', 'check_checkpoints', 'main']
 
 # %% ../nbs/09_cli.ipynb #dc83c58f
 def demo_config(folder: Path, **changes) -> ParallamaConfig:
@@ -219,6 +219,15 @@ def eval_main(argv: list[str] | None = None) -> int:
 def check(style: str = "llama3.1", prompt: str = "Which post does this reply answer?", max_new_tokens: int = 20,
          folder: str | Path | None = None) -> dict:
     "Write a tiny checkpoint, generate with jora, and compare logits and greedy tokens with `transformers`."
+    folder = Path(folder or tempfile.mkdtemp(prefix="jora-check-"))
+    with output_folder(folder, "tiny check model", overwrite=True) as temporary:  # never a folder of the user's
+        save_tiny_hf_checkpoint(temporary, style)
+    return compare_with_transformers(folder, prompt, max_new_tokens)
+
+
+def compare_with_transformers(model, prompt: str, max_new_tokens: int) -> dict:
+    """jora's and transformers' fp32 logits and greedy continuations of `prompt` on a model folder or `.gguf` file
+    (`jora check --model`; the tiny check above)."""
     import jax.numpy as jnp
     try:
         import torch
@@ -227,14 +236,14 @@ def check(style: str = "llama3.1", prompt: str = "Which post does this reply ans
                          "pip install \"jora[torch]\" (on a CPU-only machine a CPU build of torch first).") from None
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    folder = Path(folder or tempfile.mkdtemp(prefix="jora-check-"))
-    with output_folder(folder, "tiny check model", overwrite=True) as temporary:  # never a folder of the user's
-        save_tiny_hf_checkpoint(temporary, style)
+    folder = Path(model)
     config, params = load_hf_checkpoint(folder, dtype=jnp.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    tokenizer = load_tokenizer(folder)
     input_ids = tokenizer([prompt], return_tensors="np")["input_ids"]
     ours = generate(config, params, input_ids, max_new_tokens=max_new_tokens)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager",
+    where = ({"pretrained_model_name_or_path": str(folder.parent), "gguf_file": folder.name} if is_gguf(folder)
+             else {"pretrained_model_name_or_path": str(folder)})
+    reference = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, attn_implementation="eager",
                                                                   trust_remote_code=False).eval()
     with torch.no_grad():
         expected = reference.generate(torch.tensor(input_ids), attention_mask=torch.ones(input_ids.shape, dtype=torch.long),
@@ -245,6 +254,7 @@ def check(style: str = "llama3.1", prompt: str = "Which post does this reply ans
     return {"folder": str(folder), "prompt": prompt,
             "continuation": tokenizer.decode(ours[0, input_ids.shape[1]:], skip_special_tokens=True),
             "new_tokens": int(ours.shape[1] - input_ids.shape[1]), "max_logit_difference": difference,
+            "largest_logit": float(np.abs(reference_logits).max()),
             "same_greedy_tokens": bool(ours.shape == expected.shape and (ours == expected).all())}
 
 # %% ../nbs/09_cli.ipynb #d464c070
@@ -354,11 +364,20 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--records", type=int, default=480, help="size of the generated RAFT sample")
     demo_parser.add_argument("--epochs", type=int, default=12, help="passes over the train split")
     commands.add_parser("train", help="fine-tune on your data; `jora train --help` lists every option")
+    convert_parser = commands.add_parser("convert", help="write a GGUF file as a Hugging Face model folder")
+    convert_parser.add_argument("GGUF", help="a Llama-family .gguf file")
+    convert_parser.add_argument("FOLDER", help="new or empty folder for the Hugging Face model")
+    convert_parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                                help="dtype of the written weights (float32 keeps every quantised value exactly)")
+    convert_parser.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in FOLDER")
     commands.add_parser("eval", help="an adapter's test loss and accuracy beside the base model's; `jora eval --help`")
     commands.add_parser("gui", help="open JupyterLab on a notebook with the training panels; `jora gui --help`")
     check_parser = commands.add_parser("check", help="generate from a tiny local model and check it against "
                                        "transformers; with --checkpoint, verify a checkpoint folder instead; with "
                                        "--adapter and --data, serve an exported adapter and compare with training")
+    check_parser.add_argument("--model", default=None, metavar="PATH",
+                              help="compare jora with transformers on your model (a Hugging Face folder or a .gguf file) "
+                              "instead of a tiny one")
     check_parser.add_argument("--checkpoint", default=None, metavar="DIR",
                               help="verify the checkpoints in DIR (sizes, sha256, state) and print what a resume takes")
     check_parser.add_argument("--adapter", default=None, metavar="DIR", help="an exported PEFT adapter folder to serve "
@@ -386,21 +405,31 @@ def _run(argv: list[str]) -> int:
     if args.command == "demo":
         outcome = demo(args.folder, records=args.records, N_EPOCHS=args.epochs, overwrite=args.overwrite)
         return 0 if outcome["last_loss"] < outcome["first_loss"] else 1
+    if args.command == "convert":
+        if not is_gguf(args.GGUF):
+            raise ValueError(f"{args.GGUF} is not a .gguf file; jora convert reads GGUF files.")
+        print(f"Hugging Face model written to {convert_gguf(args.GGUF, args.FOLDER, dtype=args.dtype, overwrite=args.overwrite)}")
+        return 0
     if args.checkpoint is not None:
         return check_checkpoints(args.checkpoint)
     if args.adapter is not None:
         return report_adapter_check(args)
-    result = check(args.style, args.prompt, args.max_new_tokens, args.folder)
-    print(f"tiny {args.style} checkpoint: {result['folder']}")
+    if args.model is not None:   # a real model: logits of tens, so a 1e-3 tolerance (fp32 against fp32)
+        result, tolerance = compare_with_transformers(args.model, args.prompt, args.max_new_tokens), 1e-3
+        print(f"model: {result['folder']}")
+    else:
+        result, tolerance = check(args.style, args.prompt, args.max_new_tokens, args.folder), 1e-4
+        print(f"tiny {args.style} checkpoint: {result['folder']}")
     print(f"prompt: {result['prompt']!r}")
     print(f"jora generated {result['new_tokens']} tokens: {result['continuation']!r}")
-    print(f"max |logit difference| against transformers: {result['max_logit_difference']:.2e}")
+    print(f"max |logit difference| against transformers: {result['max_logit_difference']:.2e} (largest logit "
+          f"{result['largest_logit']:.1f}, tolerance {tolerance:.0e})")
     print(f"greedy tokens identical to transformers.generate: {result['same_greedy_tokens']}")
-    return 0 if result["same_greedy_tokens"] and result["max_logit_difference"] < 1e-4 else 1
+    return 0 if result["same_greedy_tokens"] and result["max_logit_difference"] < tolerance else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     "The `jora` command line: an error a user can fix is one line and exit status 1 (`--debug` shows the traceback)."
     argv = sys.argv[1:] if argv is None else argv
-    program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "eval", "gui", "check") else "jora"
+    program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "eval", "gui", "check", "convert") else "jora"
     return run_command(program, _run, argv)

@@ -40,7 +40,7 @@ PAPER_FIELDS = {   # the paper's fields, in its order
     "JAX_PARAMS_PATH": Field(str | None, None, "Model",
                              "folder for the converted JAX parameters: written on first use, read from then on"),
     "LLAMA2_HF_PATH": Field(str | None, None, "Model",
-                            "Hugging Face model folder (config.json + safetensors + tokenizer)"),
+                            "Hugging Face model folder (config.json + safetensors + tokenizer), or a llama.cpp .gguf file"),
     "LLAMA2_META_PATH": Field(str | None, None, "Model",
                               "accepted for the paper's code: a Hugging Face folder, as LLAMA2_HF_PATH"),
     "MODEL_SIZE": Field(str | None, None, "Model",

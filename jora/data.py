@@ -476,6 +476,13 @@ def load_tokenizer(tokenizer):
     if not isinstance(tokenizer, (str, Path)):
         return tokenizer
     folder = Path(tokenizer)
+    if folder.suffix.lower() == ".gguf" and folder.is_file():   # a GGUF file carries its tokenizer
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(str(folder.parent), gguf_file=folder.name, local_files_only=True,
+                                                 trust_remote_code=False)
+        except (OSError, ValueError, KeyError, ImportError) as error:
+            raise ValueError(f"The tokenizer in {folder} cannot be loaded: {error}") from None
     if not folder.is_dir():
         raise FileNotFoundError(f"No model folder at {folder} to load a tokenizer from.")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):

@@ -16,7 +16,8 @@ import numpy as np
 from .model import LlamaConfig
 from .sharding import adapter_shapes
 from .files import check_output_folder, checkpoint_step, output_folder, run_command
-from .formats import checkpoint_tensor_files, hf_weight_names, load_any_adapter, load_hf_config
+from .formats import (checkpoint_tensor_files, convert_gguf, gguf_tensor_files, hf_weight_names, is_gguf,
+                          load_any_adapter, load_hf_config)
 from .formats import load_peft_adapter, save_peft_adapter   # written in the formats chapter; still importable from here
 
 # %% auto #0
@@ -51,7 +52,7 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
         if tuple(lora.adapters[name]["lora_A"].shape) != expected:
             raise ValueError(f"{lora_path}: {name} adapters have shape {tuple(lora.adapters[name]['lora_A'].shape)}, "
                              f"but {hf_path} needs {expected}. Were they trained on another base model?")
-    files = checkpoint_tensor_files(hf_path)
+    files = gguf_tensor_files(hf_path) if is_gguf(hf_path) else checkpoint_tensor_files(hf_path)
     updates = {}
     names = hf_weight_names(model_config)
     for name in lora_config.targets:
@@ -61,6 +62,10 @@ def merge_to_hf(hf_path, lora_path, save_path, *, overwrite: bool = False) -> Pa
     missing = sorted(set(updates) - set(files))
     if missing:
         raise ValueError(f"{hf_path} lacks the weights the adapters modify: {missing[:3]}.")
+    if is_gguf(hf_path):   # a GGUF base: written as a float32 Hugging Face folder, the adapters folded in on the way
+        return convert_gguf(hf_path, save_path, overwrite=overwrite, kind="merged model", protected=protected,
+                            change=lambda name, tensor: _merge_tensor(tensor, *updates[name], lora.scale)
+                            if name in updates else tensor)
     with output_folder(save_path, "merged model", overwrite=overwrite, protected=protected) as temporary:
         for item in hf_path.iterdir():  # config, tokenizer, generation config, index, ...
             if item.is_file() and item.suffix != ".safetensors" and not item.name.endswith((".bin", ".pt", ".pth")):

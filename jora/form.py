@@ -16,7 +16,7 @@ import numpy as np
 from .model import IGNORE_INDEX, LlamaConfig
 from .sharding import check_model_axis
 from .files import UnsafeFolderError, check_output_folder, checkpoint_step, latest_checkpoint, read_marker, step_folders
-from .formats import load_hf_config
+from .formats import is_gguf, load_hf_config
 from .config import FIELDS, ParallamaConfig, _flag, field_label, parse_field_text, value_problem
 
 # %% auto #0
@@ -84,8 +84,9 @@ def validate(config: ParallamaConfig, data_path: str, checkpoint_path: str, devi
     folder = config.LLAMA2_HF_PATH or config.LLAMA2_META_PATH
     if not folder:
         errors["LLAMA2_HF_PATH"] = "give the Hugging Face model folder"
-    elif not (Path(folder) / "config.json").is_file():
-        errors["LLAMA2_HF_PATH" if config.LLAMA2_HF_PATH else "LLAMA2_META_PATH"] = f"no config.json in {folder}"
+    elif not (Path(folder) / "config.json").is_file() and not (is_gguf(folder) and Path(folder).is_file()):
+        errors["LLAMA2_HF_PATH" if config.LLAMA2_HF_PATH else "LLAMA2_META_PATH"] = \
+            f"no config.json in {folder} (give a Hugging Face model folder or a .gguf file)"
     if not str(data_path).strip() or not Path(data_path).is_file():
         errors["data_path"] = "give an existing JSON/JSONL file of Alpaca or chat records"
     if problem := checkpoint_folder_problem(checkpoint_path, [folder, config.JAX_PARAMS_PATH]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -33,17 +34,25 @@ from .files import (MANIFEST, CheckpointError, CheckpointWarning, WriteError, ch
                         temporary_checkpoint_name, write_failure, write_json, write_manifest)
 
 # %% auto #0
-__all__ = ['PARAMS_KIND', 'load_hf_config', 'module_group', 'hf_weight_names', 'hf_tensor_shapes', 'checkpoint_tensor_files',
-           'load_hf_checkpoint', 'save_params', 'is_params_folder', 'load_params', 'save_lora', 'load_lora',
-           'save_checkpoint', 'NonFiniteError', 'load_optimizer_state', 'peft_key', 'save_peft_adapter',
-           'load_peft_adapter', 'load_any_adapter']
+__all__ = ['GGUF_TENSOR_NAMES', 'GGUF_TYPES', 'PARAMS_KIND', 'is_gguf', 'load_hf_config', 'module_group', 'hf_weight_names',
+           'hf_tensor_shapes', 'checkpoint_tensor_files', 'load_hf_checkpoint', 'gguf_hf_name', 'gguf_reader',
+           'gguf_hf_config', 'gguf_tensor_files', 'GGUFTensors', 'convert_gguf', 'save_params', 'is_params_folder',
+           'load_params', 'save_lora', 'load_lora', 'save_checkpoint', 'NonFiniteError', 'load_optimizer_state',
+           'peft_key', 'save_peft_adapter', 'load_peft_adapter', 'load_any_adapter']
 
 # %% ../nbs/04_formats.ipynb #1c814822
+def is_gguf(path) -> bool:
+    "Whether `path` names a llama.cpp GGUF file (read in the GGUF section below) rather than a model folder."
+    return Path(path).suffix.lower() == ".gguf"
+
+
 def _read_hf_config(path_or_dict) -> tuple[dict, str]:
     "Return the config dictionary and a description of where it came from (for error messages)."
     if isinstance(path_or_dict, Mapping):
         return dict(path_or_dict), "the given config dictionary"
     path = Path(path_or_dict)
+    if is_gguf(path):
+        return gguf_hf_config(path), str(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
@@ -251,12 +260,13 @@ def _read_slice(handles, files: dict, hf_name: str, transpose: bool, dtype, stac
 
 # %% ../nbs/04_formats.ipynb #3a3a8322
 def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple[LlamaConfig, dict]:
-    """Read a Hugging Face Llama-family folder into `(config, params)`, weights cast to `dtype`. With a `mesh`,
-    every tensor goes straight to its tensor-parallel sharding (`jora.sharding.param_specs`)."""
+    """Read a Hugging Face Llama-family folder (or a llama.cpp `.gguf` file) into `(config, params)`, weights cast to
+    `dtype`. With a `mesh`, every tensor goes straight to its tensor-parallel sharding (`jora.sharding.param_specs`)."""
     from safetensors import safe_open
     path = Path(path)
     config = load_hf_config(path)
-    files = checkpoint_tensor_files(path)
+    files = gguf_tensor_files(path) if is_gguf(path) else checkpoint_tensor_files(path)
+    opener = partial(GGUFTensors, config=config) if is_gguf(path) else partial(safe_open, framework="numpy")
     specs = param_specs(config, mesh=mesh)
     shapes = param_shapes(config)
     params: dict = {"layers": {}}
@@ -265,7 +275,7 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple
 
         def handles(file):
             if file not in opened:
-                opened[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
+                opened[file] = stack.enter_context(opener(str(file)))
             return opened[file]
 
         _check_tensors(path, config, files, handles)
@@ -278,6 +288,183 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple
             target = params if len(key_path) == 1 else params["layers"]
             target[key_path[-1]] = jax.make_array_from_callback(shape, sharding, read)
     return config, params
+
+# %% ../nbs/04_formats.ipynb #afc926d1
+GGUF_TENSOR_NAMES = {   # llama.cpp's tensor names -> Hugging Face's (`{layer}`: a decoder layer's number)
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{layer}.attn_norm.weight": "model.layers.{layer}.input_layernorm.weight",
+    "blk.{layer}.ffn_norm.weight": "model.layers.{layer}.post_attention_layernorm.weight",
+    "blk.{layer}.attn_q.weight": "model.layers.{layer}.self_attn.q_proj.weight",
+    "blk.{layer}.attn_k.weight": "model.layers.{layer}.self_attn.k_proj.weight",
+    "blk.{layer}.attn_v.weight": "model.layers.{layer}.self_attn.v_proj.weight",
+    "blk.{layer}.attn_output.weight": "model.layers.{layer}.self_attn.o_proj.weight",
+    "blk.{layer}.ffn_gate.weight": "model.layers.{layer}.mlp.gate_proj.weight",
+    "blk.{layer}.ffn_up.weight": "model.layers.{layer}.mlp.up_proj.weight",
+    "blk.{layer}.ffn_down.weight": "model.layers.{layer}.mlp.down_proj.weight",
+}
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")   # the tensor types jora reads
+
+
+def gguf_hf_name(name: str) -> str | None:
+    "The Hugging Face name of a GGUF tensor, or None for one jora does not know."
+    found = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if found is None:
+        return GGUF_TENSOR_NAMES.get(name)
+    pattern = GGUF_TENSOR_NAMES.get(f"blk.{{layer}}.{found.group(2)}")
+    return pattern.format(layer=int(found.group(1))) if pattern else None
+
+
+def gguf_reader(path):
+    "A `gguf.GGUFReader` of `path` (its tensors memory-mapped), or one line saying why the file cannot be read."
+    from gguf import GGUFReader
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"No GGUF file at {path}.")
+    try:
+        return GGUFReader(str(path))
+    except Exception as error:   # gguf raises ValueError, IndexError, struct errors... on a damaged file
+        raise ValueError(f"{path} cannot be read as a GGUF file ({type(error).__name__}: {error}); it may be truncated "
+                         f"or not a GGUF file: download it again.") from None
+
+
+def _gguf_value(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_hf_config(path) -> dict:
+    """The Hugging Face config of a Llama-family GGUF file, from its metadata (as transformers' GGUF loader builds it):
+    architecture `llama` (a model named Mistral is `mistral`), sizes, rotary base, norm epsilon, token ids; the
+    embeddings are tied when there is no `output.weight`."""
+    reader = gguf_reader(path)
+    architecture = _gguf_value(reader, "general.architecture")
+    if architecture != "llama":
+        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported; jora reads Llama-family files "
+                         f"(general.architecture 'llama': Llama, Mistral, SmolLM, TinyLlama).")
+    names = {tensor.name for tensor in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"{path} stores llama3 rope scaling as per-frequency factors (rope_freqs.weight), which jora "
+                         f"does not read yet; use the model's Hugging Face folder.")
+    setting = lambda key, default=None: _gguf_value(reader, f"llama.{key}", default)
+    heads = setting("attention.head_count")
+    hf = {"model_type": "mistral" if "mistral" in str(_gguf_value(reader, "general.name", "")).lower() else "llama",
+          "vocab_size": setting("vocab_size") or len(getattr(reader.fields.get("tokenizer.ggml.tokens"), "data", ())) or None,
+          "hidden_size": setting("embedding_length"), "intermediate_size": setting("feed_forward_length"),
+          "num_hidden_layers": setting("block_count"), "num_attention_heads": heads,
+          "num_key_value_heads": setting("attention.head_count_kv", heads), "head_dim": setting("rope.dimension_count"),
+          "rms_norm_eps": setting("attention.layer_norm_rms_epsilon", 1e-5), "rope_theta": setting("rope.freq_base", 1e4),
+          "max_position_embeddings": setting("context_length", 4096), "tie_word_embeddings": "output.weight" not in names,
+          "bos_token_id": _gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+          "eos_token_id": _gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+          "pad_token_id": _gguf_value(reader, "tokenizer.ggml.padding_token_id")}
+    if setting("rope.scaling.type") not in (None, "none"):
+        if setting("rope.scaling.type") != "linear":
+            raise ValueError(f"{path}: rope scaling {setting('rope.scaling.type')!r} is not supported in GGUF files.")
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": setting("rope.scaling.factor")}
+    return {key: value.item() if hasattr(value, "item") else value for key, value in hf.items() if value is not None}
+
+
+def gguf_tensor_files(path) -> dict[str, Path]:
+    """Hugging Face tensor name -> the GGUF file, as `checkpoint_tensor_files` gives them for a folder; a tensor of a
+    type jora does not read, or a name it does not know, is one line naming it."""
+    reader, files = gguf_reader(path), {}
+    for tensor in reader.tensors:
+        name = gguf_hf_name(tensor.name)
+        if name is None:
+            raise ValueError(f"{path}: tensor {tensor.name!r} is not one a Llama-family model uses.")
+        if tensor.tensor_type.name not in GGUF_TYPES:
+            raise ValueError(f"{path}: tensor {tensor.name!r} is of type {tensor.tensor_type.name}, which jora does not "
+                             f"read ({', '.join(GGUF_TYPES)}); re-quantise the file to one of those.")
+        files[name] = Path(path)
+    return files
+
+
+class GGUFTensors:
+    """A GGUF file's tensors read as safetensors files are (`keys`, `get_slice(name)[index]`), under Hugging Face names
+    and layouts: each read dequantises one whole tensor to float32."""
+
+    def __init__(self, path, config: LlamaConfig):
+        self.path, self.config, self.reader = Path(path), config, gguf_reader(path)
+        self.tensors = {gguf_hf_name(tensor.name): tensor for tensor in self.reader.tensors}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        return False
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get_slice(self, name: str):
+        return _GGUFSlice(self, name)
+
+    def tensor(self, name: str) -> np.ndarray:
+        "One tensor, dequantised to float32, in Hugging Face's layout."
+        from gguf.quants import dequantize
+        stored = self.tensors[name]
+        values = dequantize(stored.data, stored.tensor_type).reshape(self.shape(name))
+        heads = {"q_proj": self.config.num_attention_heads, "k_proj": self.config.num_key_value_heads}
+        for projection, count in heads.items():
+            if name.endswith(f".self_attn.{projection}.weight"):   # llama.cpp keeps each head's rotary pairs apart
+                values = values.reshape(count, -1, 2, values.shape[-1]).swapaxes(1, 2).reshape(values.shape)
+        return values
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(size) for size in reversed(self.tensors[name].shape))   # GGUF lists the fastest axis first
+
+
+def convert_gguf(path, folder, *, dtype: str = "float32", overwrite: bool = False, kind: str = "converted model",
+                 protected=(), change=None) -> Path:
+    """Write a GGUF file as a Hugging Face model folder (config.json, safetensors shards of at most 2 GB, the
+    tokenizer): the base a PEFT adapter names, for peft and vLLM users. Weights are dequantised to `dtype`
+    (float32 keeps every quantised value exactly); `change(name, tensor)`, when given, may change each float32
+    tensor first (the merger folds adapters in with it)."""
+    import transformers
+    from safetensors.numpy import save_file
+    path = Path(path)
+    config = load_hf_config(path)
+    hf = gguf_hf_config(path)
+    files = gguf_tensor_files(path)
+    tokenizer = load_tokenizer(path) if "tokenizer.ggml.model" in gguf_reader(path).fields else None
+    if tokenizer is None:
+        warnings.warn(f"{path} carries no tokenizer; the converted folder has none either.", stacklevel=2)
+    change = change or (lambda name, tensor: tensor)
+    with output_folder(folder, kind, overwrite=overwrite, protected=[path, *protected]) as temporary, \
+            GGUFTensors(path, config) as tensors:
+        settings = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None,   # not transformers defaults
+                    **{key: value for key, value in hf.items() if key != "model_type"}}
+        kind = transformers.MistralConfig if config.model_type == "mistral" else transformers.LlamaConfig
+        kind(**settings, architectures=[f"{kind.__name__.removesuffix('Config')}ForCausalLM"],
+             dtype=dtype).save_pretrained(str(temporary))
+        shards, size = [[]], 0   # planned from the shapes, so that one shard at a time is in memory
+        for name in files:
+            if shards[-1] and size >= 2 << 30:
+                shards.append([]); size = 0
+            shards[-1].append(name)
+            size += math.prod(tensors.shape(name)) * np.dtype(dtype).itemsize
+        names = ([f"model-{number:05d}-of-{len(shards):05d}.safetensors" for number in range(1, len(shards) + 1)]
+                 if len(shards) > 1 else ["model.safetensors"])
+        for file, shard in zip(names, shards):
+            save_file({name: change(name, tensors.tensor(name)).astype(np.dtype(dtype)) for name in shard},
+                      str(temporary / file), metadata={"format": "pt"})
+        if len(shards) > 1:
+            write_json(temporary / "model.safetensors.index.json", {"metadata": {}, "weight_map": {
+                name: file for file, shard in zip(names, shards) for name in shard}})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(temporary))
+    return Path(folder)
+
+
+class _GGUFSlice:
+    def __init__(self, tensors: GGUFTensors, name: str):
+        self.tensors, self.name = tensors, name
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensors.shape(self.name))
+
+    def __getitem__(self, index):
+        return self.tensors.tensor(self.name)[index]
 
 # %% ../nbs/04_formats.ipynb #4cbbd62a
 def _llama_config_to_json(config: LlamaConfig) -> dict:

@@ -434,9 +434,10 @@ class TryPanel:
         from jora.data import load_tokenizer
         from jora.formats import load_hf_checkpoint
         folder = self.model_folder.value.strip() or str(self.training.fields["LLAMA2_HF_PATH"].value or "").strip()
-        if not folder or not (Path(folder) / "config.json").is_file():
+        from jora.formats import is_gguf
+        if not folder or not ((Path(folder) / "config.json").is_file() or (is_gguf(folder) and Path(folder).is_file())):
             raise ValueError(f"model folder: {folder or '(empty)'} is not a Hugging Face model folder (it has no "
-                             f"config.json); give the folder of the base model.")
+                             f"config.json) nor a .gguf file; give the base model's folder or file.")
         if self.model is None or self.model[0] != folder:
             dtype = self.training.fields["DTYPE"].value
             self.model = (folder, *load_hf_checkpoint(folder, dtype=dtype), load_tokenizer(folder))

