@@ -264,9 +264,10 @@ def load_hf_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None) -> tuple
     `dtype`. With a `mesh`, every tensor goes straight to its tensor-parallel sharding (`jora.sharding.param_specs`)."""
     from safetensors import safe_open
     path = Path(path)
-    config = load_hf_config(path)
-    files = gguf_tensor_files(path) if is_gguf(path) else checkpoint_tensor_files(path)
-    opener = partial(GGUFTensors, config=config) if is_gguf(path) else partial(safe_open, framework="numpy")
+    reader = gguf_reader(path) if is_gguf(path) else None   # a GGUF file's index is read once (seconds for a real one)
+    config = _config_from_hf_dict(gguf_hf_config(path, reader), str(path)) if reader else load_hf_config(path)
+    files = gguf_tensor_files(path, reader) if reader else checkpoint_tensor_files(path)
+    opener = partial(GGUFTensors, config=config, reader=reader) if reader else partial(safe_open, framework="numpy")
     specs = param_specs(config, mesh=mesh)
     shapes = param_shapes(config)
     params: dict = {"layers": {}}
@@ -332,11 +333,11 @@ def _gguf_value(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def gguf_hf_config(path) -> dict:
+def gguf_hf_config(path, reader=None) -> dict:
     """The Hugging Face config of a Llama-family GGUF file, from its metadata (as transformers' GGUF loader builds it):
     architecture `llama` (a model named Mistral is `mistral`), sizes, rotary base, norm epsilon, token ids; the
-    embeddings are tied when there is no `output.weight`."""
-    reader = gguf_reader(path)
+    embeddings are tied when there is no `output.weight`. `reader`: the file's `gguf_reader`, when one is open."""
+    reader = reader or gguf_reader(path)
     architecture = _gguf_value(reader, "general.architecture")
     if architecture != "llama":
         raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported; jora reads Llama-family files "
@@ -364,10 +365,10 @@ def gguf_hf_config(path) -> dict:
     return {key: value.item() if hasattr(value, "item") else value for key, value in hf.items() if value is not None}
 
 
-def gguf_tensor_files(path) -> dict[str, Path]:
+def gguf_tensor_files(path, reader=None) -> dict[str, Path]:
     """Hugging Face tensor name -> the GGUF file, as `checkpoint_tensor_files` gives them for a folder; a tensor of a
     type jora does not read, or a name it does not know, is one line naming it."""
-    reader, files = gguf_reader(path), {}
+    reader, files = reader or gguf_reader(path), {}
     for tensor in reader.tensors:
         name = gguf_hf_name(tensor.name)
         if name is None:
@@ -383,8 +384,8 @@ class GGUFTensors:
     """A GGUF file's tensors read as safetensors files are (`keys`, `get_slice(name)[index]`), under Hugging Face names
     and layouts: each read dequantises one whole tensor to float32."""
 
-    def __init__(self, path, config: LlamaConfig):
-        self.path, self.config, self.reader = Path(path), config, gguf_reader(path)
+    def __init__(self, path, config: LlamaConfig, reader=None):
+        self.path, self.config, self.reader = Path(path), config, reader or gguf_reader(path)
         self.tensors = {gguf_hf_name(tensor.name): tensor for tensor in self.reader.tensors}
 
     def __enter__(self):
@@ -423,15 +424,15 @@ def convert_gguf(path, folder, *, dtype: str = "float32", overwrite: bool = Fals
     import transformers
     from safetensors.numpy import save_file
     path = Path(path)
-    config = load_hf_config(path)
-    hf = gguf_hf_config(path)
-    files = gguf_tensor_files(path)
-    tokenizer = load_tokenizer(path) if "tokenizer.ggml.model" in gguf_reader(path).fields else None
+    reader = gguf_reader(path)
+    hf = gguf_hf_config(path, reader)
+    config, files = _config_from_hf_dict(hf, str(path)), gguf_tensor_files(path, reader)
+    tokenizer = load_tokenizer(path) if "tokenizer.ggml.model" in reader.fields else None
     if tokenizer is None:
         warnings.warn(f"{path} carries no tokenizer; the converted folder has none either.", stacklevel=2)
     change = change or (lambda name, tensor: tensor)
     with output_folder(folder, kind, overwrite=overwrite, protected=[path, *protected]) as temporary, \
-            GGUFTensors(path, config) as tensors:
+            GGUFTensors(path, config, reader) as tensors:
         settings = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None,   # not transformers defaults
                     **{key: value for key, value in hf.items() if key != "model_type"}}
         kind = transformers.MistralConfig if config.model_type == "mistral" else transformers.LlamaConfig
