@@ -132,6 +132,11 @@ def _listing(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 # %% ../nbs/04_files.ipynb #f581e116
+def _killed_writers_temporary(name: str) -> bool:
+    "Whether `name` is the temporary folder a killed jora write left inside an output folder (`_temporary_for`)."
+    return name.startswith(".jora-tmp-") and _from_a_dead_process(name.removeprefix(".jora-tmp-"))
+
+
 def check_output_folder(path, kind: str, *, overwrite: bool = False, protected=()) -> Path:
     """`path`, resolved, if jora may write a `kind` output there: a new or empty folder, or (with `overwrite`) one that
     jora wrote before as the same kind. It may not be, or contain, any `protected` folder (the base model, the
@@ -150,8 +155,8 @@ def check_output_folder(path, kind: str, *, overwrite: bool = False, protected=(
         return target
     if not target.is_dir():
         raise UnsafeFolderError(f"{path} is a file, not a folder; choose a new folder for the {kind}.")
-    entries = sorted(entry.name for entry in target.iterdir())
-    if not entries:
+    entries = sorted(entry.name for entry in target.iterdir() if not _killed_writers_temporary(entry.name))
+    if not entries:   # empty, or holding only what a killed write into it left (removed when it is written)
         return target
     marker = read_marker(target)
     if marker is None:
@@ -270,8 +275,6 @@ def _move_into_place(temporary: Path, target: Path, kind: str) -> None:
 def output_folder(path, kind: str, *, overwrite: bool = False, protected=()):
     """Write a `kind` output to `path`: yields a temporary folder to fill, then moves it into place with a marker.
     `check_output_folder` decides whether `path` may be written; on failure nothing at `path` changes."""
-    if path is not None and str(path).strip() and Path(path).expanduser().is_dir():
-        _remove_killed_temporaries(Path(path).expanduser())   # a killed write into this folder left it
     target = check_output_folder(path, kind, overwrite=overwrite, protected=protected)
     temporary = None
     try:

@@ -508,3 +508,24 @@ def test_jora_eval_refuses_counts_out_of_range_in_one_line(flag, value, message)
     errors = [line for line in process.stderr.splitlines() if "error:" in line]
     assert process.returncode == 2 and errors == [f"jora eval: error: argument {flag}: takes a whole number of {message}"]
     assert "Traceback" not in process.stderr
+
+
+def test_a_killed_writes_leftover_is_removed_only_from_a_folder_jora_may_write(tmp_path):
+    "A `.jora-tmp-<dead pid>@host` folder inside an output: kept in a user's folder jora refuses, removed in an empty one."
+    import socket
+    from jora.files import UnsafeFolderError, output_folder
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = f".jora-tmp-{dead.stdout.strip()}@{socket.gethostname()}"
+    users = tmp_path / "users"
+    (users / leftover).mkdir(parents=True)
+    (users / "thesis.tex").write_text("years of work")
+    before = snapshot(users)
+    with pytest.raises(UnsafeFolderError, match=r"holds files jora did not write \(thesis.tex\)"):
+        with output_folder(users, "merged model"):
+            pass
+    assert snapshot(users) == before
+    empty = tmp_path / "empty"
+    (empty / leftover).mkdir(parents=True)
+    with output_folder(empty, "merged model") as temporary:
+        (temporary / "weights.txt").write_text("new")
+    assert sorted(p.name for p in empty.iterdir()) == [".jora-output.json", "weights.txt"]
