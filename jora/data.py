@@ -24,9 +24,9 @@ __all__ = ['CHAT_ROLES', 'PROMPT_WITH_INPUT', 'PROMPT_WITHOUT_INPUT', 'PROMPT_FO
            'RecordError', 'utf8_text', 'read_records', 'prompt_format', 'format_prompt', 'prompt_parts', 'listed',
            'TruncationReport', 'prompt_tokens', 'answer_tokens', 'longest_fitting', 'cut_context', 'tokenize_record',
            'is_chat', 'chat_messages', 'render_chat', 'assistant_spans', 'tokenize_chat_record', 'tokenize_example',
-           'as_chat', 'prompt_ids', 'split_records', 'mix_general_records', 'load_tokenizer', 'code_a_folder_asks_for',
-           'no_folder_code', 'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets', 'empty_rows',
-           'pack_examples', 'epoch_rows', 'batches']
+           'as_chat', 'prompt_ids', 'split_records', 'mix_general_records', 'load_tokenizer', 'gguf_tokenizer',
+           'code_a_folder_asks_for', 'no_folder_code', 'AlpacaDataset', 'generate_alpaca_dataset', 'default_buckets',
+           'empty_rows', 'pack_examples', 'epoch_rows', 'batches']
 
 # %% ../nbs/03_data.ipynb #25abe7e4
 class RecordError(ValueError):
@@ -477,10 +477,8 @@ def load_tokenizer(tokenizer):
         return tokenizer
     folder = Path(tokenizer)
     if folder.suffix.lower() == ".gguf" and folder.is_file():   # a GGUF file carries its tokenizer
-        from transformers import AutoTokenizer
         try:
-            return AutoTokenizer.from_pretrained(str(folder.parent), gguf_file=folder.name, local_files_only=True,
-                                                 trust_remote_code=False)
+            return gguf_tokenizer(folder)
         except (OSError, ValueError, KeyError, ImportError) as error:
             raise ValueError(f"The tokenizer in {folder} cannot be loaded: {error}") from None
     if not folder.is_dir():
@@ -501,6 +499,39 @@ def load_tokenizer(tokenizer):
         warnings.warn(no_folder_code(folder, asked) + f" It loaded transformers' own {type(loaded).__name__}.",
                       stacklevel=2)
     return loaded
+
+
+_GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                        "pad_token": "padding_token_id"}
+
+
+def gguf_tokenizer(path):
+    """The tokenizer and chat template a GGUF file carries, built as transformers builds them
+    (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`), but with the metadata read by the `gguf` package, so
+    that it needs no PyTorch (transformers' own GGUF reader imports torch)."""
+    try:
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:   # an older transformers: its own loader (which needs torch)
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, local_files_only=True,
+                                             trust_remote_code=False)
+    from gguf import GGUFReader
+    from transformers import PreTrainedTokenizerFast
+    fields = GGUFReader(str(path)).fields
+    value = lambda key: fields[key].contents() if key in fields else None
+    if value("tokenizer.ggml.tokens") is None:
+        raise ValueError(f"{path} carries no tokenizer (no tokenizer.ggml.tokens); pass the model's tokenizer folder.")
+    settings = {group: {name: value(f"tokenizer.{key}") for key, name in renames.items()
+                        if value(f"tokenizer.{key}") is not None}
+                for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    vocabulary, config = settings["tokenizer"], settings["tokenizer_config"]
+    if vocabulary.get("tokenizer_type") == "llama":   # sentencepiece files add BOS unless they say otherwise
+        config.setdefault("add_bos_token", True)
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
+        token_id = value(f"tokenizer.ggml.{key}")
+        config[name] = vocabulary["tokens"][token_id] if token_id is not None else None
+    backend, more = convert_gguf_tokenizer(value("general.architecture"), vocabulary)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **more)
 
 
 def code_a_folder_asks_for(folder) -> list[str]:

@@ -21,8 +21,8 @@ from .formats import hf_tensor_shapes, load_hf_config
 # %% auto #0
 __all__ = ['TINY_CORPUS', 'TINY_STYLES', 'CHAT_TEMPLATES', 'TOKENIZER_KINDS', 'DEMO_COUNTRIES', 'GGUF_TINY', 'SMOLLM2',
            'tiny_config', 'save_tiny_tokenizer', 'save_tiny_sentencepiece_tokenizer', 'add_chat_template',
-           'tiny_hf_tensors', 'save_hf_shards', 'save_tiny_hf_checkpoint', 'demo_raft_records', 'save_tiny_gguf',
-           'model_cache', 'smollm2_gguf']
+           'tiny_hf_tensors', 'save_hf_shards', 'save_tiny_hf_checkpoint', 'demo_raft_records', 'company_corpus',
+           'save_tiny_gguf', 'model_cache', 'smollm2_gguf']
 
 # %% ../nbs/10_testing.ipynb #a5cc411d
 def tiny_config(**overrides) -> LlamaConfig:
@@ -205,6 +205,39 @@ def demo_raft_records(count: int = 480, seed: int = 0) -> list[dict]:
                             "output": country})
     return records
 
+
+# %% ../nbs/10_testing.ipynb #7416670c
+_SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vor", "bel", "dun", "sa", "ri", "no", "gar", "fel", "um", "tor", "qui",
+              "zan", "pe", "ox", "lin")
+_PRODUCTS = ("pressure gauges", "bicycle frames", "glass lenses", "wool blankets", "ship rope", "clock springs", "soap",
+             "paper lanterns", "brass valves", "tea kettles")
+
+
+def company_corpus(count: int = 146, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """`count` made-up companies, one short profile each (`{id, title, text}` documents: where and when founded, the
+    chief executive, the product), and one question per company whose answer is in its profile only (`{id, question,
+    answer, oracle_ids}`). Every name is invented, so a model can answer only by reading the right document; the
+    profiles share their wording, so BM25 retrieves hard distractors."""
+    import random
+    draw = random.Random(seed)
+    name = lambda syllables: "".join(draw.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
+    cities = sorted({name(2) + ending for ending in ("ford", "burg", "ton", "mouth", "vik") for _ in range(8)})
+    documents, questions, taken = [], [], set()
+    while len(documents) < count:
+        company = f"{name(3)} {draw.choice(('Works', 'Instruments', 'Trading', 'Mills', 'Company'))}"
+        if company.split()[0] in taken:
+            continue
+        taken.add(company.split()[0])
+        city, year, chief, product = (draw.choice(cities), draw.randint(1850, 2015), f"{name(2)} {name(3)}",
+                                      draw.choice(_PRODUCTS))
+        number = f"company-{len(documents) + 1}"
+        documents.append({"id": number, "title": company, "text": f"{company} was founded in {year} in {city}. Its "
+                          f"chief executive is {chief}. The company makes {product}."})
+        question, answer = draw.choice([(f"In which year was {company} founded?", str(year)),
+                                        (f"Who is the chief executive of {company}?", chief),
+                                        (f"In which city was {company} founded?", city)])
+        questions.append({"id": number, "question": question, "answer": answer, "oracle_ids": [number]})
+    return documents, questions
 
 # %% ../nbs/10_testing.ipynb #4929d782
 GGUF_TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

@@ -187,7 +187,7 @@ def test_panel_export_refuses_an_empty_path_and_a_users_folder(setup, finished_r
 def test_demo_refuses_a_users_folder(tmp_path):
     users = users_folder(tmp_path / "users")
     before = snapshot(users)
-    line = one_error_line(subprocess.run([*JORA, "demo", "--folder", str(users)], capture_output=True, text=True))
+    line = one_error_line(subprocess.run([*JORA, "demo", "--tiny", "--folder", str(users)], capture_output=True, text=True))
     assert snapshot(users) == before and line.startswith("jora demo: error:") and "jora did not write" in line
 
 

@@ -127,6 +127,34 @@ def test_smollm2_gguf_equals_transformers(smollm2, capsys):
     assert "Paris" in shown.split("tokens: ")[1].splitlines()[0]
 
 
+def test_smollm2_tokenizer_equals_transformers_without_torch(smollm2):
+    """jora reads a GGUF file's tokenizer with the `gguf` package (transformers' own GGUF reader imports torch): the
+    same ids, special tokens, chat prompt and decoding as `AutoTokenizer.from_pretrained(..., gguf_file=...)`."""
+    from transformers import AutoTokenizer
+    from jora.data import load_tokenizer
+    ours = load_tokenizer(smollm2)
+    reference = AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name, local_files_only=True)
+    texts = ["The capital of France is", "  two leading spaces\nand a\ttab", "Ünïcode ✓ 日本語 🎉 1234567 3.14",
+             "<|im_start|>user\nhi<|im_end|>", "Kapeum Company was founded in 1916 in Zantasford."]
+    for text in texts:
+        assert ours(text)["input_ids"] == reference(text)["input_ids"], text
+        ids = reference(text)["input_ids"]
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    conversation = [{"role": "user", "content": "Where is Zantasford?"}, {"role": "assistant", "content": "Nowhere."}]
+    for generation_prompt in (True, False):
+        assert (ours.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+                == reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt))
+    assert ours.all_special_tokens == reference.all_special_tokens and len(ours) == len(reference) == 49152
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (reference.bos_token, reference.eos_token,
+                                                                reference.pad_token)
+    script = ("import sys\nsys.modules['torch'] = None   # as if torch were not installed\n"
+              "from jora.data import load_tokenizer\n"
+              f"print(load_tokenizer({str(smollm2)!r})('Zantasford')['input_ids'])\n")
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.split("\n")[-2] == f"{reference('Zantasford')['input_ids']}"
+
+
 def test_a_gguf_base_is_trained_on_and_merged(files, tmp_path):
     "`jora train` on a .gguf base, and the merger with it as the base: the merged folder equals jora's own merge."
     import json

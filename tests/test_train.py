@@ -249,7 +249,7 @@ def test_jora_train_command_line(setup, tmp_path):
 def test_jora_demo_end_to_end(tmp_path):
     "The README's first line, in a smaller setting: the loss falls by at least half and the adapter is saved."
     command = [sys.executable, "-c", "import sys, jora.cli; sys.exit(jora.cli.main())", "demo", "--folder",
-               str(tmp_path / "demo"), "--records", "160", "--epochs", "4"]
+               str(tmp_path / "demo"), "--tiny", "--records", "160", "--epochs", "4"]
     process = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:]
     import re
