@@ -89,22 +89,26 @@ def serialize_table(rows: list[list[str]], tokenizer=None, max_tokens: int | Non
     lines = [clean(rows[0])] + [f"row {i}: {clean(row)}" for i, row in enumerate(rows[1:], start=1)]
     if tokenizer is None or max_tokens is None:
         return "\n".join(lines)
-    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    kept = len(lines)
-    while kept > 1 and count("\n".join(lines[:kept]) + f"\n({len(lines) - kept} more rows not shown)") > max_tokens:
-        kept -= 1
-    text = "\n".join(lines[:kept])
-    return text if kept == len(lines) else text + f"\n({len(lines) - kept} more rows not shown)"
+    shown = lambda kept: "\n".join(lines[:kept]) + ("" if kept == len(lines) else f"\n({len(lines) - kept} more rows not shown)")
+    fits = lambda kept: len(tokenizer(shown(kept), add_special_tokens=False)["input_ids"]) <= max_tokens
+    low, high = 1, len(lines)   # the most rows that fit (the header always), found by bisection
+    if not fits(high):
+        high -= 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return shown(high)
 
 
 def wtq_records(root, split_file: str = "data/training.tsv", tokenizer=None, table_tokens: int | None = None,
                 chat: bool = False) -> list[dict]:
     """Alpaca records: the question as instruction, the serialised table as input, the answers joined by ', ' as
     output (`chat`: as chat records, the table as their context)."""
-    records = []
+    records, tables = [], {}   # a table serialised (and cut) once, however many questions ask about it
     for question in read_wtq_questions(root, split_file):
-        table = read_wtq_table(root, question["context"])
-        records.append({"instruction": question["question"], "input": serialize_table(table, tokenizer, table_tokens),
+        if question["context"] not in tables:
+            tables[question["context"]] = serialize_table(read_wtq_table(root, question["context"]), tokenizer, table_tokens)
+        records.append({"instruction": question["question"], "input": tables[question["context"]],
                         "output": ", ".join(question["answers"]), "id": question["id"], "answers": question["answers"]})
     from jora.data import as_chat
     return [as_chat(record) for record in records] if chat else records

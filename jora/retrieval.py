@@ -288,9 +288,10 @@ def fit_budget(tokenizer, budget: int, oracle_texts: list[str], distractor_texts
                report: RaftReport, number: int) -> tuple[list[str], list[str]]:
     """The oracles and distractors that fit `budget` context tokens: whole distractors dropped lowest-ranked first;
     only when the oracles alone do not fit, the last oracle is cut at a token boundary (counted in the report)."""
+    whole = context_length(tokenizer, oracle_texts)   # the oracles alone: when they do not fit, no distractor does
     fits = lambda count: context_length(tokenizer, oracle_texts + distractor_texts[:count]) <= budget
-    low, high = 0, len(distractor_texts)  # the most distractors (best-ranked first) that fit, found by bisection
-    if not fits(high):
+    low, high = 0, len(distractor_texts) if whole <= budget else 0   # the most distractors (best-ranked first) that
+    if high and not fits(high):                                      # fit, found by bisection
         while low < high:
             middle = (low + high + 1) // 2
             low, high = (middle, high) if fits(middle) else (low, middle - 1)
@@ -298,16 +299,18 @@ def fit_budget(tokenizer, budget: int, oracle_texts: list[str], distractor_texts
     dropped = len(distractor_texts) - len(distractors)
     report.distractors_dropped += dropped
     report.rows_with_distractors_dropped += dropped > 0
-    oracles = list(oracle_texts)
-    while oracles and (excess := context_length(tokenizer, oracles) - budget) > 0:
-        kept = len(prompt_tokens(tokenizer, oracles[-1], special_tokens=False)[0]) - excess
+    oracles, length = list(oracle_texts), whole
+    while oracles and length > budget:
+        ids, offsets = prompt_tokens(tokenizer, oracles[-1], special_tokens=False)
+        kept = len(ids) - (length - budget)
         if kept <= 0:
             raise ValueError(f"question {number}: its oracle documents' delimiters alone exceed the context budget of "
                              f"{budget} tokens; raise the budget.")
-        oracles[-1] = cut_text(tokenizer, oracles[-1], kept)
+        oracles[-1] = oracles[-1][:min(offsets[kept][0], len(oracles[-1]) - 1)]   # as `cut_text`, tokenized once
+        length = context_length(tokenizer, oracles)
     if oracles != oracle_texts:
         report.oracle_cut += 1
-        report.oracle_tokens_removed += context_length(tokenizer, oracle_texts) - context_length(tokenizer, oracles)
+        report.oracle_tokens_removed += whole - length
         report.cut_rows.append(number)
     return oracles, distractors
 

@@ -152,3 +152,44 @@ def test_the_loaders_give_chat_records_as_an_option():
     threads, threads_chat = fourchan_records(POL, "test"), fourchan_records(POL, "test", chat=True)
     assert [e["correct"] for e in threads] == [e["correct"] for e in threads_chat]
     assert random_baseline_metrics(threads) == random_baseline_metrics(threads_chat)
+
+
+class CountingTokenizer:
+    "Whitespace tokens with character offsets, counting its calls (how often a text is tokenized)."
+    calls = 0
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False, **ignored):
+        import re
+        type(self).calls += 1
+        spans = [match.span() for match in re.finditer(r"\S+", text)]
+        return {"input_ids": [hash(text[a:b]) % 1000 for a, b in spans], "offset_mapping": spans}
+
+
+def test_a_long_table_is_cut_with_a_few_tokenizations():
+    """A 300-row table cut to a budget by bisection over the rows: about log2(300) tokenizations, not one per row
+    dropped (the whole training split's phase-one records then take seconds, not minutes); the table that fits whole
+    is not cut for the "(0 more rows not shown)" it does not show."""
+    rows = [["Name", "Year"]] + [[f"person {i}", str(1900 + i)] for i in range(300)]
+    counter = CountingTokenizer()
+    CountingTokenizer.calls = 0
+    cut = serialize_table(rows, counter, max_tokens=200)
+    assert CountingTokenizer.calls <= 12, CountingTokenizer.calls
+    kept = cut.count("\n")   # the header, the rows shown and the note
+    assert cut.endswith(f"({301 - kept} more rows not shown)") and len(cut.split()) <= 200
+    longer = cut.rsplit("\n", 1)[0] + f"\nrow {kept}: person {kept - 1} | {1900 + kept - 1}\n({300 - kept} more rows not shown)"
+    assert len(longer.split()) > 200   # one more row would not fit: the most rows that fit are shown
+    whole = serialize_table(rows[:4], counter, max_tokens=len(serialize_table(rows[:4]).split()))
+    assert whole == serialize_table(rows[:4])
+
+
+def test_an_oracle_over_the_budget_is_cut_without_trying_distractors():
+    """When the oracle alone exceeds the context budget no distractor can fit, so none is tried: three tokenizations
+    (the oracle's context, its tokens, the cut context checked), where trying distractors first took nine."""
+    from jora.retrieval import RaftReport, fit_budget
+    report = RaftReport()
+    CountingTokenizer.calls = 0
+    oracles, distractors = fit_budget(CountingTokenizer(), 50, ["word " * 80], ["other " * 30] * 4, report, 1)
+    assert CountingTokenizer.calls <= 3, CountingTokenizer.calls
+    assert distractors == [] and report.distractors_dropped == 4 and report.oracle_cut == 1
+    assert len(("<document 1>\n" + oracles[0] + "\n</document 1>").split()) <= 50
+    assert report.oracle_tokens_removed == 80 + 4 - 50
