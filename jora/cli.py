@@ -1,4 +1,4 @@
-"""`jora demo`, `jora train`, `jora eval`, `jora check` and `jora convert`: the `jora` console script.
+"""`jora demo`, `jora train`, `jora eval`, `jora export`, `jora check` and `jora convert`: the `jora` console script.
 
 Docs: https://jora-dev.github.io/jora/nbs/cli.html.md"""
 
@@ -27,7 +27,7 @@ from .files import describe_checkpoints, output_folder, run_command
 from .formats import convert_gguf, is_gguf, load_hf_checkpoint, load_peft_adapter
 from .testing import (SMOLLM2, TINY_STYLES, company_corpus, demo_raft_records, model_cache, save_tiny_hf_checkpoint,
                           smollm2_gguf)
-from .train import load_model, run_mesh, train_lora
+from .train import METRICS_FILE, history_table, load_model, run_mesh, train_lora
 from .retrieval import CorpusIndex, raft_rows, read_corpus, read_questions
 from .evaluate import (ANSWER_RULES, adapter_label, answer_questions, compare_robustness, evaluate_checkpoint,
                            answer_in_reply, exact_match, expected_output)
@@ -37,7 +37,7 @@ from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_fro
 __all__ = ['SMOLLM2_DEMO', 'demo_config', 'tiny_demo', 'smollm2_demo_config', 'write_demo_task', 'smollm2_demo', 'demo',
            'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'start_distributed', 'train_main',
            'whole_number', 'eval_argument_parser', 'eval_main', 'check', 'compare_with_transformers', 'check_adapter',
-           'report_adapter_check', 'check_checkpoints', 'main']
+           'report_adapter_check', 'export_adapter', 'check_checkpoints', 'main']
 
 # %% ../nbs/09_cli.ipynb #dc83c58f
 def demo_config(folder: Path, **changes) -> ParallamaConfig:
@@ -244,8 +244,10 @@ def train_main(argv: list[str] | None = None) -> int:
     result = train_lora(config, train, arguments.checkpoint_path, eval_dataset=test, resume=not arguments.no_resume,
                         overwrite=arguments.overwrite)
     last = result.history[-1] if result.history else {}
+    print(history_table(result.history))
     print(f"step {last.get('step', 0)}: loss {last.get('loss', float('nan')):.4f}"
           + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+    print(f"every step's metrics: {Path(arguments.checkpoint_path) / METRICS_FILE}")
     print(f"LoRA adapter: {result.checkpoint / 'lora.safetensors' if result.checkpoint else 'none saved'}")
     if result.interrupted_by is not None:   # so that `jora train ... && huggingface_merger ...` stops here
         print(f"interrupted at step {last.get('step', 0)} (saved); run the same command to resume", file=sys.stderr)
@@ -270,6 +272,8 @@ def eval_argument_parser():
     parser = argparse.ArgumentParser(prog="jora eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      description="The test split's loss and accuracy of an adapter beside the base model.")
     parser.add_argument("--data", default=None, help="the JSON or JSONL records the run trained on (its test split is used)")
+    parser.add_argument("--test-data", default=None, help="a JSON or JSONL file of held-out records, every one scored "
+                        "(instead of --data's test split)")
     parser.add_argument("--adapter", required=True, help="a checkpoint, a folder of checkpoints, or a PEFT adapter folder")
     parser.add_argument("--config", help="TOML file with ParallamaConfig fields (flags override it)")
     parser.add_argument("--rule", default="exact match", choices=list(ANSWER_RULES), help="how answers are scored")
@@ -301,10 +305,17 @@ def eval_main(argv: list[str] | None = None) -> int:
         for name, table in tables.items():
             print(f"{name}:\n" + pd.DataFrame(table).to_string(index=False, float_format="{:.4f}".format))
         return 0
-    if not arguments.data:
-        raise ValueError("Give --data (the records the run trained on), or --corpus and --questions.")
-    rows = evaluate_checkpoint(config, arguments.data, arguments.adapter, rule=arguments.rule,
+    if bool(arguments.data) == bool(arguments.test_data):
+        raise ValueError("Give --data (the records the run trained on: its test split is scored) or --test-data (a "
+                         "held-out file, scored whole), or --corpus and --questions.")
+    source, split = (arguments.test_data, "all") if arguments.test_data else (arguments.data, "test")
+    rows = evaluate_checkpoint(config, source, arguments.adapter, rule=arguments.rule, split=split,
                                max_examples=arguments.max_examples, max_new_tokens=arguments.max_new_tokens)
+    scored, total = int(rows[0]["right"].split("/")[1]), len(read_records(source))
+    what = ("every record" if split == "all" else f"the test split (SPLIT_PERCENTAGE={config.SPLIT_PERCENTAGE} of "
+            f"the records are the train split; --test-data scores a held-out file whole)")
+    print(f"scored {scored} of the {total} records in {source}: {what}"
+          + (f", at most --max-examples {arguments.max_examples}" if arguments.max_examples else ""))
     print(pd.DataFrame(rows).to_string(index=False, float_format="{:.4f}".format))
     return 0
 
@@ -435,6 +446,27 @@ def report_adapter_check(args) -> int:
     print("served as trained" if result["agree"] else "the served adapter does not see what it was trained on")
     return 0 if result["agree"] else 1
 
+# %% ../nbs/09_cli.ipynb #dafcaef3
+def export_adapter(run, folder, *, base=None, overwrite: bool = False, say=print) -> Path:
+    """A run's newest verified checkpoint (`run`: its checkpoint folder, or one `step-N` folder) written as a PEFT
+    adapter in `folder`, naming `base` (default: the base model the run trained on)."""
+    from jora.files import checkpoint_step, latest_checkpoint
+    from jora.formats import load_lora, save_peft_adapter
+    run = Path(run)
+    checkpoint = run if checkpoint_step(run) is not None else latest_checkpoint(run) if run.is_dir() else None
+    if checkpoint is None:
+        raise FileNotFoundError(f"No verified checkpoint in {run}: give a run's checkpoint folder (--checkpoint-path) "
+                                f"or one of its step-N folders.")
+    if base is None:
+        base = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["config"].get("LLAMA2_HF_PATH")
+    lora, lora_config = load_lora(checkpoint)
+    written = save_peft_adapter(folder, lora, lora_config, base, overwrite=overwrite, protected=[run])
+    say(f"PEFT adapter of {checkpoint} written to {written} (base model: {base})")
+    if base and is_gguf(base):
+        say(f"the base is a GGUF file, which peft does not load: `jora convert {base} FOLDER` writes it as a Hugging "
+            f"Face folder to name with --base")
+    return written
+
 # %% ../nbs/09_cli.ipynb #81858466
 def check_checkpoints(folder) -> int:
     "`jora check --checkpoint DIR`: verify every checkpoint in a folder and say which one a resume would take."
@@ -468,6 +500,11 @@ def _parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                                 help="dtype of the written weights (float32 keeps every quantised value exactly)")
     convert_parser.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in FOLDER")
+    export_parser = commands.add_parser("export", help="write a run's newest checkpoint as a PEFT adapter folder")
+    export_parser.add_argument("RUN", help="the run's checkpoint folder (its newest verified checkpoint), or a step-N folder")
+    export_parser.add_argument("FOLDER", help="new or empty folder for the PEFT adapter")
+    export_parser.add_argument("--base", default=None, help="the base model the adapter names (default: the run's)")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace an earlier jora adapter in FOLDER")
     commands.add_parser("eval", help="an adapter's test loss and accuracy beside the base model's; `jora eval --help`")
     commands.add_parser("gui", help="open JupyterLab on a notebook with the training panels; `jora gui --help`")
     check_parser = commands.add_parser("check", help="generate from a tiny local model and check it against "
@@ -507,6 +544,9 @@ def _run(argv: list[str]) -> int:
             raise ValueError("--records and --epochs set the tiny demo; add --tiny, or leave them out.")
         outcome = demo(args.folder, tiny=args.tiny, overwrite=args.overwrite, **tiny_only)
         return 0 if outcome["last_loss"] < outcome["first_loss"] else 1
+    if args.command == "export":
+        export_adapter(args.RUN, args.FOLDER, base=args.base, overwrite=args.overwrite)
+        return 0
     if args.command == "convert":
         if not is_gguf(args.GGUF):
             raise ValueError(f"{args.GGUF} is not a .gguf file; jora convert reads GGUF files.")
@@ -533,5 +573,5 @@ def _run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     "The `jora` command line: an error a user can fix is one line and exit status 1 (`--debug` shows the traceback)."
     argv = sys.argv[1:] if argv is None else argv
-    program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "eval", "gui", "check", "convert") else "jora"
+    program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "eval", "gui", "check", "convert", "export") else "jora"
     return run_command(program, _run, argv)

@@ -51,7 +51,19 @@ def _check_record(record: Any, where: str) -> dict:
         if not isinstance(value, str):
             raise RecordError(f"{where}: {key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r}).")
         clean[key] = _unicode_text(value, where, repr(key))
-    return clean
+    return {**clean, **_kept_answers(record, where)}
+
+
+def _kept_answers(record: dict, where: str) -> dict:
+    """A record's `answers` (the gold answers as a list, e.g. WikiTableQuestions' several values), kept for scoring;
+    `{}` when it has none."""
+    if "answers" not in record:
+        return {}
+    answers = record["answers"]
+    if not (isinstance(answers, list) and answers and all(isinstance(a, (str, int, float)) for a in answers)):
+        raise RecordError(f"{where}: 'answers' must be a non-empty list of strings (the gold answers), got "
+                          f"{str(answers)[:60]!r}.")
+    return {"answers": [str(answer) for answer in answers]}
 
 
 def _unicode_text(text: str, where: str, what: str) -> str:
@@ -85,7 +97,8 @@ def _check_chat_record(record: dict, where: str) -> dict:
     if not isinstance(context, str) or (context and "user" not in roles):
         raise RecordError(f"{where}: 'context' must be a string, and goes into the first user turn (there is none).")
     _unicode_text(context, where, "'context'")
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "context": context}
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "context": context,
+            **_kept_answers(record, where)}
 
 
 def utf8_text(path: Path) -> str:
@@ -430,9 +443,11 @@ def _stable_order(records: list[dict], seed: int) -> list[int]:
 
 
 def split_records(records: list[dict], split: str, split_percentage: float = 0.8, seed: int = 0) -> list[dict]:
-    "The `train` or `test` part of `records` (a stable, seeded assignment)."
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
+    "The `train` or `test` part of `records` (a stable, seeded assignment), or `all` of them in file order."
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}.")
+    if split == "all":
+        return list(records)
     if not 0 < split_percentage <= 1:
         raise ValueError(f"split_percentage must be in (0, 1]; got {split_percentage}.")
     order = _stable_order(records, seed)

@@ -25,7 +25,7 @@ from .train import evaluate, load_model, lora_config_of, make_eval_step, model_p
 
 # %% auto #0
 __all__ = ['ANSWER_RULES', 'PROMPT_WIDTH_STEP', 'unify_characters', 'normalize_answer', 'answer_value', 'values_match',
-           'wtq_correct', 'split_prediction', 'expected_output', 'normalize_text', 'exact_match',
+           'wtq_correct', 'split_prediction', 'expected_output', 'normalize_text', 'exact_match', 'prediction_readings',
            'wikitablequestions_match', 'answer_in_reply', 'answer_questions', 'split_loss', 'adapter_label',
            'evaluate_checkpoint', 'robustness_settings', 'retrieval_robustness', 'compare_robustness',
            'robustness_figure']
@@ -132,10 +132,20 @@ def exact_match(record: dict, prediction: str) -> bool:
     return normalize_text(prediction) == normalize_text(expected_output(record))
 
 
+def prediction_readings(text: str) -> list[list[str]]:
+    """The ways a generated answer can be read as values: whole (one value, which may hold a comma: "Bangkok,
+    Thailand"), split on '|', or split on ', ' (how `wtq_records` joins several answers)."""
+    readings = [[text.strip()], [p.strip() for p in text.split("|") if p.strip()], split_prediction(text)]
+    return [reading for number, reading in enumerate(readings) if reading and reading not in readings[:number]]
+
+
 def wikitablequestions_match(record: dict, prediction: str) -> bool:
-    "The official WikiTableQuestions rule on the answer's values (against the record's `answers` when it has them)."
+    """The official WikiTableQuestions rule on the answer's values, against the record's `answers` list (the gold
+    values as the release gives them; a record without one is split like a prediction): right when one reading of the
+    prediction (`prediction_readings`) matches, so a gold value holding ", " is neither split nor matched by its parts
+    in another order."""
     answers = record.get("answers") or split_prediction(expected_output(record))
-    return wtq_correct([str(answer) for answer in answers], split_prediction(prediction))
+    return any(wtq_correct([str(answer) for answer in answers], reading) for reading in prediction_readings(prediction))
 
 
 def answer_in_reply(record: dict, prediction: str) -> bool:
@@ -193,16 +203,18 @@ def adapter_label(adapter) -> str:
 
 
 def evaluate_checkpoint(config: ParallamaConfig, data_path, adapter, *, rule: str = "exact match",
-                        max_examples: int | None = None, max_new_tokens: int = 32) -> list[dict]:
+                        max_examples: int | None = None, max_new_tokens: int = 32, split: str = "test") -> list[dict]:
     """The test split's loss and accuracy (by `rule`, one of `ANSWER_RULES`) of the base model and of the model with
-    `adapter` (a checkpoint, a folder of checkpoints, or a PEFT adapter): one row each."""
+    `adapter` (a checkpoint, a folder of checkpoints, or a PEFT adapter): one row each. `split="all"` scores every
+    record of `data_path` (a held-out file), not the test split of the records a run trained on."""
     if rule not in ANSWER_RULES:
         raise ValueError(f"Unknown answer rule {rule!r}; choose one of {list(ANSWER_RULES)}.")
     if not Path(adapter).exists():
         raise FileNotFoundError(f"No adapter at {adapter}: give a checkpoint, a folder of checkpoints or a PEFT adapter.")
-    test = generate_alpaca_dataset(data_path, "test", config)
+    test = generate_alpaca_dataset(data_path, split, config)
     if not len(test):
-        raise ValueError(f"{data_path} has no test split with SPLIT_PERCENTAGE={config.SPLIT_PERCENTAGE}; lower it.")
+        raise ValueError(f"{data_path} has no test split with SPLIT_PERCENTAGE={config.SPLIT_PERCENTAGE}: lower it, "
+                         f"or score a held-out file whole (`jora eval --test-data FILE`).")
     mesh = run_mesh(config)
     model = load_model(config, mesh)
     lora, lora_config = load_any_adapter(adapter, model[0])

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import html
 import json
+import random
 import re
 import unicodedata
 from html.parser import HTMLParser
@@ -21,11 +22,11 @@ from .evaluate import answer_questions, normalize_answer, split_prediction, wtq_
 
 # %% auto #0
 __all__ = ['TARGET_QUESTION', 'REPLY_QUESTION', 'unescape_wtq', 'split_answers', 'read_wtq_table', 'read_wtq_questions',
-           'serialize_table', 'wtq_records', 'wtq_corpus', 'wtq_questions', 'parse_comment', 'link_target',
-           'read_threads', 'thread_context', 'directionality_examples', 'thread_split', 'fourchan_records',
-           'parse_post_number', 'directionality_metrics', 'baseline_predictions', 'random_baseline_metrics',
-           'CaseStudy', 'case_study_config', 'phase_one_records', 'run_phase_one', 'run_phase_two', 'evaluate_study',
-           'run_case_study']
+           'serialize_table', 'sample_questions', 'wtq_records', 'wtq_corpus', 'wtq_questions', 'parse_comment',
+           'link_target', 'read_threads', 'thread_context', 'directionality_examples', 'thread_split',
+           'fourchan_records', 'whole_threads', 'parse_post_number', 'directionality_metrics', 'baseline_predictions',
+           'random_baseline_metrics', 'CaseStudy', 'case_study_config', 'phase_one_records', 'run_phase_one',
+           'run_phase_two', 'evaluate_study', 'run_case_study']
 
 # %% ../nbs/08_raft_4chan.ipynb #72c0fc31
 def unescape_wtq(text: str) -> str:
@@ -100,12 +101,22 @@ def serialize_table(rows: list[list[str]], tokenizer=None, max_tokens: int | Non
     return shown(high)
 
 
+def sample_questions(questions: list, most: int | None, seed: int = 0) -> list:
+    "At most `most` of `questions` (all when None), drawn with `seed`, in their file order."
+    if most is None or most >= len(questions):
+        return list(questions)
+    if most < 1:
+        raise ValueError(f"A question limit must be at least 1; got {most}.")
+    return [questions[i] for i in sorted(random.Random(seed).sample(range(len(questions)), most))]
+
+
 def wtq_records(root, split_file: str = "data/training.tsv", tokenizer=None, table_tokens: int | None = None,
-                chat: bool = False) -> list[dict]:
+                chat: bool = False, max_questions: int | None = None, seed: int = 0) -> list[dict]:
     """Alpaca records: the question as instruction, the serialised table as input, the answers joined by ', ' as
-    output (`chat`: as chat records, the table as their context)."""
+    output and kept as the list `answers` (`chat`: as chat records, the table as their context); at most
+    `max_questions`, drawn with `seed`."""
     records, tables = [], {}   # a table serialised (and cut) once, however many questions ask about it
-    for question in read_wtq_questions(root, split_file):
+    for question in sample_questions(read_wtq_questions(root, split_file), max_questions, seed):
         if question["context"] not in tables:
             tables[question["context"]] = serialize_table(read_wtq_table(root, question["context"]), tokenizer, table_tokens)
         records.append({"instruction": question["question"], "input": tables[question["context"]],
@@ -127,11 +138,13 @@ def wtq_corpus(root, tokenizer=None, table_tokens: int | None = None) -> list:
                         for context in contexts])
 
 
-def wtq_questions(root, split_file: str = "data/training.tsv") -> list[dict]:
-    "A data file's questions as RAFT questions: the answers joined as the answer (and kept), the question's table as oracle."
+def wtq_questions(root, split_file: str = "data/training.tsv", max_questions: int | None = None,
+                  seed: int = 0) -> list[dict]:
+    """A data file's questions as RAFT questions: the answers joined as the answer (and kept), the question's table as
+    oracle; at most `max_questions`, drawn with `seed`."""
     return [{"id": question["id"], "question": question["question"], "answer": ", ".join(question["answers"]),
              "answers": question["answers"], "oracle_id": question["context"]}
-            for question in read_wtq_questions(root, split_file)]
+            for question in sample_questions(read_wtq_questions(root, split_file), max_questions, seed)]
 
 # %% ../nbs/08_raft_4chan.ipynb #6f0848c2
 class _CommentParser(HTMLParser):
@@ -244,6 +257,21 @@ def fourchan_records(path, split: str, split_percentage: float = 0.8, seed: int 
     return [as_chat(example) for example in examples] if chat else examples
 
 
+def whole_threads(examples: list[dict], most: int | None) -> list[dict]:
+    """The examples of the first threads whose questions number at most `most` together (all when None; at least
+    one thread), so that every thread is scored whole and p(Reply|Target) sees each target's replies."""
+    if most is None:
+        return list(examples)
+    kept, threads = [], {}
+    for example in examples:
+        threads.setdefault(example["thread"], []).append(example)
+    for thread in threads.values():
+        if kept and len(kept) + len(thread) > most:
+            break
+        kept += thread
+    return kept
+
+
 # %% ../nbs/08_raft_4chan.ipynb #a13ffb38
 def parse_post_number(text: str) -> int | None:
     "The first `[n]` (or bare number) in a generated answer."
@@ -303,7 +331,8 @@ class CaseStudy(NamedTuple):
     oracle_probability: float = 0.8  # with distractors: the share of questions trained with their own table
     document_tokens: int | None = None  # with distractors: each table cut to this many tokens (None: whole tables)
     max_new_tokens: int = 8
-    max_test_questions: int | None = None
+    max_train_questions: int | None = None  # phase 1 on at most this many WTQ questions, drawn with the phase's SEED
+    max_test_questions: int | None = None  # 4chan test questions, in whole threads
     chat: bool = False  # train and ask in chat form (the base model's tokenizer needs a chat template)
 
 
@@ -324,9 +353,10 @@ def phase_one_records(study: CaseStudy, tokenizer, config) -> tuple[list[dict], 
     BM25-retrieved distractor tables from the whole release within `study.table_tokens` (and within what MAX_SEQ_LEN
     leaves beside each question, so no row's evidence is cut later), and their report."""
     if not study.distractors:
-        return wtq_records(study.wikitablequestions, study.wtq_train_file, tokenizer, study.table_tokens, study.chat), None
+        return wtq_records(study.wikitablequestions, study.wtq_train_file, tokenizer, study.table_tokens, study.chat,
+                           study.max_train_questions, config.SEED), None
     from jora.retrieval import CorpusIndex, context_budget, raft_rows
-    questions = wtq_questions(study.wikitablequestions, study.wtq_train_file)
+    questions = wtq_questions(study.wikitablequestions, study.wtq_train_file, study.max_train_questions, config.SEED)
     budget = min(study.table_tokens, context_budget(questions, tokenizer, config.MAX_SEQ_LEN))
     rows, report = raft_rows(questions, CorpusIndex(wtq_corpus(study.wikitablequestions, tokenizer, study.document_tokens)),
                              distractors=study.distractors, oracle_probability=study.oracle_probability,
@@ -375,7 +405,8 @@ def evaluate_study(study: CaseStudy) -> "pd.DataFrame":
     from jora.files import latest_checkpoint
     from jora.formats import load_lora
     config = case_study_config(study, 2)
-    examples = fourchan_records(study.fourchan, "test", seed=config.SEED, chat=study.chat)[:study.max_test_questions]
+    examples = whole_threads(fourchan_records(study.fourchan, "test", seed=config.SEED, chat=study.chat),
+                             study.max_test_questions)
     rows = {}
     raft_lora, _ = load_lora(latest_checkpoint(Path(study.work_dir) / "phase2-checkpoints"))
     for name, model, lora in (("base", study.base_model, None),

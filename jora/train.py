@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import threading
 import time
 import warnings
@@ -37,14 +38,15 @@ from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderEr
                         prepare_checkpoint_folder, step_folders)
 
 # %% auto #0
-__all__ = ['parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'load_model', 'make_optimizer', 'TrainState',
-           'all_finite', 'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches', 'TrainingDiverged',
-           'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes', 'prepare_run_folder',
-           'step_options', 'run_train_step', 'Run', 'prepare_run', 'fresh_state', 'agreed_checkpoint', 'restore_state',
-           'micro_batch_groups', 'Interruption', 'ctrl_c_sets', 'compiled_step', 'device_memory_limit',
-           'readable_bytes', 'memory_alternatives', 'check_step_fits', 'step_record', 'check_finite', 'TrainingWarning',
-           'write_checkpoint', 'train_lora', 'loss_figure', 'figure_png', 'loss_plot_png', 'LossPlot',
-           'abstract_train_inputs', 'step_memory', 'longest_trainable_sequence']
+__all__ = ['METRICS_FILE', 'parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'load_model', 'make_optimizer',
+           'TrainState', 'all_finite', 'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches',
+           'TrainingDiverged', 'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes',
+           'prepare_run_folder', 'step_options', 'run_train_step', 'Run', 'prepare_run', 'fresh_state',
+           'agreed_checkpoint', 'restore_state', 'micro_batch_groups', 'Interruption', 'ctrl_c_sets', 'compiled_step',
+           'device_memory_limit', 'readable_bytes', 'memory_alternatives', 'check_step_fits', 'step_record',
+           'check_finite', 'TrainingWarning', 'write_checkpoint', 'MetricsFile', 'history_table', 'train_lora',
+           'loss_figure', 'figure_png', 'loss_plot_png', 'LossPlot', 'abstract_train_inputs', 'step_memory',
+           'longest_trainable_sequence']
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
 def parameter_count(params: dict) -> int:
@@ -525,6 +527,49 @@ def write_checkpoint(run: Run, checkpoint_path, state: TrainState, position: dic
     for callback in callbacks: callback("checkpoint", {"step": step, "path": str(saved)})
     return saved
 
+
+METRICS_FILE = "metrics.jsonl"   # the run's per-step history, one JSON object a line, in its checkpoint folder
+
+
+class MetricsFile:
+    """`metrics.jsonl` in the checkpoint folder, written by process 0: rewritten from the history a run starts with
+    (a resumed run's checkpoint, so it never keeps steps the run lost), then a line appended and flushed per step (for
+    `tail -f`, pandas or a plotting tool). A failed write warns once and writing stops; training goes on."""
+
+    def __init__(self, checkpoint_path, history: list[dict]):
+        self.path = Path(checkpoint_path) / METRICS_FILE if jax.process_index() == 0 else None
+        if self.path is not None:
+            temporary = self.path.with_name(f".{METRICS_FILE}.tmp")
+            self._guard(lambda: (temporary.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8"),
+                                 os.replace(temporary, self.path)))
+
+    def append(self, record: dict) -> None:
+        if self.path is not None:
+            def write():
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            self._guard(write)
+
+    def _guard(self, write) -> None:
+        try:
+            write()
+        except OSError as error:
+            warnings.warn(f"Cannot write {self.path} ({error.strerror}); the per-step metrics stay in the checkpoints' "
+                          f"state.json only.", TrainingWarning)
+            self.path = None
+
+
+def history_table(history: list[dict], rows: int = 10) -> str:
+    "About `rows` evenly spaced steps of a history (the first and last always): step, loss, eval loss, lr, gradient norm."
+    import pandas as pd
+    if not history:
+        return "no steps"
+    count = min(rows, len(history))
+    chosen = sorted({round(i * (len(history) - 1) / max(count - 1, 1)) for i in range(count)})
+    columns = [c for c in ("step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_second") if c in history[-1]
+               or any(c in history[i] for i in chosen)]
+    return pd.DataFrame([history[i] for i in chosen])[columns].to_string(index=False, float_format="{:.4g}".format)
+
 # %% ../nbs/05_train.ipynb #3ccc2c45
 def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_dataset=None, callbacks=(),
                stop: threading.Event | None = None, progress: bool = True, resume: bool = True,
@@ -545,6 +590,7 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
             state, position = restore_state(run, state, last_saved)
         step, epoch, next_batch, history = int(state.step), position["epoch"], position["next_batch"], position.get("history", [])
         interrupted, compiled, stopped_early, skipped = Interruption(), {}, False, 0
+        metrics_file = MetricsFile(checkpoint_path, history)
         for callback in callbacks: callback("start", {"total_steps": run.total_steps, "step": step, "config": config,
                                                       "history": list(history), "resumed_from": last_saved})
         bar = tqdm(total=run.total_steps, initial=step, disable=not progress, desc="LoRA", unit="step", dynamic_ncols=True)
@@ -572,6 +618,7 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
                                                    config.EVAL_BATCHES)
                     for callback in callbacks: callback("eval", record)
                 history.append(record)
+                metrics_file.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
                 for callback in callbacks: callback("step", record)

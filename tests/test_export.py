@@ -182,3 +182,40 @@ def test_unsupported_adapter_features(exported, changes, message):
     edit(adapter, **changes)
     with pytest.raises(ValueError, match=message):
         load_peft_adapter(adapter, config)
+
+
+def test_jora_export_writes_the_newest_checkpoint_as_a_peft_adapter(tmp_path):
+    """`jora export RUN FOLDER`: the run's newest checkpoint, naming the run's base; peft serves it with jora's logits.
+    A folder without checkpoints is one line, and nothing is written."""
+    from jora.config import ParallamaConfig
+    from jora.data import AlpacaDataset, format_prompt
+    from jora.testing import demo_raft_records
+    from jora.train import train_lora
+    rows = demo_raft_records(16, seed=5)
+    base = save_tiny_hf_checkpoint(tmp_path / "base", "llama3.1", corpus=[format_prompt(r) + r["output"] for r in rows])
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = ParallamaConfig(LLAMA2_HF_PATH=str(base), LORA_R=4, LORA_ALPHA=8, LR=2e-2, DTYPE="float32", REMAT="none",
+                             BATCH_SIZE=4, N_ACCUMULATION_STEPS=1, MAX_SEQ_LEN=160, NUM_GPUS=1, MAX_STEPS=3,
+                             CHECKPOINT_EVERY=2, SPLIT_PERCENTAGE=1.0, WARMUP_STEPS=0, EVAL_EVERY=0)
+    train = AlpacaDataset(path=tmp_path / "data.jsonl", split="train", split_percentage=1.0, tokenizer=str(base),
+                          max_len=160, alpaca_mix=0)
+    result = train_lora(config, train, tmp_path / "run", progress=False)
+    jora = [sys.executable, "-c", "import sys, jora.cli; sys.exit(jora.cli.main())"]
+    done = subprocess.run([*jora, "export", str(tmp_path / "run"), str(tmp_path / "adapter")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{tmp_path / 'run' / 'step-00000003'}" in done.stdout and f"(base model: {base})" in done.stdout
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    model_config, params = load_hf_checkpoint(base, dtype=jnp.float32)
+    ids = np.random.default_rng(1).integers(3, model_config.vocab_size, (1, 10))
+    expected = np.asarray(forward(model_config, params, ids, lora=result.lora))
+    served = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager"), tmp_path / "adapter").eval()
+    assert np.abs(hf_logits(served, ids) - expected).max() < TOLERANCE
+    assert np.abs(expected - np.asarray(forward(model_config, params, ids))).max() > 1e-3   # the adapters matter
+    (tmp_path / "empty").mkdir()
+    refused = subprocess.run([*jora, "export", str(tmp_path / "empty"), str(tmp_path / "adapter2")], capture_output=True,
+                             text=True, timeout=600)
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 1 and len(lines) == 1 and "No verified checkpoint in" in lines[0], refused.stderr
+    assert not (tmp_path / "adapter2").exists()

@@ -123,11 +123,11 @@ def test_two_phase_pipeline_end_to_end(tmp_path):
              [e["input"] for e in fourchan_records(POL, "train")[:10]]
     save_tiny_hf_checkpoint(tmp_path / "base", "llama3.1", corpus=corpus)
     study = CaseStudy(base_model=str(tmp_path / "base"), wikitablequestions=str(WTQ), fourchan=str(POL),
-                      work_dir=str(tmp_path / "study"), max_test_questions=8)
+                      work_dir=str(tmp_path / "study"), max_train_questions=40, max_test_questions=8)
     small = lambda phase: case_study_config(study, phase)._replace(N_EPOCHS=1, MAX_SEQ_LEN=384)
     study = study._replace(phase_one=small(1), phase_two=small(2))
     one = run_phase_one(study)
-    assert one["examples"] == 60 and (tmp_path / "study" / "phase1-merged" / "model.safetensors").is_file()
+    assert one["examples"] == 40 and (tmp_path / "study" / "phase1-merged" / "model.safetensors").is_file()
     assert one["result"].history[-1]["loss"] < one["result"].history[0]["loss"]
     two = run_phase_two(study)
     assert two["examples"] == len(fourchan_records(POL, "train"))
@@ -137,7 +137,9 @@ def test_two_phase_pipeline_end_to_end(tmp_path):
     assert list(table.index) == ["base", "RAFT (WTQ -> 4chan)", "baseline: opening post", "baseline: adjacent post",
                                  "baseline: uniform random"]
     assert {"target_post_accuracy", "reply_post_accuracy", "p_reply_given_target"} <= set(table.columns)
-    assert table["target_post_accuracy"].between(0, 1).all() and (table["questions"] == 8).all()
+    from jora.raft import whole_threads
+    scored = whole_threads(fourchan_records(POL, "test"), 8)
+    assert table["target_post_accuracy"].between(0, 1).all() and (table["questions"] == len(scored)).all()
 
 
 def test_the_loaders_give_chat_records_as_an_option():
@@ -193,3 +195,26 @@ def test_an_oracle_over_the_budget_is_cut_without_trying_distractors():
     assert distractors == [] and report.distractors_dropped == 4 and report.oracle_cut == 1
     assert len(("<document 1>\n" + oracles[0] + "\n</document 1>").split()) <= 50
     assert report.oracle_tokens_removed == 80 + 4 - 50
+
+
+def test_question_limits_are_seeded_samples_and_test_threads_stay_whole():
+    """`max_questions` draws a seeded sample in file order (the first N questions share few tables); the 4chan test
+    questions are cut at thread boundaries, so p(Reply|Target) never sees a target without its thread's replies."""
+    from jora.raft import sample_questions, whole_threads, wtq_questions
+    every = wtq_questions(WTQ)
+    drawn = wtq_questions(WTQ, max_questions=12, seed=3)
+    assert len(drawn) == 12 and drawn == wtq_questions(WTQ, max_questions=12, seed=3) != wtq_questions(WTQ, max_questions=12, seed=4)
+    assert drawn != every[:12] and [every.index(q) for q in drawn] == sorted(every.index(q) for q in drawn)
+    assert [r["id"] for r in wtq_records(WTQ, max_questions=12, seed=3)] == [q["id"] for q in drawn]
+    assert sample_questions(every, None) == every == sample_questions(every, 1000)
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_questions(every, 0)
+    examples = fourchan_records(POL, "test")
+    sizes = {}
+    for example in examples:
+        sizes[example["thread"]] = sizes.get(example["thread"], 0) + 1
+    first, second = list(sizes.values())[:2]
+    kept = whole_threads(examples, first + second - 1)   # the second thread does not fit whole: it is left out
+    assert len(kept) == first and {e["thread"] for e in kept} == {examples[0]["thread"]}
+    assert whole_threads(examples, 1) == kept[:first] and whole_threads(examples, None) == examples
+    assert len(whole_threads(examples, first + second)) == first + second

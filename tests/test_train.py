@@ -274,3 +274,28 @@ def test_max_steps_is_the_step_count_whatever_the_epochs(tmp_path):
     assert [r["epoch"] for r in longer.history] == [0] * 6 + [1] * 3 and longer.checkpoint.name == "step-00000009"
     shorter = train_lora(config._replace(MAX_STEPS=2), dataset, tmp_path / "shorter", progress=False)
     assert len(shorter.history) == 2
+
+
+def test_every_step_is_a_line_of_metrics_jsonl_and_a_resume_drops_lost_steps(setup, tmp_path, capsys):
+    """metrics.jsonl in the checkpoint folder holds one line per step as it happens; a resumed run rewrites it from
+    its checkpoint's history, so steps lost after the last checkpoint (a crash) are not left in it; `jora train`
+    prints the steps and where the file is."""
+    from jora.cli import train_main
+    from jora.train import METRICS_FILE
+    folder, data, model = setup
+    config = small_config(model, MAX_STEPS=4, N_EPOCHS=1, CHECKPOINT_EVERY=2)
+    train, _ = datasets(data, config)
+    first = train_lora(config, train, tmp_path / "run", progress=False, stop_after=3)
+    lines = lambda: [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in lines()] == [1, 2, 3] and lines() == json.loads(json.dumps(first.history))
+    resumed = train_lora(config, train, tmp_path / "run", progress=False)   # from step 2: step 3 is done again
+    assert [r["step"] for r in lines()] == [1, 2, 3, 4] and lines() == json.loads(json.dumps(resumed.history))
+    assert lines()[2]["loss"] == pytest.approx(first.history[2]["loss"], rel=1e-5)
+    code = train_main(["--data", str(data), "--checkpoint-path", str(tmp_path / "cli"), "--llama2-hf-path", str(model),
+                       "--lora-r", "4", "--dtype", "float32", "--remat", "none", "--max-seq-len", "160", "--num-gpus",
+                       "1", "--batch-size", "4", "--n-accumulation-steps", "1", "--max-steps", "3",
+                       "--split-percentage", "1.0"])
+    shown = capsys.readouterr().out
+    assert code == 0 and f"every step's metrics: {tmp_path / 'cli' / METRICS_FILE}" in shown
+    table = shown.split("step 3: loss")[0].splitlines()
+    assert table[0].split()[:3] == ["step", "loss", "lr"] and [line.split()[0] for line in table[1:]] == ["1", "2", "3"]
