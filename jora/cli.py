@@ -37,7 +37,7 @@ from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_fro
 __all__ = ['SMOLLM2_DEMO', 'demo_config', 'tiny_demo', 'smollm2_demo_config', 'write_demo_task', 'smollm2_demo', 'demo',
            'train_argument_parser', 'add_field_flags', 'config_from_arguments', 'start_distributed', 'train_main',
            'whole_number', 'eval_argument_parser', 'eval_main', 'check', 'compare_with_transformers', 'check_adapter',
-           'report_adapter_check', 'export_adapter', 'check_checkpoints', 'main']
+           'report_adapter_check', 'export_adapter', 'check_checkpoints', 'study_main', 'main']
 
 # %% ../nbs/09_cli.ipynb #dc83c58f
 def demo_config(folder: Path, **changes) -> ParallamaConfig:
@@ -477,6 +477,27 @@ def check_checkpoints(folder) -> int:
     print(f"a resume starts from {resume_from.name}" if resume_from else "no verified checkpoint: a run starts over")
     return 0 if resume_from is not None and not any(": damaged" in line for line in lines) else 1
 
+# %% ../nbs/09_cli.ipynb #d37143ef
+def study_main(argv: list[str] | None = None) -> int:
+    "`jora study`: both phases and Table 2 of the case study a TOML file describes."
+    import argparse
+    from jora.raft import run_case_study, study_from_toml
+    parser = argparse.ArgumentParser(prog="jora study", description="The two-phase case study (phase 1 on "
+                                     "WikiTableQuestions, merged; phase 2 on 4chan; Table 2) from a TOML file.")
+    parser.add_argument("--config", required=True, help="a study file ([study], [phase_one], [phase_two]; see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="changes",
+                        help="change one value of the file, e.g. --set study.base_model=/models/llama --set "
+                        "phase_one.MAX_STEPS=100 (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    arguments = parser.parse_args(argv)
+    study = study_from_toml(arguments.config, arguments.changes)
+    table = run_case_study(study, progress=True)["table"]
+    written = Path(study.work_dir) / "table2.csv"
+    table.to_csv(written)
+    print(table.round(3).to_string())
+    print(f"Table 2: {written}")
+    return 0
+
 # %% ../nbs/09_cli.ipynb #66fceda5
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jora", description="LoRA fine-tuning of Llama-family models in JAX. "
@@ -506,6 +527,8 @@ def _parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--base", default=None, help="the base model the adapter names (default: the run's)")
     export_parser.add_argument("--overwrite", action="store_true", help="replace an earlier jora adapter in FOLDER")
     commands.add_parser("eval", help="an adapter's test loss and accuracy beside the base model's; `jora eval --help`")
+    commands.add_parser("study", help="the two-phase case study (WikiTableQuestions, then 4chan) from a TOML file; "
+                        "`jora study --help`")
     commands.add_parser("gui", help="open JupyterLab on a notebook with the training panels; `jora gui --help`")
     check_parser = commands.add_parser("check", help="generate from a tiny local model and check it against "
                                        "transformers; with --checkpoint, verify a checkpoint folder instead; with "
@@ -536,6 +559,8 @@ def _run(argv: list[str]) -> int:
     if argv[:1] == ["gui"]:
         from jora.gui import gui_main
         return gui_main(argv[1:])
+    if argv[:1] == ["study"]:
+        return study_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
         tiny_only = {name: value for name, value in (("records", args.records), ("N_EPOCHS", args.epochs))
@@ -573,5 +598,5 @@ def _run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     "The `jora` command line: an error a user can fix is one line and exit status 1 (`--debug` shows the traceback)."
     argv = sys.argv[1:] if argv is None else argv
-    program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "eval", "gui", "check", "convert", "export") else "jora"
+    program = "jora " + argv[0] if argv[:1] and argv[0] in ("demo", "train", "eval", "gui", "check", "convert", "export", "study") else "jora"
     return run_command(program, _run, argv)

@@ -21,12 +21,12 @@ from typing import Iterator
 from .evaluate import answer_questions, normalize_answer, split_prediction, wtq_correct
 
 # %% auto #0
-__all__ = ['TARGET_QUESTION', 'REPLY_QUESTION', 'unescape_wtq', 'split_answers', 'read_wtq_table', 'read_wtq_questions',
-           'serialize_table', 'sample_questions', 'wtq_records', 'wtq_corpus', 'wtq_questions', 'parse_comment',
-           'link_target', 'read_threads', 'thread_context', 'directionality_examples', 'thread_split',
+__all__ = ['TARGET_QUESTION', 'REPLY_QUESTION', 'STUDY_SECTIONS', 'unescape_wtq', 'split_answers', 'read_wtq_table',
+           'read_wtq_questions', 'serialize_table', 'sample_questions', 'wtq_records', 'wtq_corpus', 'wtq_questions',
+           'parse_comment', 'link_target', 'read_threads', 'thread_context', 'directionality_examples', 'thread_split',
            'fourchan_records', 'whole_threads', 'parse_post_number', 'directionality_metrics', 'baseline_predictions',
            'random_baseline_metrics', 'CaseStudy', 'case_study_config', 'phase_one_records', 'run_phase_one',
-           'run_phase_two', 'evaluate_study', 'run_case_study']
+           'run_phase_two', 'evaluate_study', 'run_case_study', 'study_from_toml']
 
 # %% ../nbs/08_raft_4chan.ipynb #72c0fc31
 def unescape_wtq(text: str) -> str:
@@ -425,3 +425,65 @@ def run_case_study(study: CaseStudy, progress: bool = False) -> dict:
     two = run_phase_two(study, progress)
     return {"phase_one": one, "phase_two": two, "table": evaluate_study(study)}
 
+
+# %% ../nbs/08_raft_4chan.ipynb #e4abb110
+STUDY_SECTIONS = ("study", "phase_one", "phase_two")
+
+
+def _toml_value(text: str):
+    "A `--set` value as TOML reads it (`2`, `1e-4`, `true`, `[\"q_proj\"]`), or else the text itself (`float32`)."
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def study_from_toml(path, changes=()) -> CaseStudy:
+    """A `CaseStudy` from a TOML file: `[study]` holds `CaseStudy`'s fields, `[phase_one]` and `[phase_two]` each
+    phase's `ParallamaConfig` fields; `changes` are `section.KEY=VALUE` overrides. Errors name the file, the table and
+    the key."""
+    from jora.config import config_from_dict
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No study file at {path}.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid TOML: {error}.") from None
+    for change in changes:
+        key, equals, text = change.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (equals and dot and name and section in STUDY_SECTIONS):
+            raise ValueError(f"--set {change!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(STUDY_SECTIONS)}.")
+        table.setdefault(section, {})[name] = _toml_value(text.strip())
+    if set(table) - set(STUDY_SECTIONS):
+        raise ValueError(f"{path}: unknown tables {sorted(set(table) - set(STUDY_SECTIONS))}; a study file has "
+                         f"[study], [phase_one] and [phase_two].")
+    fields = dict(table.get("study", {}))
+    defaults = CaseStudy._field_defaults
+    unknown = sorted(set(fields) - set(CaseStudy._fields) - {"phase_one", "phase_two"})
+    missing = [name for name in CaseStudy._fields if name not in defaults and name not in fields]
+    if unknown or missing:
+        raise ValueError(f"{path} [study]: " + "; ".join(filter(None, [
+            unknown and f"unknown keys {unknown} (the keys are {[f for f in CaseStudy._fields if 'phase' not in f]})",
+            missing and f"missing {missing}"])) + ".")
+    for name, value in fields.items():
+        default = defaults.get(name)
+        expected = str if name not in defaults else type(default) if default is not None else None
+        if expected is not None and not (isinstance(value, expected) or (expected is float and type(value) is int)):
+            raise ValueError(f"{path} [study]: {name} = {value!r} should be of type {expected.__name__}.")
+    phases = {}
+    for section in ("phase_one", "phase_two"):
+        try:
+            phases[section] = config_from_dict(table[section]) if section in table else None
+        except ValueError as error:
+            raise ValueError(f"{path} [{section}]: {error}") from None
+    return CaseStudy(**fields, **phases)

@@ -218,3 +218,40 @@ def test_question_limits_are_seeded_samples_and_test_threads_stay_whole():
     assert len(kept) == first and {e["thread"] for e in kept} == {examples[0]["thread"]}
     assert whole_threads(examples, 1) == kept[:first] and whole_threads(examples, None) == examples
     assert len(whole_threads(examples, first + second)) == first + second
+
+
+def test_the_paper_scale_study_file_runs_on_a_tiny_model(tmp_path):
+    """`jora study --config configs/case-study-llama2-7b.toml`, the paper-scale file, on the CPU: the same code path
+    with a tiny model, the samples and smaller numbers set with --set; Table 2 printed and written. The 7B and 13B
+    files load as they are, and a wrong value is one line naming the table and the key."""
+    import subprocess
+    import sys
+    from jora.raft import study_from_toml
+    from jora.testing import save_tiny_hf_checkpoint
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for size in ("7b", "13b"):
+        study = study_from_toml(configs / f"case-study-llama2-{size}.toml")
+        assert study.distractors == 4 and study.phase_one.LORA_R == study.phase_two.LORA_R == 16
+        assert study.phase_one.DTYPE == "bfloat16" and study.phase_one.LORA_TARGETS == ("q_proj", "v_proj")
+    corpus = [r["instruction"] + "\n" + r["input"] for r in wtq_records(WTQ)[:10]] + \
+             [e["input"] for e in fourchan_records(POL, "train")[:10]]
+    base = save_tiny_hf_checkpoint(tmp_path / "base", "llama3.1", corpus=corpus)
+    small = [f"{phase}.{setting}" for phase in ("phase_one", "phase_two") for setting in
+             ("DTYPE=float32", "REMAT=none", "MAX_STEPS=2", "BATCH_SIZE=2", "N_ACCUMULATION_STEPS=1", "MAX_SEQ_LEN=512",
+              "NUM_GPUS=1", "WARMUP_STEPS=0")]
+    small += [f"study.base_model={base}", f"study.wikitablequestions={WTQ}", f"study.fourchan={POL}",
+              f"study.work_dir={tmp_path / 'study'}", "study.max_train_questions=8", "study.max_test_questions=8",
+              "study.document_tokens=96", "study.table_tokens=384"]
+    jora = [sys.executable, "-c", "import sys, jora.cli; sys.exit(jora.cli.main())", "study", "--config",
+            str(configs / "case-study-llama2-7b.toml")]
+    done = subprocess.run([*jora, *(part for change in small for part in ("--set", change))], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Table 2: {tmp_path / 'study' / 'table2.csv'}" in done.stdout and "RAFT (WTQ -> 4chan)" in done.stdout
+    written = (tmp_path / "study" / "table2.csv").read_text().splitlines()
+    assert written[0].startswith(",target_post_accuracy") and len(written) == 6
+    state = json.loads(next((tmp_path / "study" / "phase1-checkpoints").glob("step-*/state.json")).read_text())
+    assert state["step"] == 2 and state["config"]["LORA_ALPHA"] == 16 and state["config"]["LR"] == 1e-4
+    refused = subprocess.run([*jora, "--set", "phase_two.LORA_R=2.5"], capture_output=True, text=True, timeout=300)
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 1 and len(lines) == 1 and "[phase_two]: LORA_R=2.5" in lines[0], refused.stderr
