@@ -521,9 +521,9 @@ _GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id"
 
 
 def gguf_tokenizer(path):
-    """The tokenizer and chat template a GGUF file carries, built as transformers builds them
-    (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`), but with the metadata read by the `gguf` package, so
-    that it needs no PyTorch (transformers' own GGUF reader imports torch)."""
+    """The tokenizer and chat template a GGUF file carries, built as transformers' `AutoTokenizer` builds them from a
+    `gguf_file`, but with the metadata read by the `gguf` package, so that it needs no PyTorch (transformers' own GGUF
+    reader imports torch)."""
     try:
         from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     except ImportError:   # an older transformers: its own loader (which needs torch)

@@ -538,7 +538,7 @@ class MetricsFile:
 
     def __init__(self, checkpoint_path, history: list[dict]):
         self.path = Path(checkpoint_path) / METRICS_FILE if jax.process_index() == 0 else None
-        if self.path is not None:
+        if self.path is not None and (history or self.path.exists()):   # a new run's file starts with its first step
             temporary = self.path.with_name(f".{METRICS_FILE}.tmp")
             self._guard(lambda: (temporary.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8"),
                                  os.replace(temporary, self.path)))

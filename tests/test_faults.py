@@ -360,23 +360,22 @@ def test_a_disk_that_fills_up_keeps_the_earlier_checkpoint_and_leaks_nothing(set
     with small_disk(tmp_path / "disk", "4m") as disk:
         def fill_the_disk(event, info):
             if event == "checkpoint":  # after the first checkpoint, another program takes the rest of the disk
-                with open(disk / "filler", "wb") as handle:
+                with open(disk / "filler", "wb", buffering=0) as handle:   # unbuffered: closing it writes nothing
                     with contextlib.suppress(OSError):
                         while True:
                             handle.write(b"\0" * 65536)
-                            handle.flush()
         with pytest.raises(WriteError, match=r"Could not write checkpoint .*step-00000004: the disk is full\. The "
                                              r"earlier checkpoints are untouched \(newest: step-00000002\)"):
             train_lora(config, train, disk / "run", progress=False, callbacks=[fill_the_disk])
-        assert sorted(p.name for p in (disk / "run").iterdir()) == [".jora-output.json", ".jora-run.lock", "step-00000002"]
+        assert sorted(p.name for p in (disk / "run").iterdir()) == [".jora-output.json", ".jora-run.lock", "metrics.jsonl",
+                                                                    "step-00000002"]
         assert [p.name for p in checkpoints(disk / "run")] == ["step-00000002"]
         (disk / "filler").unlink()
         with pytest.raises(WriteError, match="the disk is full. Nothing there was changed"):
-            with open(disk / "filler", "wb") as handle:  # now the merge meets a full disk
+            with open(disk / "filler", "wb", buffering=0) as handle:  # now the merge meets a full disk
                 with contextlib.suppress(OSError):
                     while True:
                         handle.write(b"\0" * 65536)
-                        handle.flush()
                 os.truncate(disk / "filler", max(0, os.path.getsize(disk / "filler") - 30000))
                 merge_to_hf(model, disk / "run", disk / "merged")
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "run"]
