@@ -20,7 +20,7 @@ from .sharding import CONTEXT_PARALLEL_SCHEMES
 # %% auto #0
 __all__ = ['PAPER_FIELDS', 'STEP_FIELDS', 'RUN_FIELDS', 'FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field',
            'config_to_dict', 'field_type', 'value_problem', 'check_field', 'config_from_dict', 'checked_config',
-           'config_to_toml', 'config_from_toml', 'field_label', 'parse_field_text']
+           'config_to_toml', 'read_toml', 'config_from_toml', 'field_label', 'parse_field_text']
 
 # %% ../nbs/05_config.ipynb #4912111e
 class Field(NamedTuple):
@@ -192,19 +192,24 @@ def config_to_toml(config: ParallamaConfig) -> str:
     return tomli_w.dumps({field: value for field, value in config_to_dict(config).items() if value is not None})
 
 
-def config_from_toml(path) -> ParallamaConfig:
-    "A config from a TOML file (its fields at the top or in a `[jora]` table), with errors naming the file."
+def read_toml(path, what: str = "config file") -> dict:
+    "A TOML file's tables, with errors naming the file (a missing file: 'No `what` at ...')."
     try:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"No config file at {path}.") from None
+        raise FileNotFoundError(f"No {what} at {path}.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid TOML: {error}.") from None
+
+
+def config_from_toml(path) -> ParallamaConfig:
+    "A config from a TOML file (its fields at the top or in a `[jora]` table), with errors naming the file."
+    table = read_toml(path)
     if "jora" in table and len(table) > 1:
         raise ValueError(f"{path} has a [jora] table and also {sorted(set(table) - {'jora'})} outside it: put every "
                          f"field in the [jora] table, or every field at the top.")

@@ -446,18 +446,9 @@ def study_from_toml(path, changes=()) -> CaseStudy:
     """A `CaseStudy` from a TOML file: `[study]` holds `CaseStudy`'s fields, `[phase_one]` and `[phase_two]` each
     phase's `ParallamaConfig` fields; `changes` are `section.KEY=VALUE` overrides. Errors name the file, the table and
     the key."""
-    from jora.config import config_from_dict
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
+    from jora.config import config_from_dict, read_toml
     path = Path(path)
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"No study file at {path}.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid TOML: {error}.") from None
+    table = read_toml(path, "study file")
     for change in changes:
         key, equals, text = change.partition("=")
         section, dot, name = key.strip().partition(".")
