@@ -479,9 +479,9 @@ def check_checkpoints(folder) -> int:
 
 # %% ../nbs/09_cli.ipynb #d37143ef
 def study_main(argv: list[str] | None = None) -> int:
-    "`jora study`: both phases and Table 2 of the case study a TOML file describes."
+    "`jora study`: both phases, Table 2 and the held-out evaluation of the case study a TOML file describes."
     import argparse
-    from jora.raft import run_case_study, study_from_toml
+    from jora.raft import run_case_study, study_from_toml, study_report
     parser = argparse.ArgumentParser(prog="jora study", description="The two-phase case study (phase 1 on "
                                      "WikiTableQuestions, merged; phase 2 on 4chan; Table 2) from a TOML file.")
     parser.add_argument("--config", required=True, help="a study file ([study], [phase_one], [phase_two]; see configs/)")
@@ -491,11 +491,11 @@ def study_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     arguments = parser.parse_args(argv)
     study = study_from_toml(arguments.config, arguments.changes)
-    table = run_case_study(study, progress=True)["table"]
+    results = run_case_study(study, progress=True)
+    print(study_report(results))
     written = Path(study.work_dir) / "table2.csv"
-    table.to_csv(written)
-    print(table.round(3).to_string())
-    print(f"Table 2: {written}")
+    results["table2"].to_csv(written)
+    print(f"Table 2: {written}; every figure, with its settings: {Path(study.work_dir) / 'results.json'}")
     return 0
 
 # %% ../nbs/09_cli.ipynb #66fceda5

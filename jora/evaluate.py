@@ -28,7 +28,7 @@ __all__ = ['ANSWER_RULES', 'PROMPT_WIDTH_STEP', 'unify_characters', 'normalize_a
            'wtq_correct', 'split_prediction', 'expected_output', 'normalize_text', 'exact_match', 'prediction_readings',
            'wikitablequestions_match', 'answer_in_reply', 'answer_questions', 'split_loss', 'adapter_label',
            'evaluate_checkpoint', 'robustness_settings', 'retrieval_robustness', 'compare_robustness',
-           'robustness_figure']
+           'robustness_figure', 'bootstrap_interval', 'accuracy_interval']
 
 # %% ../nbs/06_evaluate.ipynb #bc201b65
 def unify_characters(text: str) -> str:
@@ -239,11 +239,12 @@ def robustness_settings(distractors: int) -> list[dict]:
 
 def retrieval_robustness(config: ParallamaConfig, questions: list[dict], index: CorpusIndex, adapter=None, *,
                          distractors: int = 4, rule: str = "exact match", context_tokens: int | None = None,
-                         max_new_tokens: int = 32, model: tuple | None = None, mesh=None) -> list[dict]:
+                         max_new_tokens: int = 32, model: tuple | None = None, mesh=None, chat: bool = False) -> list[dict]:
     """Loss and accuracy (by `rule`) of the model, with `adapter` or without, on RAFT rows of `questions` for every
     `robustness_settings(distractors)`: one row per setting (the oracle's position counted from 1, and the mean
     number of distractors the prompts held). The contexts fit `context_tokens` (default: what MAX_SEQ_LEN leaves),
-    so no evidence is cut by the data chapter's truncation; the budget drops distractors first."""
+    so no evidence is cut by the data chapter's truncation; the budget drops distractors first. `chat`: the rows as chat
+    records (the model's chat template)."""
     mesh = mesh or run_mesh(config)
     model = model or load_model(config, mesh)
     lora, lora_config = load_any_adapter(adapter, model[0]) if adapter is not None else (None, None)
@@ -254,7 +255,7 @@ def retrieval_robustness(config: ParallamaConfig, questions: list[dict], index: 
         rows, _ = raft_rows(questions, index, distractors=setting["distractors"], seed=config.SEED,
                             oracle_probability=1.0 if setting["oracle"] == "present" else 0.0,
                             oracle_position=setting["position"], tokenizer=tokenizer, context_tokens=context_tokens,
-                            fill_left_out=False)
+                            fill_left_out=False, chat=chat)
         answers = answer_questions(model_path(config), rows, lora, config.MAX_SEQ_LEN, max_new_tokens, model=model)
         right = sum(ANSWER_RULES[rule](row, answer) for row, answer in zip(rows, answers))
         dataset = AlpacaDataset(path=rows, split="train", split_percentage=1.0, tokenizer=tokenizer,
@@ -296,3 +297,29 @@ def robustness_figure(tables: dict, rule: str = "exact match"):
     accuracy_axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+# %% ../nbs/06_evaluate.ipynb #a5ae2998
+def bootstrap_interval(groups: list[list], metric, resamples: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """The `level` percentile-bootstrap interval of `metric` (a function of a list of groups, each a list of rows):
+    `resamples` draws of `len(groups)` groups with replacement, from a seeded generator. Draws where the metric is
+    undefined (NaN) are left out of the percentiles."""
+    if not groups:
+        raise ValueError("No groups to resample: a bootstrap interval needs at least one scored question.")
+    generator = np.random.default_rng(seed)
+    values = np.array([metric([groups[i] for i in generator.integers(len(groups), size=len(groups))])
+                       for _ in range(resamples)], dtype=float)
+    if np.isnan(values).all():
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    return float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))
+
+
+def accuracy_interval(hits: list[bool], group_of: list | None = None, **options) -> dict:
+    """Accuracy of `hits` with its bootstrap interval and the number of questions; `group_of[i]` names the group of
+    question i (a table, a thread; each question its own group when None)."""
+    groups = {}
+    for i, hit in enumerate(hits):
+        groups.setdefault(i if group_of is None else group_of[i], []).append(bool(hit))
+    low, high = bootstrap_interval(list(groups.values()), lambda drawn: np.mean([h for g in drawn for h in g]), **options)
+    return {"accuracy": float(np.mean(hits)), "low": low, "high": high, "questions": len(hits)}

@@ -18,15 +18,17 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator
 
-from .evaluate import answer_questions, normalize_answer, split_prediction, wtq_correct
+from .evaluate import answer_questions, bootstrap_interval, normalize_answer, split_prediction, wtq_correct
 
 # %% auto #0
 __all__ = ['TARGET_QUESTION', 'REPLY_QUESTION', 'STUDY_SECTIONS', 'unescape_wtq', 'split_answers', 'read_wtq_table',
-           'read_wtq_questions', 'serialize_table', 'sample_questions', 'wtq_records', 'wtq_corpus', 'wtq_questions',
-           'parse_comment', 'link_target', 'read_threads', 'thread_context', 'directionality_examples', 'thread_split',
-           'fourchan_records', 'whole_threads', 'parse_post_number', 'directionality_metrics', 'baseline_predictions',
-           'random_baseline_metrics', 'CaseStudy', 'case_study_config', 'phase_one_records', 'run_phase_one',
-           'run_phase_two', 'evaluate_study', 'run_case_study', 'study_from_toml']
+           'read_wtq_questions', 'serialize_table', 'kept_questions', 'sample_questions', 'wtq_records', 'wtq_corpus',
+           'wtq_questions', 'parse_comment', 'link_target', 'read_threads', 'thread_context', 'directionality_examples',
+           'thread_split', 'fourchan_records', 'whole_threads', 'parse_post_number', 'directionality_metrics',
+           'baseline_predictions', 'random_baseline_metrics', 'CaseStudy', 'case_study_config', 'study_tables',
+           'phase_one_records', 'run_phase_one', 'run_phase_two', 'cached_answers', 'model_source',
+           'directionality_row', 'held_out_wtq', 'wtq_test_rows', 'study_models', 'evaluate_study', 'study_frames',
+           'read_study_results', 'interval_text', 'study_report', 'run_case_study', 'study_from_toml']
 
 # %% ../nbs/08_raft_4chan.ipynb #72c0fc31
 def unescape_wtq(text: str) -> str:
@@ -101,6 +103,11 @@ def serialize_table(rows: list[list[str]], tokenizer=None, max_tokens: int | Non
     return shown(high)
 
 
+def kept_questions(questions: list[dict], keep_table=None) -> list[dict]:
+    "The questions whose table path (`context`) passes `keep_table` (all when None)."
+    return list(questions) if keep_table is None else [q for q in questions if keep_table(q["context"])]
+
+
 def sample_questions(questions: list, most: int | None, seed: int = 0) -> list:
     "At most `most` of `questions` (all when None), drawn with `seed`, in their file order."
     if most is None or most >= len(questions):
@@ -111,12 +118,12 @@ def sample_questions(questions: list, most: int | None, seed: int = 0) -> list:
 
 
 def wtq_records(root, split_file: str = "data/training.tsv", tokenizer=None, table_tokens: int | None = None,
-                chat: bool = False, max_questions: int | None = None, seed: int = 0) -> list[dict]:
+                chat: bool = False, max_questions: int | None = None, seed: int = 0, keep_table=None) -> list[dict]:
     """Alpaca records: the question as instruction, the serialised table as input, the answers joined by ', ' as
     output and kept as the list `answers` (`chat`: as chat records, the table as their context); at most
-    `max_questions`, drawn with `seed`."""
+    `max_questions`, drawn with `seed`, among those whose table path passes `keep_table` (all when None)."""
     records, tables = [], {}   # a table serialised (and cut) once, however many questions ask about it
-    for question in sample_questions(read_wtq_questions(root, split_file), max_questions, seed):
+    for question in sample_questions(kept_questions(read_wtq_questions(root, split_file), keep_table), max_questions, seed):
         if question["context"] not in tables:
             tables[question["context"]] = serialize_table(read_wtq_table(root, question["context"]), tokenizer, table_tokens)
         records.append({"instruction": question["question"], "input": tables[question["context"]],
@@ -125,26 +132,29 @@ def wtq_records(root, split_file: str = "data/training.tsv", tokenizer=None, tab
     return [as_chat(record) for record in records] if chat else records
 
 # %% ../nbs/08_raft_4chan.ipynb #e8a10002
-def wtq_corpus(root, tokenizer=None, table_tokens: int | None = None) -> list:
-    """Every table of a WikiTableQuestions release (`csv/*/*.csv`) as a document: its `context` path as id, serialised
-    (cut by rows to `table_tokens` when given, as `serialize_table` cuts)."""
+def wtq_corpus(root, tokenizer=None, table_tokens: int | None = None, keep_table=None) -> list:
+    """Every table of a WikiTableQuestions release (`csv/*/*.csv`) whose path passes `keep_table` (all when None) as a
+    document: its `context` path as id, serialised (cut by rows to `table_tokens` when given, as `serialize_table`
+    cuts)."""
     from jora.retrieval import read_corpus
     root = Path(root)
     paths = sorted(root.glob("csv/*/*.csv"))
     if not paths:
         raise FileNotFoundError(f"No tables (csv/*/*.csv) under {root}: give the WikiTableQuestions release folder.")
-    contexts = [path.relative_to(root).as_posix() for path in paths]
+    contexts = [context for context in (path.relative_to(root).as_posix() for path in paths)
+                if keep_table is None or keep_table(context)]
     return read_corpus([{"id": context, "text": serialize_table(read_wtq_table(root, context), tokenizer, table_tokens)}
                         for context in contexts])
 
 
 def wtq_questions(root, split_file: str = "data/training.tsv", max_questions: int | None = None,
-                  seed: int = 0) -> list[dict]:
+                  seed: int = 0, keep_table=None) -> list[dict]:
     """A data file's questions as RAFT questions: the answers joined as the answer (and kept), the question's table as
-    oracle; at most `max_questions`, drawn with `seed`."""
+    oracle; at most `max_questions`, drawn with `seed`, among those whose table passes `keep_table`."""
     return [{"id": question["id"], "question": question["question"], "answer": ", ".join(question["answers"]),
              "answers": question["answers"], "oracle_id": question["context"]}
-            for question in sample_questions(read_wtq_questions(root, split_file), max_questions, seed)]
+            for question in sample_questions(kept_questions(read_wtq_questions(root, split_file), keep_table),
+                                             max_questions, seed)]
 
 # %% ../nbs/08_raft_4chan.ipynb #6f0848c2
 class _CommentParser(HTMLParser):
@@ -219,8 +229,9 @@ REPLY_QUESTION = "Which post replies to post [{post}]? Answer with the post numb
 
 
 def thread_context(posts: list[dict]) -> str:
-    "The thread as numbered posts, `[n] text` (image-only posts show `(no text)`)."
-    return "\n".join(f"[{i}] {post['text'] or '(no text)'}" for i, post in enumerate(posts, start=1))
+    """The thread as numbered posts, `[n] No.<post number>: text`, as 4chan shows it: a reply's `>>number` names the
+    post it answers, so the answer can be found in the context (image-only posts show `(no text)`)."""
+    return "\n".join(f"[{i}] No.{post['no']}: {post['text'] or '(no text)'}" for i, post in enumerate(posts, start=1))
 
 
 def directionality_examples(posts: list[dict]) -> list[dict]:
@@ -235,17 +246,17 @@ def directionality_examples(posts: list[dict]) -> list[dict]:
             replies.setdefault(target, []).append(i)
         if targets:
             examples.append({"instruction": TARGET_QUESTION.format(post=i), "input": context, "output": f"[{targets[0]}]",
-                             "kind": "target", "post": i, "correct": targets, "thread": posts[0]["no"]})
+                             "kind": "target", "post": i, "correct": targets, "thread": posts[0]["no"], "posts": len(posts)})
     for target, repliers in sorted(replies.items()):
         examples.append({"instruction": REPLY_QUESTION.format(post=target), "input": context, "output": f"[{repliers[0]}]",
-                         "kind": "reply", "post": target, "correct": repliers, "thread": posts[0]["no"]})
+                         "kind": "reply", "post": target, "correct": repliers, "thread": posts[0]["no"], "posts": len(posts)})
     return examples
 
 
 # %% ../nbs/08_raft_4chan.ipynb #2ceacd99
-def thread_split(thread_number: int, split_percentage: float = 0.8, seed: int = 0) -> str:
-    "'train' or 'test' for a thread, from a seeded hash of its number."
-    fraction = int(hashlib.sha256(f"{seed}:{thread_number}".encode()).hexdigest()[:8], 16) / 0x100000000
+def thread_split(key: int | str, split_percentage: float = 0.8, seed: int = 0) -> str:
+    "'train' or 'test' for a thread (or any key, such as a table's path), from a seeded hash of its number."
+    fraction = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0x100000000
     return "train" if fraction < split_percentage else "test"
 
 
@@ -306,9 +317,8 @@ def baseline_predictions(examples: list[dict], rule: str) -> list[int]:
 
 def random_baseline_metrics(examples: list[dict]) -> dict:
     "Expected Target/Reply Post accuracy of a uniform choice among the thread's other posts."
-    posts_in_thread = {e["thread"]: e.get("input", e.get("context", "")).count("\n") + 1 for e in examples}
     expected = lambda kind: (lambda values: sum(values) / len(values) if values else float("nan"))(
-        [len(e["correct"]) / (posts_in_thread[e["thread"]] - 1) for e in examples if e["kind"] == kind])
+        [len(e["correct"]) / (e["posts"] - 1) for e in examples if e["kind"] == kind])
     return {"target_post_accuracy": expected("target"), "reply_post_accuracy": expected("reply")}
 
 
@@ -334,6 +344,11 @@ class CaseStudy(NamedTuple):
     max_train_questions: int | None = None  # phase 1 on at most this many WTQ questions, drawn with the phase's SEED
     max_test_questions: int | None = None  # 4chan test questions, in whole threads
     chat: bool = False  # train and ask in chat form (the base model's tokenizer needs a chat template)
+    wtq_test_tables: float = 0.0  # > 0: this share of the training file's tables (seeded) is held out, never trained on
+    #                               nor a training distractor; their questions are the WTQ test instead of wtq_test_file
+    max_wtq_test_questions: int | None = None  # held-out WTQ questions scored, drawn with phase one's SEED
+    robustness_questions: int = 0  # held-out WTQ questions for the robustness curves (0: no curves)
+    fourchan_train_share: float = 0.8  # the share of 4chan threads (seeded, whole threads) phase 2 trains on
 
 
 def case_study_config(study: CaseStudy, phase: int):
@@ -348,17 +363,27 @@ def case_study_config(study: CaseStudy, phase: int):
 
 
 # %% ../nbs/08_raft_4chan.ipynb #7656ee22
+def study_tables(study: CaseStudy, split: str, seed: int):
+    """Which WikiTableQuestions tables `split` ('train' or 'test') may use, as a `keep_table` filter: with
+    `wtq_test_tables`, the seeded held-out share ('test') or the rest ('train'); otherwise every table (None)."""
+    if not study.wtq_test_tables:
+        return None
+    return lambda context: thread_split(context, 1 - study.wtq_test_tables, seed) == split
+
+
 def phase_one_records(study: CaseStudy, tokenizer, config) -> tuple[list[dict], "RaftReport | None"]:
     """Phase 1's training records: each question with its own table, or (with `study.distractors`) RAFT rows with
     BM25-retrieved distractor tables from the whole release within `study.table_tokens` (and within what MAX_SEQ_LEN
     leaves beside each question, so no row's evidence is cut later), and their report."""
+    keep = study_tables(study, "train", config.SEED)
     if not study.distractors:
         return wtq_records(study.wikitablequestions, study.wtq_train_file, tokenizer, study.table_tokens, study.chat,
-                           study.max_train_questions, config.SEED), None
+                           study.max_train_questions, config.SEED, keep), None
     from jora.retrieval import CorpusIndex, context_budget, raft_rows
-    questions = wtq_questions(study.wikitablequestions, study.wtq_train_file, study.max_train_questions, config.SEED)
+    questions = wtq_questions(study.wikitablequestions, study.wtq_train_file, study.max_train_questions, config.SEED, keep)
     budget = min(study.table_tokens, context_budget(questions, tokenizer, config.MAX_SEQ_LEN))
-    rows, report = raft_rows(questions, CorpusIndex(wtq_corpus(study.wikitablequestions, tokenizer, study.document_tokens)),
+    corpus = wtq_corpus(study.wikitablequestions, tokenizer, study.document_tokens, keep)
+    rows, report = raft_rows(questions, CorpusIndex(corpus),
                              distractors=study.distractors, oracle_probability=study.oracle_probability,
                              seed=config.SEED, tokenizer=tokenizer, context_tokens=budget, chat=study.chat)
     return rows, report
@@ -390,7 +415,7 @@ def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
     from jora.data import AlpacaDataset
     from jora.train import LossPlot, train_lora
     config = case_study_config(study, 2)
-    records = fourchan_records(study.fourchan, "train", seed=config.SEED, chat=study.chat)
+    records = fourchan_records(study.fourchan, "train", study.fourchan_train_share, config.SEED, study.chat)
     dataset = AlpacaDataset(path=records, split="train", split_percentage=1.0, tokenizer=config.LLAMA2_HF_PATH,
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=0, seed=config.SEED)
     result = train_lora(config, dataset, Path(study.work_dir) / "phase2-checkpoints", progress=progress,
@@ -399,32 +424,187 @@ def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
 
 
 # %% ../nbs/08_raft_4chan.ipynb #2eb1cca9
-def evaluate_study(study: CaseStudy) -> "pd.DataFrame":
-    "Table 2: Target Post, Reply Post and p(Reply|Target) for the base and RAFT models and the baselines."
-    import pandas as pd
+def cached_answers(path: Path, rows: list[dict], source: str, answer) -> list[str]:
+    """`answer(rows)`, kept in `path` (JSON) with a digest of the rows and of `source` (the model and adapter): a rerun
+    of an interrupted evaluation reuses what was answered, and nothing answered for other rows or another model."""
+    digest = hashlib.sha256(json.dumps([source, rows], sort_keys=True, default=str).encode()).hexdigest()
+    if path.is_file():
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept.get("digest") == digest:
+            return kept["answers"]
+    answers = answer(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"digest": digest, "answers": answers}), encoding="utf-8")
+    partial.replace(path)
+    return answers
+
+
+def model_source(model: str, lora_path=None) -> str:
+    "A model folder or file (and adapter checkpoint) named with its weights' modification times, for `cached_answers`."
+    weights = [Path(model)] if Path(model).is_file() else sorted(Path(model).glob("*.safetensors"))
+    stamp = lambda paths: [f"{p}@{p.stat().st_mtime_ns}" for p in paths]
+    return json.dumps(stamp(weights) + (stamp([Path(lora_path)]) if lora_path else []))
+
+
+def directionality_row(examples: list[dict], predictions: list, **options) -> dict:
+    """`directionality_metrics` with a bootstrap interval for each (`_low`, `_high`), whole threads drawn (a thread
+    drawn twice counts twice), and the number of target and reply questions."""
+    metrics = directionality_metrics(examples, predictions)
+    threads = {}
+    for example, predicted in zip(examples, predictions, strict=True):
+        threads.setdefault(example["thread"], []).append((example, predicted))
+    drawn_metric = lambda key: lambda drawn: directionality_metrics(
+        [{**e, "thread": (copy, e["thread"])} for copy, group in enumerate(drawn) for e, _ in group],
+        [p for group in drawn for _, p in group])[key]
+    for key in ("target_post_accuracy", "reply_post_accuracy", "p_reply_given_target"):
+        metrics[f"{key}_low"], metrics[f"{key}_high"] = bootstrap_interval(list(threads.values()), drawn_metric(key), **options)
+    metrics.update(target_questions=sum(e["kind"] == "target" for e in examples),
+                   reply_questions=sum(e["kind"] == "reply" for e in examples), threads=len(threads))
+    return metrics
+
+
+def held_out_wtq(study: CaseStudy, seed: int) -> tuple[str, object]:
+    "The held-out WikiTableQuestions: the data file and `keep_table` filter (the training file's held-out tables, or the test file whole)."
+    keep = study_tables(study, "test", seed)
+    return (study.wtq_train_file if keep else study.wtq_test_file), keep
+
+
+def wtq_test_rows(study: CaseStudy, tokenizer, config, most: int | None) -> list[dict]:
+    """Held-out WikiTableQuestions questions as phase 1 saw its own (RAFT rows with the oracle table and
+    `study.distractors` BM25 distractors from the whole release, or the table alone): the held-out tables' questions
+    (`wtq_test_tables`) or the test file's; at most `most`, drawn with the phase's SEED."""
+    test_file, keep = held_out_wtq(study, config.SEED)
+    if not study.distractors:
+        return wtq_records(study.wikitablequestions, test_file, tokenizer, study.table_tokens, study.chat, most,
+                           config.SEED, keep)
+    from jora.retrieval import CorpusIndex, context_budget, raft_rows
+    questions = wtq_questions(study.wikitablequestions, test_file, most, config.SEED, keep)
+    budget = min(study.table_tokens, context_budget(questions, tokenizer, config.MAX_SEQ_LEN))
+    index = CorpusIndex(wtq_corpus(study.wikitablequestions, tokenizer, study.document_tokens))
+    rows, _ = raft_rows(questions, index, distractors=study.distractors, oracle_probability=1.0, seed=config.SEED,
+                        tokenizer=tokenizer, context_tokens=budget, chat=study.chat, fill_left_out=False)
+    return rows
+
+
+def study_models(study: CaseStudy) -> dict:
+    "The models the study compares: label -> (model, adapter checkpoint or None)."
     from jora.files import latest_checkpoint
+    merged = str(Path(study.work_dir) / "phase1-merged")
+    return {"base": (study.base_model, None), "WTQ only (phase 1)": (merged, None),
+            "RAFT (WTQ -> 4chan)": (merged, latest_checkpoint(Path(study.work_dir) / "phase2-checkpoints"))}
+
+
+def evaluate_study(study: CaseStudy, progress: bool = False) -> dict:
+    """The study's results, written to work_dir/results.json: `table2` (Target Post, Reply Post and p(Reply|Target)
+    of the base, WTQ-only and RAFT models and the baselines, each with a 95% bootstrap interval over whole threads and
+    the question counts), `wtq` (held-out WikiTableQuestions accuracy before and after phase 1, intervals over
+    tables) and `robustness` (`retrieval_robustness` of both, when `robustness_questions`). Answers are kept in
+    work_dir/evaluation, so an interrupted evaluation resumes."""
+    import pandas as pd
+    from jora.data import load_tokenizer
+    from jora.evaluate import accuracy_interval, retrieval_robustness, wikitablequestions_match
     from jora.formats import load_lora
+    from jora.retrieval import CorpusIndex, context_budget
+    work = Path(study.work_dir)
+    models = study_models(study)
     config = case_study_config(study, 2)
-    examples = whole_threads(fourchan_records(study.fourchan, "test", seed=config.SEED, chat=study.chat),
-                             study.max_test_questions)
-    rows = {}
-    raft_lora, _ = load_lora(latest_checkpoint(Path(study.work_dir) / "phase2-checkpoints"))
-    for name, model, lora in (("base", study.base_model, None),
-                              ("RAFT (WTQ -> 4chan)", str(Path(study.work_dir) / "phase1-merged"), raft_lora)):
-        answers = answer_questions(model, examples, lora, config.MAX_SEQ_LEN, study.max_new_tokens)
-        rows[name] = directionality_metrics(examples, [parse_post_number(a) for a in answers])
+    label = lambda text: re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    ask = lambda name, model, lora_path, rows, max_len, kind: cached_answers(
+        work / "evaluation" / f"{kind}-{label(name)}.json", rows, model_source(model, lora_path),
+        lambda rows: answer_questions(model, rows, load_lora(lora_path)[0] if lora_path else None, max_len,
+                                      study.max_new_tokens, progress=f"{kind}: {name}" if progress else None))
+    examples = whole_threads(fourchan_records(study.fourchan, "test", study.fourchan_train_share, config.SEED,
+                                              study.chat), study.max_test_questions)
+    table2 = {name: directionality_row(examples, [parse_post_number(a) for a in
+                                                 ask(name, model, lora_path, examples, config.MAX_SEQ_LEN, "4chan")])
+              for name, (model, lora_path) in models.items()}
     for rule in ("opening_post", "adjacent_post"):
-        rows[f"baseline: {rule.replace('_', ' ')}"] = directionality_metrics(examples, baseline_predictions(examples, rule))
-    rows["baseline: uniform random"] = {**random_baseline_metrics(examples), "questions": len(examples)}
-    return pd.DataFrame(rows).T
+        table2[f"baseline: {rule.replace('_', ' ')}"] = directionality_row(examples, baseline_predictions(examples, rule))
+    table2["baseline: uniform random (expected)"] = {**random_baseline_metrics(examples), "questions": len(examples)}
+    phase_one = case_study_config(study, 1)
+    tokenizer = load_tokenizer(study.base_model)
+    rows = wtq_test_rows(study, tokenizer, phase_one, study.max_wtq_test_questions)
+    test_file, keep = held_out_wtq(study, phase_one.SEED)
+    table_of = {q["id"]: q["context"] for q in read_wtq_questions(study.wikitablequestions, test_file)}
+    wtq = {}
+    for name in ("base", "WTQ only (phase 1)"):
+        model, _ = models[name]
+        answers = ask(name, model, None, rows, phase_one.MAX_SEQ_LEN, "wtq")
+        hits = [wikitablequestions_match(row, answer) for row, answer in zip(rows, answers)]
+        wtq[name] = {**accuracy_interval(hits, [table_of[row["id"]] for row in rows]), "examples": [
+            {"question": row.get("instruction") or row["messages"][0]["content"], "answers": row["answers"],
+             "predicted": answer, "right": hit} for row, answer, hit in list(zip(rows, answers, hits))[:5]]}
+    robustness = {}
+    if study.robustness_questions and study.distractors:
+        questions = wtq_questions(study.wikitablequestions, test_file, study.robustness_questions, phase_one.SEED + 1,
+                                  keep)
+        index = CorpusIndex(wtq_corpus(study.wikitablequestions, tokenizer, study.document_tokens))
+        budget = min(study.table_tokens, context_budget(questions, tokenizer, phase_one.MAX_SEQ_LEN))
+        for name in ("base", "WTQ only (phase 1)"):
+            kept = work / "evaluation" / f"robustness-{label(name)}.json"
+            source = model_source(models[name][0]) + json.dumps([q["id"] for q in questions])
+            if kept.is_file() and json.loads(kept.read_text(encoding="utf-8")).get("source") == source:
+                robustness[name] = json.loads(kept.read_text(encoding="utf-8"))["table"]
+                continue
+            robustness[name] = retrieval_robustness(phase_one._replace(LLAMA2_HF_PATH=models[name][0]), questions,
+                                                    index, distractors=study.distractors, rule="WikiTableQuestions",
+                                                    context_tokens=budget, max_new_tokens=study.max_new_tokens,
+                                                    chat=study.chat)
+            kept.write_text(json.dumps({"source": source, "table": robustness[name]}), encoding="utf-8")
+    results = {"table2": table2, "wtq": wtq, "robustness": robustness, "study": study._asdict() | {
+        "phase_one": phase_one._asdict(), "phase_two": config._asdict()}}
+    (work / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    return study_frames(results)
+
+
+def study_frames(results: dict) -> dict:
+    "A study's results (as results.json holds them) as frames: `table2`, `wtq` (without its example answers), `robustness`."
+    import pandas as pd
+    return {"table2": pd.DataFrame(results["table2"]).T, "wtq": pd.DataFrame(results["wtq"]).T.drop(columns="examples"),
+            "robustness": results["robustness"]}
+
+
+def read_study_results(path) -> dict:
+    "The results.json of a study (`evaluate_study` writes it) as `study_frames`."
+    return study_frames(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def interval_text(row, key: str) -> str:
+    "A metric and its interval as `0.41 [0.30, 0.52]` (the value alone where it has no interval)."
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    if low is None or low != low:  # no interval, or none defined (NaN)
+        return f"{row[key]:.2f}"
+    return f"{row[key]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def study_report(results: dict) -> str:
+    "`evaluate_study`'s results as text: Table 2 with intervals and counts, held-out WTQ accuracy, the robustness curves."
+    import pandas as pd
+    table2 = results["table2"]
+    shown = pd.DataFrame({"Target Post": [interval_text(row, "target_post_accuracy") for _, row in table2.iterrows()],
+                          "Reply Post": [interval_text(row, "reply_post_accuracy") for _, row in table2.iterrows()],
+                          "p(Reply|Target)": [interval_text(row, "p_reply_given_target") if "p_reply_given_target" in row
+                                              and row["p_reply_given_target"] == row["p_reply_given_target"] else "-"
+                                              for _, row in table2.iterrows()],
+                          "questions": table2["questions"].astype(int)}, index=table2.index)
+    wtq = results["wtq"]
+    held_out = pd.DataFrame({"accuracy": [interval_text(row, "accuracy") for _, row in wtq.iterrows()],
+                             "questions": wtq["questions"].astype(int)}, index=wtq.index)
+    parts = ["Table 2 (4chan test threads; 95% bootstrap intervals over whole threads):", shown.to_string(), "",
+             "Held-out WikiTableQuestions (official rule; 95% intervals over tables):", held_out.to_string()]
+    for name, table in results["robustness"].items():
+        curve = pd.DataFrame(table)[["distractors", "oracle", "position", "right", "loss"]]
+        parts += ["", f"Robustness, {name}:", curve.round(3).to_string(index=False)]
+    return "\n".join(parts)
 
 
 def run_case_study(study: CaseStudy, progress: bool = False) -> dict:
-    "Both phases and the evaluation; returns the phases' results and the Table 2 frame."
+    """Both phases and the evaluation; returns the phases' results and `evaluate_study`'s. A rerun resumes: training
+    from its last checkpoints, the evaluation from the answers it kept."""
     one = run_phase_one(study, progress)
     two = run_phase_two(study, progress)
-    return {"phase_one": one, "phase_two": two, "table": evaluate_study(study)}
-
+    return {"phase_one": one, "phase_two": two, **evaluate_study(study, progress)}
 
 # %% ../nbs/08_raft_4chan.ipynb #e4abb110
 STUDY_SECTIONS = ("study", "phase_one", "phase_two")

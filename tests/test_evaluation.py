@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jora.config import ParallamaConfig
@@ -78,3 +79,28 @@ def test_a_held_out_file_is_scored_whole_and_the_split_is_said(tmp_path):
     assert "scored 2 of the 8 records" in split.stdout and "SPLIT_PERCENTAGE=0.8" in split.stdout, split.stdout
     both = subprocess.run([*JORA, *common, "--data", "a.jsonl", "--test-data", "b.jsonl"], capture_output=True, text=True)
     assert both.returncode == 1 and "Give --data" in both.stderr
+
+
+def test_bootstrap_interval_agrees_with_scipy():
+    "Question-level intervals match scipy's percentile bootstrap within Monte Carlo error (0.015 on 400 questions)."
+    from scipy.stats import bootstrap
+    from jora.evaluate import accuracy_interval
+    hits = np.random.default_rng(3).random(400) < 0.3
+    ours = accuracy_interval(list(hits), resamples=4000)
+    reference = bootstrap((hits.astype(float),), np.mean, n_resamples=4000, method="percentile", random_state=5)
+    assert ours["accuracy"] == hits.mean() and ours["questions"] == 400
+    assert abs(ours["low"] - reference.confidence_interval.low) < 0.015
+    assert abs(ours["high"] - reference.confidence_interval.high) < 0.015
+
+
+def test_bootstrap_draws_whole_groups():
+    "Correlated questions (all right or all wrong in a group) widen the interval; a constant metric gives a point."
+    from jora.evaluate import accuracy_interval, bootstrap_interval
+    hits = [True] * 60 + [False] * 140
+    alone = accuracy_interval(hits)
+    grouped = accuracy_interval(hits, [i // 20 for i in range(200)])  # 10 groups of 20 alike answers
+    assert grouped["high"] - grouped["low"] > 2 * (alone["high"] - alone["low"])
+    assert bootstrap_interval([[1], [1]], lambda drawn: 0.5) == (0.5, 0.5)
+    assert all(np.isnan(bootstrap_interval([[1]], lambda drawn: float("nan"))))
+    with pytest.raises(ValueError, match="at least one scored question"):
+        bootstrap_interval([], len)

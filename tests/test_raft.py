@@ -87,7 +87,7 @@ def test_directionality_examples_and_splits():
     posts = [{"no": 10, "text": "op", "targets": []}, {"no": 11, "text": "a", "targets": [10]},
              {"no": 12, "text": "", "targets": [10, 11]}]
     examples = directionality_examples(posts)
-    assert examples[0]["input"] == "[1] op\n[2] a\n[3] (no text)"
+    assert examples[0]["input"] == "[1] No.10: op\n[2] No.11: a\n[3] No.12: (no text)"
     targets = [e for e in examples if e["kind"] == "target"]
     replies = [e for e in examples if e["kind"] == "reply"]
     assert [(e["post"], e["output"], e["correct"]) for e in targets] == [(2, "[1]", [1]), (3, "[1]", [1, 2])]
@@ -123,7 +123,8 @@ def test_two_phase_pipeline_end_to_end(tmp_path):
              [e["input"] for e in fourchan_records(POL, "train")[:10]]
     save_tiny_hf_checkpoint(tmp_path / "base", "llama3.1", corpus=corpus)
     study = CaseStudy(base_model=str(tmp_path / "base"), wikitablequestions=str(WTQ), fourchan=str(POL),
-                      work_dir=str(tmp_path / "study"), max_train_questions=40, max_test_questions=8)
+                      work_dir=str(tmp_path / "study"), max_train_questions=40, max_test_questions=8,
+                      max_wtq_test_questions=6)
     small = lambda phase: case_study_config(study, phase)._replace(N_EPOCHS=1, MAX_SEQ_LEN=384)
     study = study._replace(phase_one=small(1), phase_two=small(2))
     one = run_phase_one(study)
@@ -133,13 +134,28 @@ def test_two_phase_pipeline_end_to_end(tmp_path):
     assert two["examples"] == len(fourchan_records(POL, "train"))
     assert case_study_config(study, 2).LLAMA2_HF_PATH.endswith("phase1-merged")
     assert latest_checkpoint(tmp_path / "study" / "phase2-checkpoints") is not None
-    table = evaluate_study(study)
-    assert list(table.index) == ["base", "RAFT (WTQ -> 4chan)", "baseline: opening post", "baseline: adjacent post",
-                                 "baseline: uniform random"]
-    assert {"target_post_accuracy", "reply_post_accuracy", "p_reply_given_target"} <= set(table.columns)
+    results = evaluate_study(study)
+    table = results["table2"]
+    assert list(table.index) == ["base", "WTQ only (phase 1)", "RAFT (WTQ -> 4chan)", "baseline: opening post",
+                                 "baseline: adjacent post", "baseline: uniform random (expected)"]
+    assert {"target_post_accuracy", "target_post_accuracy_low", "target_post_accuracy_high", "reply_post_accuracy",
+            "p_reply_given_target", "target_questions", "threads"} <= set(table.columns)
     from jora.raft import whole_threads
     scored = whole_threads(fourchan_records(POL, "test"), 8)
     assert table["target_post_accuracy"].between(0, 1).all() and (table["questions"] == len(scored)).all()
+    measured = table.dropna(subset=["target_post_accuracy_low"])
+    assert ((measured["target_post_accuracy_low"] <= measured["target_post_accuracy"]) &
+            (measured["target_post_accuracy"] <= measured["target_post_accuracy_high"])).all()
+    assert list(results["wtq"].index) == ["base", "WTQ only (phase 1)"] and (results["wtq"]["questions"] == 6).all()
+    written = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert written["table2"]["base"]["questions"] == len(scored) and written["study"]["max_wtq_test_questions"] == 6
+    kept = sorted(p.name for p in (tmp_path / "study" / "evaluation").iterdir())
+    assert kept == ["4chan-base.json", "4chan-raft-wtq-4chan.json", "4chan-wtq-only-phase-1.json", "wtq-base.json",
+                    "wtq-wtq-only-phase-1.json"]
+    before = {name: (tmp_path / "study" / "evaluation" / name).stat().st_mtime_ns for name in kept}
+    again = evaluate_study(study)  # a rerun reuses every kept answer, and gives the same table
+    assert {name: (tmp_path / "study" / "evaluation" / name).stat().st_mtime_ns for name in kept} == before
+    assert again["table2"].equals(table)
 
 
 def test_the_loaders_give_chat_records_as_an_option():
@@ -241,6 +257,7 @@ def test_the_paper_scale_study_file_runs_on_a_tiny_model(tmp_path):
               "NUM_GPUS=1", "WARMUP_STEPS=0")]
     small += [f"study.base_model={base}", f"study.wikitablequestions={WTQ}", f"study.fourchan={POL}",
               f"study.work_dir={tmp_path / 'study'}", "study.max_train_questions=8", "study.max_test_questions=8",
+              "study.max_wtq_test_questions=4", "study.robustness_questions=0",
               "study.document_tokens=96", "study.table_tokens=384"]
     jora = [sys.executable, "-c", "import sys, jora.cli; sys.exit(jora.cli.main())", "study", "--config",
             str(configs / "case-study-llama2-7b.toml")]
@@ -249,9 +266,66 @@ def test_the_paper_scale_study_file_runs_on_a_tiny_model(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"Table 2: {tmp_path / 'study' / 'table2.csv'}" in done.stdout and "RAFT (WTQ -> 4chan)" in done.stdout
     written = (tmp_path / "study" / "table2.csv").read_text().splitlines()
-    assert written[0].startswith(",target_post_accuracy") and len(written) == 6
+    assert written[0].startswith(",target_post_accuracy") and len(written) == 7
+    assert "Held-out WikiTableQuestions" in done.stdout and (tmp_path / "study" / "results.json").is_file()
     state = json.loads(next((tmp_path / "study" / "phase1-checkpoints").glob("step-*/state.json")).read_text())
     assert state["step"] == 2 and state["config"]["LORA_ALPHA"] == 16 and state["config"]["LR"] == 1e-4
     refused = subprocess.run([*jora, "--set", "phase_two.LORA_R=2.5"], capture_output=True, text=True, timeout=300)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 1 and len(lines) == 1 and "[phase_two]: LORA_R=2.5" in lines[0], refused.stderr
+
+
+def test_every_reply_target_can_be_found_in_its_thread():
+    "A reply quotes `>>number`, and the context shows each post's number, so a target question has its answer in view."
+    import re
+    examples = [e for e in fourchan_records(POL, "train") if e["kind"] == "target"]
+    assert len(examples) > 100
+    for example in examples:
+        lines = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"^\[(\d+)\] No\.(\d+):", example["input"], re.M)}
+        assert len(lines) == example["posts"]
+        post_text = example["input"].split(f"[{example['post']}] No.{lines[example['post']]}:")[1].split("\n[")[0]
+        quoted = {int(n) for n in re.findall(r">>(\d+)", post_text)}
+        assert lines[example["correct"][0]] in quoted
+
+
+def test_the_random_baseline_counts_posts_not_lines():
+    from jora.raft import random_baseline_metrics
+    posts = [{"no": 10, "text": "op\nwith\nthree lines", "targets": []}, {"no": 11, "text": "a", "targets": [10]},
+             {"no": 12, "text": "b\nc", "targets": [11]}]
+    metrics = random_baseline_metrics(directionality_examples(posts))
+    assert metrics["target_post_accuracy"] == 0.5  # one right among the 2 other posts, for both target questions
+    assert metrics["reply_post_accuracy"] == 0.5
+
+
+def test_held_out_tables_are_never_trained_on_nor_distractors(tmp_path):
+    from transformers import AutoTokenizer
+    from jora.testing import save_tiny_tokenizer
+    from jora.raft import CaseStudy, case_study_config, phase_one_records, study_tables, wtq_test_rows
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_tokenizer(tmp_path / "tokenizer"), trust_remote_code=False)
+    study = CaseStudy(base_model="unused", wikitablequestions=str(WTQ), fourchan=str(POL), work_dir="unused",
+                      distractors=2, wtq_test_tables=0.3)
+    config = case_study_config(study, 1)
+    train, test = study_tables(study, "train", config.SEED), study_tables(study, "test", config.SEED)
+    questions = read_wtq_questions(WTQ)
+    held_out = {q["context"] for q in questions if test(q["context"])}
+    assert 0 < len(held_out) < len({q["context"] for q in questions})
+    assert all(train(c) != test(c) for c in {q["context"] for q in questions})
+    rows, report = phase_one_records(study, tokenizer, config)
+    assert len(rows) == sum(not test(q["context"]) for q in questions)
+    assert not {d for row in rows for d in row["document_ids"]} & held_out  # neither oracle nor distractor
+    test_rows = wtq_test_rows(study, tokenizer, config, None)
+    assert {row["oracle_ids"][0] for row in test_rows} == held_out and all(row["oracle_kept"] for row in test_rows)
+    assert CaseStudy(base_model="", wikitablequestions="", fourchan="", work_dir="").wtq_test_tables == 0
+    assert study_tables(study._replace(wtq_test_tables=0.0), "test", 0) is None  # no share: the test file scores
+
+
+def test_answers_are_kept_and_reused_only_for_the_same_rows_and_model(tmp_path):
+    from jora.raft import cached_answers
+    calls = []
+    answer = lambda rows: calls.append(len(rows)) or [row["q"].upper() for row in rows]
+    rows = [{"q": "a"}, {"q": "b"}]
+    assert cached_answers(tmp_path / "kept.json", rows, "model-1", answer) == ["A", "B"]
+    assert cached_answers(tmp_path / "kept.json", rows, "model-1", answer) == ["A", "B"] and calls == [2]
+    cached_answers(tmp_path / "kept.json", rows, "model-2", answer)  # another model: answered again
+    cached_answers(tmp_path / "kept.json", rows[:1], "model-2", answer)  # other rows: answered again
+    assert calls == [2, 2, 1] and not list(tmp_path.glob("*.partial"))
