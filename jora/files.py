@@ -96,10 +96,10 @@ def run_command(program: str, main, argv: list[str]) -> int:
             warnings.showwarning = lambda message, *rest: print(f"{program}: warning: {message}", file=sys.stderr)
         try:
             return main(argv)
-        except KeyboardInterrupt:   # a Ctrl-C before training's own handler (loading, compiling) or a second one
-            if debug:
+        except KeyboardInterrupt as stopped:   # a Ctrl-C before training's own handler (loading, compiling), a
+            if debug:                          # second one, or a study whose phase stopped early (it says where)
                 raise
-            print(f"{program}: interrupted", file=sys.stderr)
+            print(f"{program}: interrupted" + (f": {stopped}" if str(stopped) else ""), file=sys.stderr)
             return 130
         except Exception as error:
             if debug or not is_user_error(error):

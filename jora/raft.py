@@ -26,9 +26,9 @@ __all__ = ['TARGET_QUESTION', 'REPLY_QUESTION', 'STUDY_SECTIONS', 'unescape_wtq'
            'wtq_questions', 'parse_comment', 'link_target', 'read_threads', 'thread_context', 'directionality_examples',
            'thread_split', 'fourchan_records', 'whole_threads', 'parse_post_number', 'directionality_metrics',
            'baseline_predictions', 'random_baseline_metrics', 'CaseStudy', 'case_study_config', 'study_tables',
-           'phase_one_records', 'run_phase_one', 'run_phase_two', 'cached_answers', 'model_source',
-           'directionality_row', 'held_out_wtq', 'wtq_test_rows', 'study_models', 'evaluate_study', 'study_frames',
-           'read_study_results', 'interval_text', 'study_report', 'run_case_study', 'study_from_toml']
+           'phase_one_records', 'StudyInterrupted', 'finished', 'run_phase_one', 'run_phase_two', 'cached_answers',
+           'model_source', 'directionality_row', 'held_out_wtq', 'wtq_test_rows', 'study_models', 'evaluate_study',
+           'study_frames', 'read_study_results', 'interval_text', 'study_report', 'run_case_study', 'study_from_toml']
 
 # %% ../nbs/08_raft_4chan.ipynb #72c0fc31
 def unescape_wtq(text: str) -> str:
@@ -389,9 +389,21 @@ def phase_one_records(study: CaseStudy, tokenizer, config) -> tuple[list[dict], 
     return rows, report
 
 
-def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
+class StudyInterrupted(KeyboardInterrupt):
+    "A phase stopped before its last step (Ctrl-C, SIGTERM, a stop request): nothing after it may use its adapters."
+
+
+def finished(result, phase: str):
+    "A phase's `TrainResult`, or `StudyInterrupted` where it stopped early (its checkpoint kept: rerunning resumes it)."
+    if result.stopped_early:
+        raise StudyInterrupted(f"{phase} stopped early at {result.checkpoint}: the study stops here, and running it "
+                               f"again resumes {phase} from that checkpoint.")
+    return result
+
+
+def run_phase_one(study: CaseStudy, progress: bool = False, stop=None) -> dict:
     """Phase 1: LoRA on WikiTableQuestions, merged into the base model (work_dir/phase1-merged); `progress` shows a
-    progress bar and a live loss plot."""
+    progress bar and a live loss plot; a `stop` event set (or Ctrl-C) ends it at a checkpoint, unmerged."""
     from jora.data import load_tokenizer
     from jora.data import AlpacaDataset
     from jora.train import LossPlot, train_lora
@@ -402,15 +414,15 @@ def run_phase_one(study: CaseStudy, progress: bool = False) -> dict:
     dataset = AlpacaDataset(path=records, split="train", split_percentage=1.0, tokenizer=tokenizer,
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=config.ALPACA_MIX, general_path=config.ALPACA_PATH,
                             seed=config.SEED)
-    result = train_lora(config, dataset, Path(study.work_dir) / "phase1-checkpoints", progress=progress,
-                        callbacks=[LossPlot()] if progress else ())
+    result = finished(train_lora(config, dataset, Path(study.work_dir) / "phase1-checkpoints", progress=progress,
+                                 callbacks=[LossPlot()] if progress else (), stop=stop), "phase 1")
     merged = merge_to_hf(study.base_model, result.checkpoint, Path(study.work_dir) / "phase1-merged",
                          overwrite=True)  # a rerun replaces its own earlier merge, and nothing else
     return {"result": result, "merged": merged, "examples": len(dataset), "raft_report": raft_report}
 
 
 # %% ../nbs/08_raft_4chan.ipynb #d8c8bb08
-def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
+def run_phase_two(study: CaseStudy, progress: bool = False, stop=None) -> dict:
     "Phase 2: LoRA on 4chan directionality (train threads) on top of the merged phase-1 model."
     from jora.data import AlpacaDataset
     from jora.train import LossPlot, train_lora
@@ -418,8 +430,8 @@ def run_phase_two(study: CaseStudy, progress: bool = False) -> dict:
     records = fourchan_records(study.fourchan, "train", study.fourchan_train_share, config.SEED, study.chat)
     dataset = AlpacaDataset(path=records, split="train", split_percentage=1.0, tokenizer=config.LLAMA2_HF_PATH,
                             max_len=config.MAX_SEQ_LEN, alpaca_mix=0, seed=config.SEED)
-    result = train_lora(config, dataset, Path(study.work_dir) / "phase2-checkpoints", progress=progress,
-                        callbacks=[LossPlot()] if progress else ())
+    result = finished(train_lora(config, dataset, Path(study.work_dir) / "phase2-checkpoints", progress=progress,
+                                 callbacks=[LossPlot()] if progress else (), stop=stop), "phase 2")
     return {"result": result, "examples": len(dataset)}
 
 
@@ -599,11 +611,12 @@ def study_report(results: dict) -> str:
     return "\n".join(parts)
 
 
-def run_case_study(study: CaseStudy, progress: bool = False) -> dict:
-    """Both phases and the evaluation; returns the phases' results and `evaluate_study`'s. A rerun resumes: training
-    from its last checkpoints, the evaluation from the answers it kept."""
-    one = run_phase_one(study, progress)
-    two = run_phase_two(study, progress)
+def run_case_study(study: CaseStudy, progress: bool = False, stop=None) -> dict:
+    """Both phases and the evaluation; returns the phases' results and `evaluate_study`'s. A phase stopped early
+    (`stop`, Ctrl-C, SIGTERM) stops the study; a rerun resumes: training from its last checkpoints, the evaluation
+    from the answers it kept."""
+    one = run_phase_one(study, progress, stop)
+    two = run_phase_two(study, progress, stop)
     return {"phase_one": one, "phase_two": two, **evaluate_study(study, progress)}
 
 # %% ../nbs/08_raft_4chan.ipynb #e4abb110

@@ -329,3 +329,19 @@ def test_answers_are_kept_and_reused_only_for_the_same_rows_and_model(tmp_path):
     cached_answers(tmp_path / "kept.json", rows, "model-2", answer)  # another model: answered again
     cached_answers(tmp_path / "kept.json", rows[:1], "model-2", answer)  # other rows: answered again
     assert calls == [2, 2, 1] and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_phase_stopped_early_stops_the_study_and_is_not_merged(tmp_path):
+    "A SIGTERM or stop request during phase 1 once merged its unfinished adapters and went on to phase 2."
+    import threading
+    from jora.testing import save_tiny_hf_checkpoint
+    from jora.raft import CaseStudy, StudyInterrupted, case_study_config, run_case_study
+    base = save_tiny_hf_checkpoint(tmp_path / "base", "llama3.1", corpus=[r["input"] for r in wtq_records(WTQ)[:10]])
+    study = CaseStudy(base_model=str(base), wikitablequestions=str(WTQ), fourchan=str(POL),
+                      work_dir=str(tmp_path / "study"), max_train_questions=8)
+    study = study._replace(phase_one=case_study_config(study, 1)._replace(MAX_SEQ_LEN=256))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StudyInterrupted, match="phase 1 stopped early .* resumes phase 1"):
+        run_case_study(study, stop=stop)
+    assert not (tmp_path / "study" / "phase1-merged").exists() and not (tmp_path / "study" / "phase2-checkpoints").exists()
