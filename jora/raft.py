@@ -601,7 +601,9 @@ def study_report(results: dict) -> str:
                                               for _, row in table2.iterrows()],
                           "questions": table2["questions"].astype(int)}, index=table2.index)
     wtq = results["wtq"]
-    held_out = pd.DataFrame({"accuracy": [interval_text(row, "accuracy") for _, row in wtq.iterrows()],
+    held_out = pd.DataFrame({"accuracy": [interval_text({"accuracy": row["accuracy"], "accuracy_low": row["low"],
+                                                         "accuracy_high": row["high"]}, "accuracy")
+                                          for _, row in wtq.iterrows()],
                              "questions": wtq["questions"].astype(int)}, index=wtq.index)
     parts = ["Table 2 (4chan test threads; 95% bootstrap intervals over whole threads):", shown.to_string(), "",
              "Held-out WikiTableQuestions (official rule; 95% intervals over tables):", held_out.to_string()]
