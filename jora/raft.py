@@ -582,28 +582,26 @@ def read_study_results(path) -> dict:
     return study_frames(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def interval_text(row, key: str) -> str:
-    "A metric and its interval as `0.41 [0.30, 0.52]` (the value alone where it has no interval)."
-    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
-    if low is None or low != low:  # no interval, or none defined (NaN)
-        return f"{row[key]:.2f}"
-    return f"{row[key]:.2f} [{low:.2f}, {high:.2f}]"
+def interval_text(value: float, low: float | None = None, high: float | None = None) -> str:
+    "A metric and its interval as `0.41 [0.30, 0.52]`: the value alone where it has no interval, `-` where it has no value."
+    if value != value:  # NaN: not defined for this row
+        return "-"
+    if low is None or low != low:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def study_report(results: dict) -> str:
     "`evaluate_study`'s results as text: Table 2 with intervals and counts, held-out WTQ accuracy, the robustness curves."
     import pandas as pd
     table2 = results["table2"]
-    shown = pd.DataFrame({"Target Post": [interval_text(row, "target_post_accuracy") for _, row in table2.iterrows()],
-                          "Reply Post": [interval_text(row, "reply_post_accuracy") for _, row in table2.iterrows()],
-                          "p(Reply|Target)": [interval_text(row, "p_reply_given_target") if "p_reply_given_target" in row
-                                              and row["p_reply_given_target"] == row["p_reply_given_target"] else "-"
-                                              for _, row in table2.iterrows()],
-                          "questions": table2["questions"].astype(int)}, index=table2.index)
+    columns = {"Target Post": "target_post_accuracy", "Reply Post": "reply_post_accuracy",
+               "p(Reply|Target)": "p_reply_given_target"}
+    shown = pd.DataFrame({title: [interval_text(row[key], row.get(f"{key}_low"), row.get(f"{key}_high"))
+                                  for _, row in table2.iterrows()] for title, key in columns.items()}, index=table2.index)
+    shown["questions"] = table2["questions"].astype(int)
     wtq = results["wtq"]
-    held_out = pd.DataFrame({"accuracy": [interval_text({"accuracy": row["accuracy"], "accuracy_low": row["low"],
-                                                         "accuracy_high": row["high"]}, "accuracy")
-                                          for _, row in wtq.iterrows()],
+    held_out = pd.DataFrame({"accuracy": [interval_text(row["accuracy"], row["low"], row["high"]) for _, row in wtq.iterrows()],
                              "questions": wtq["questions"].astype(int)}, index=wtq.index)
     parts = ["Table 2 (4chan test threads; 95% bootstrap intervals over whole threads):", shown.to_string(), "",
              "Held-out WikiTableQuestions (official rule; 95% intervals over tables):", held_out.to_string()]
