@@ -403,11 +403,14 @@ def finished(result, phase: str):
 
 def run_phase_one(study: CaseStudy, progress: bool = False, stop=None) -> dict:
     """Phase 1: LoRA on WikiTableQuestions, merged into the base model (work_dir/phase1-merged); `progress` shows a
-    progress bar and a live loss plot; a `stop` event set (or Ctrl-C) ends it at a checkpoint, unmerged."""
+    progress bar and a live loss plot; a `stop` event set (or Ctrl-C) ends it at a checkpoint, unmerged. A rerun keeps
+    a merge of the same base and checkpoint (work_dir/phase1-merged.json says which), so the answers kept for it stay
+    valid."""
     from jora.data import load_tokenizer
     from jora.data import AlpacaDataset
     from jora.train import LossPlot, train_lora
     from jora.export import merge_to_hf
+    from jora.files import read_marker
     config = case_study_config(study, 1)
     tokenizer = load_tokenizer(study.base_model)
     records, raft_report = phase_one_records(study, tokenizer, config)
@@ -416,8 +419,13 @@ def run_phase_one(study: CaseStudy, progress: bool = False, stop=None) -> dict:
                             seed=config.SEED)
     result = finished(train_lora(config, dataset, Path(study.work_dir) / "phase1-checkpoints", progress=progress,
                                  callbacks=[LossPlot()] if progress else (), stop=stop), "phase 1")
-    merged = merge_to_hf(study.base_model, result.checkpoint, Path(study.work_dir) / "phase1-merged",
-                         overwrite=True)  # a rerun replaces its own earlier merge, and nothing else
+    merged, record = Path(study.work_dir) / "phase1-merged", Path(study.work_dir) / "phase1-merged.json"
+    source = model_source(study.base_model, result.checkpoint)
+    if not (record.is_file() and json.loads(record.read_text(encoding="utf-8")) == {"merged_from": source}
+            and read_marker(merged) is not None):
+        record.unlink(missing_ok=True)  # a merge being replaced is no longer the one recorded
+        merged = merge_to_hf(study.base_model, result.checkpoint, merged, overwrite=True)  # its own earlier merge only
+        record.write_text(json.dumps({"merged_from": source}), encoding="utf-8")
     return {"result": result, "merged": merged, "examples": len(dataset), "raft_report": raft_report}
 
 

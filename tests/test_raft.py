@@ -130,6 +130,12 @@ def test_two_phase_pipeline_end_to_end(tmp_path):
     one = run_phase_one(study)
     assert one["examples"] == 40 and (tmp_path / "study" / "phase1-merged" / "model.safetensors").is_file()
     assert one["result"].history[-1]["loss"] < one["result"].history[0]["loss"]
+    weights, record = tmp_path / "study" / "phase1-merged" / "model.safetensors", tmp_path / "study" / "phase1-merged.json"
+    merged_at = weights.stat().st_mtime_ns
+    assert run_phase_one(study)["merged"] == one["merged"] and weights.stat().st_mtime_ns == merged_at  # kept on a rerun
+    record.write_text(json.dumps({"merged_from": "another checkpoint"}))
+    run_phase_one(study)  # merged from something else: merged again
+    assert weights.stat().st_mtime_ns != merged_at and json.loads(record.read_text())["merged_from"] != "another checkpoint"
     two = run_phase_two(study)
     assert two["examples"] == len(fourchan_records(POL, "train"))
     assert case_study_config(study, 2).LLAMA2_HF_PATH.endswith("phase1-merged")
