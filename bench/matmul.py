@@ -15,7 +15,6 @@ product's FLOPs are 2 x the product of every index's size (heads included).
 """
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys

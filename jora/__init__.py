@@ -1,10 +1,4 @@
-"""JAX tensor-parallel LoRA fine-tuning of Llama-family models for retrieval-augmented data
-
-Modules:
-
-- `jora.attention`: Masks built a block at a time, flash attention written in XLA with causal block skipping, and ring attention over the devices that share one sequence.
-- `jora.kernels`: cuDNN fused attention and JAX's Pallas flash kernel on NVIDIA GPUs, the XLA paths elsewhere, chosen per platform when the step is lowered, and a clear error when a named kernel cannot run.
-- `jora.testing`: Tiny Hugging Face checkpoints in every layout jora reads, tokenizers trained on the spot, and the one tiny config the chapters and tests share."""
+"""JAX tensor-parallel LoRA fine-tuning of Llama-family models for retrieval-augmented data"""
 
 __version__ = "0.1.0"
 

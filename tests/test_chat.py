@@ -4,7 +4,6 @@ transformers' own `apply_chat_template` (its tokens and its assistant-token mask
 a Llama-2-style template and a byte-level one with a header-style template, both built in place."""
 import json
 
-import jax
 import numpy as np
 import pytest
 from transformers import AutoTokenizer

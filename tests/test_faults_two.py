@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import jora.cli
-from jora.config import ParallamaConfig, config_from_toml, parse_field_text, value_problem
+from jora.config import config_from_toml, parse_field_text, value_problem
 from jora.files import (CheckpointWarning, FolderInUseError, HOLDER, checkpoint_problems, describe_checkpoints,
                         latest_checkpoint, step_folders)
 from jora.form import validate

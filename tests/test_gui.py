@@ -318,7 +318,6 @@ def test_a_start_into_a_finished_run_says_so_and_shows_its_history(workspace, tm
 
 
 def test_try_it_needs_only_a_model_folder_and_samples_on_request(workspace, tmp_path):
-    from jora.testing import save_tiny_hf_checkpoint
     ui = panels(ParallamaConfig(), "", "")  # an empty training form
     try_it = ui.try_it
     try_it.instruction.value, try_it.max_new_tokens.value = "Which capital?", 4

@@ -3,7 +3,6 @@
 Tolerances: fp32 logits within 1e-4 max abs on every real (non-padding) token; greedy tokens identical.
 """
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp

@@ -90,7 +90,7 @@ MODULE_ORDER = ["attention", "kernels", "memory", "model", "sharding", "lora", "
 
 
 def test_modules_import_one_way():
-    "Each module imports only the jora modules before it in MODULE_ORDER (DESIGN.md's one-way order), lazily or not."
+    "Each module imports only the jora modules before it in MODULE_ORDER (CONTRIBUTING.md's one-way order), lazily or not."
     import ast
     modules = {path.stem for path in (ROOT / "jora").glob("*.py")} - {"__init__", "_modidx"}
     assert modules == set(MODULE_ORDER), modules ^ set(MODULE_ORDER)

@@ -2,7 +2,6 @@
 served with transformers + peft, reproduces the prompt tokens jora trained on and jora's greedy tokens; `jora check
 --adapter` says so, and exits 1 when they differ."""
 import json
-import warnings
 
 import jax
 import pytest

@@ -115,7 +115,7 @@ def test_merged_equals_unmerged(setup, data, model):
     mesh = make_mesh(data=data, model=model)
     sharded, sharded_lora = shard_params(TINY_GQA, params, mesh), shard_lora(TINY_GQA, lora, mesh)
     with placement(mesh):
-        unmerged = jax.jit(lambda p, l: forward(TINY_GQA, p, ids, attention_mask=mask, lora=l))(sharded, sharded_lora)
+        unmerged = jax.jit(lambda p, adapters: forward(TINY_GQA, p, ids, attention_mask=mask, lora=adapters))(sharded, sharded_lora)
         merged_params = merge_lora(TINY_GQA, sharded, sharded_lora, ALL_TARGETS)
         merged = jax.jit(lambda p: forward(TINY_GQA, p, ids, attention_mask=mask))(merged_params)
     assert float(jnp.abs(merged - unmerged).max()) <= 1e-5

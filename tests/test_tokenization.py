@@ -2,7 +2,6 @@
 `tokenizer(format_prompt(record))`, for a Llama-2-style SentencePiece tokenizer and a byte-level BPE one, both trained
 in place; the answer tokens are what follows the prompt when both are tokenized as one string; context-first
 truncation cuts on token boundaries of the whole prompt, so the cut prompt is what a server makes of its text."""
-import numpy as np
 import pytest
 from transformers import AutoTokenizer
 

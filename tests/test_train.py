@@ -1,13 +1,11 @@
 """train_lora: learning, sharded == one device, exact resume, the NaN stop, killed checkpoint writes, Ctrl-C, the CLI."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 
-import jax
 import numpy as np
 import pytest
 
