@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jora.lora import LoraConfig, init_lora  # noqa: E402
-from jora.model import LlamaConfig, LoraWeights, causal_lm_loss, init_params  # noqa: E402
+from jora.attention import ComputeOptions  # noqa: E402
+from jora.model import Batch, LlamaConfig, LoraWeights, causal_lm_loss, init_params  # noqa: E402
 
 VARIANTS = {   # name: (remat, positions per MLP piece; 0 keeps the MLP whole)
     "full, MLP whole": ("full", 0),
@@ -36,8 +37,8 @@ VARIANTS = {   # name: (remat, positions per MLP piece; 0 keeps the MLP whole)
 def step_function(model, params, lora, ids, labels, remat, pieces):
     "The jitted loss and LoRA gradients of one row under `remat`, the MLP in pieces of `pieces` positions."
     def loss(adapters):
-        return causal_lm_loss(model, params, ids, labels, lora=LoraWeights(adapters, lora.scale), remat=remat,
-                              attention_block=512, logits_chunk=512, feed_forward_chunk=pieces)
+        options = ComputeOptions(remat=remat, attention_block=512, logits_chunk=512, feed_forward_chunk=pieces)
+        return causal_lm_loss(model, params, Batch(ids, labels), LoraWeights(adapters, lora.scale), options=options)
     return jax.jit(jax.value_and_grad(loss))
 
 

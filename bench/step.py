@@ -64,6 +64,7 @@ def run_jora(args, ids, labels):
     from jora.lora import LoraConfig, init_lora
     from jora.formats import load_hf_checkpoint
     from jora.sharding import make_mesh
+    from jora.attention import ComputeOptions
     from jora.train import TrainState, make_train_step, place_batch
 
     mesh = make_mesh(data=1, seq=1, model=1, devices=jax.devices()[:1])
@@ -71,9 +72,8 @@ def run_jora(args, ids, labels):
     lora_config = LoraConfig(r=16, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
     adapters = init_lora(config, lora_config, jax.random.key(0), mesh=mesh).adapters
     optimizer = optax.adamw(1e-4)
-    remat = None if args.remat == "none" else args.remat
-    step = make_train_step(config, optimizer, lora_config, remat, mesh, args.logits_chunk or None,
-                           args.attention_block or None)
+    options = ComputeOptions(remat=args.remat, logits_chunk=args.logits_chunk, attention_block=args.attention_block)
+    step = make_train_step(config, optimizer, lora_config, mesh, options)
     batch = {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32),
              "attention_mask": np.ones(ids.shape, np.int32),
              "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import partial
 from typing import Mapping, NamedTuple
 
@@ -18,14 +19,35 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 # %% auto #0
-__all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'RING_AXIS_NAME', 'make_attention_mask', 'MaskParts',
-           'sequence_blocks', 'even_block_size', 'join_sequence_blocks', 'Placement', 'use_placement', 'current_mesh',
-           'rule_axis', 'dimension_axis', 'constrain', 'sequence_axis_size', 'reference_attention', 'key_block_range',
-           'blocks_may_meet', 'block_scores', 'KeyBlocks', 'block_mask', 'visible_blocks', 'attend_block',
-           'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout',
+__all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'RING_AXIS_NAME', 'ComputeOptions', 'make_attention_mask',
+           'MaskParts', 'sequence_blocks', 'even_block_size', 'join_sequence_blocks', 'Placement', 'use_placement',
+           'current_mesh', 'rule_axis', 'dimension_axis', 'constrain', 'sequence_axis_size', 'reference_attention',
+           'key_block_range', 'blocks_may_meet', 'block_scores', 'KeyBlocks', 'block_mask', 'visible_blocks',
+           'attend_block', 'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout',
            'blocked_attention', 'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention', 'ring_is_on',
            'ring_order', 'sequence_order', 'ring_block_size', 'merge_attention', 'pass_on', 'around_the_ring',
            'ring_attention_local', 'run_on_ring', 'ring_attention']
+
+# %% ../nbs/00_attention.ipynb #f6c4b08b
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the forward and backward passes are computed, never what they compute.
+
+    `attention_implementation`: 'auto' (the fused kernel where lowering finds one), 'xla', 'cudnn' or 'pallas'.
+    `attention_block`: queries per block on the XLA path (0: all queries in one call).
+    `row_layout`: what the rows hold, 'packed', 'right_padded' or 'any'; it decides the GPU kernel.
+    `remat`: the layers' rematerialisation policy, 'none', 'full', 'projections' or 'nested'.
+    `feed_forward_chunk`: most positions per device the MLP takes at once (None: `FEED_FORWARD_CHUNK` under 'full' or
+    'nested' remat and the whole row otherwise; 0: the whole row).
+    `logits_chunk`: positions the LM head takes at once, chunks without labels skipped (0: all at once).
+    `context_parallel`: how a row split over the 'seq' devices attends, 'ring' or 'all_gather'."""
+    attention_implementation: str = "auto"
+    attention_block: int = 0
+    row_layout: str = "any"
+    remat: str = "none"
+    feed_forward_chunk: int | None = None
+    logits_chunk: int = 0
+    context_parallel: str = "ring"
 
 # %% ../nbs/00_attention.ipynb #e39b421e
 def make_attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array,

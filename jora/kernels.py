@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .attention import (SHORT_SEQUENCE, MaskParts, around_the_ring, block_layout, blocked_attention, current_mesh,
+from .attention import (SHORT_SEQUENCE, ComputeOptions, MaskParts, around_the_ring, block_layout, blocked_attention, current_mesh,
                             dimension_axis, merge_attention, pass_on, reference_attention, ring_attention, ring_is_on,
                             run_on_ring, sequence_axis_size, short_attention)
 
@@ -318,7 +318,7 @@ _INTERPRET = contextvars.ContextVar("jora_pallas_interpret", default=False)
 
 @contextmanager
 def pallas_interpreted():
-    """Inside it, `attention(..., implementation='pallas')` runs the Pallas kernels in interpret mode on any platform:
+    """Inside it, `attention` with `ComputeOptions(attention_implementation='pallas')` runs the Pallas kernels in interpret mode on any platform:
     slow, for checking the GPU path's numerics on a CPU (a function jitted outside keeps what it traced)."""
     token = _INTERPRET.set(True)
     try:
@@ -327,14 +327,15 @@ def pallas_interpreted():
         _INTERPRET.reset(token)
 
 # %% ../nbs/00_kernels.ipynb #e1f62189
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts, *,
-              sliding_window: int | None = None, block: int | None = None, implementation: str = "auto",
-              row_layout: str = "any", cached: bool = False) -> jax.Array:
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskParts,
+              options: ComputeOptions = ComputeOptions(), *, sliding_window: int | None = None,
+              cached: bool = False) -> jax.Array:
     """Attention of `query` `[batch, time, heads, head_dim]` over `key`/`value` `[batch, keys, kv_heads, head_dim]`.
-    `implementation` 'auto' leaves the choice to lowering (`jax.lax.platform_dependent`): the fused kernel on CUDA,
-    the XLA path elsewhere. The XLA path takes queries `block` at a time (flash attention in XLA; up to
-    `SHORT_SEQUENCE` positions on one device, `short_attention`'s small tiles) or, without a block or with a cache,
-    in one call."""
+    `options.attention_implementation` 'auto' leaves the choice to lowering (`jax.lax.platform_dependent`): the fused
+    kernel on CUDA, the XLA path elsewhere. The XLA path takes queries `options.attention_block` at a time (flash
+    attention in XLA; up to `SHORT_SEQUENCE` positions on one device, `short_attention`'s small tiles) or, without a
+    block or with a cache, in one call."""
+    implementation, block, row_layout = options.attention_implementation, options.attention_block, options.row_layout
     if row_layout not in ROW_LAYOUTS:
         raise ValueError(f"Unknown row layout {row_layout!r}; choose one of {ROW_LAYOUTS}.")
     ring = ring_is_on() and not cached and query.shape[1] % sequence_axis_size() == 0
@@ -349,7 +350,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, parts: MaskPar
             return (pallas_ring_attention if ring else pallas_attention)(query, key, value, parts, interpret=interpret)
         if ring:
             return ring_attention(query, key, value, parts, block=block, sliding_window=sliding_window)
-        if cached or block is None:
+        if cached or not block:
             return reference_attention(query, key, value, parts, sliding_window)
         layout = block_layout(query.shape[1], block)
         if layout.groups == 1 and query.shape[1] <= SHORT_SEQUENCE:

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from .attention import MaskParts, constrain, sequence_axis_size, sequence_order
+from typing import Any, NamedTuple
+
+from .attention import ComputeOptions, MaskParts, constrain, sequence_axis_size, sequence_order
 from .kernels import attention
 from .memory import (FEED_FORWARD_CHUNK, PROJECTION_OUTPUT, chunked_token_loss, feed_forward_pieces, in_pieces,
                          scan_layers)
@@ -23,9 +25,9 @@ from .memory import (FEED_FORWARD_CHUNK, PROJECTION_OUTPUT, chunked_token_loss, 
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
            'PROJECTION_DIMENSIONS', 'IGNORE_INDEX', 'RopeScaling', 'LlamaConfig', 'dimension_sizes', 'projection_shape',
            'has_bias', 'param_dimensions', 'param_shapes', 'init_params', 'rms_norm', 'rope_inverse_frequencies',
-           'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'swiglu', 'feed_forward', 'decoder_layer',
-           'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'hidden_states', 'forward', 'causal_lm_loss_sum',
-           'causal_lm_loss', 'sample_top_p', 'generate']
+           'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'swiglu', 'feed_forward', 'LayerInputs',
+           'decoder_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'Batch', 'as_batch',
+           'hidden_states', 'forward', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -219,24 +221,38 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 # %% ../nbs/00_model.ipynb #0b9e4d7a
 def feed_forward(x: jax.Array, layer: dict, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
-                 chunk: int | None = None) -> jax.Array:
-    """The SwiGLU MLP `down(silu(gate(x)) * up(x))` of one layer; with `chunk`, in pieces of at most `chunk` positions
-    per device, each recomputed in the backward and with its own dropout."""
+                 options: ComputeOptions = ComputeOptions()) -> jax.Array:
+    """The SwiGLU MLP `down(silu(gate(x)) * up(x))` of one layer; with a chunk (`options.feed_forward_chunk`, by
+    default `FEED_FORWARD_CHUNK` under 'full' or 'nested' remat), in pieces of at most that many positions per device,
+    each recomputed in the backward and with its own dropout."""
     def mlp(x, key):
         proj = partial(project, layer=layer, lora=lora, dropout_key=key)
         gated = constrain(swiglu(proj(x, name="gate_proj"), proj(x, name="up_proj")), "batch", "length", "mlp")
         return proj(gated, name="down_proj")
 
+    chunk = options.feed_forward_chunk
+    if chunk is None and options.remat in ("full", "nested"):
+        chunk = FEED_FORWARD_CHUNK
     count = feed_forward_pieces(x.shape[1], sequence_axis_size(), chunk)
     return mlp(x, dropout_key) if count == 1 else in_pieces(mlp, x, count, dropout_key)
 
 # %% ../nbs/00_model.ipynb #4e535494
-def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask_parts: MaskParts, lora: LoraWeights | None = None, dropout_key: jax.Array | None = None,
-                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None,
-                  attention_block: int | None = None, attention_implementation: str = "auto", row_layout: str = "any",
-                  feed_forward_chunk: int | None = None):
+class LayerInputs(NamedTuple):
+    """What a decoder layer reads besides its weights and the hidden states: the rotary `cos` and `sin`, the mask's
+    parts, and for this layer a dropout key and a key/value `cache` (keys, values) with the slot `cache_index` the
+    new keys and values go to."""
+    cos: jax.Array
+    sin: jax.Array
+    mask_parts: MaskParts
+    dropout_key: jax.Array | None = None
+    cache: tuple[jax.Array, jax.Array] | None = None
+    cache_index: Any = None
+
+
+def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, inputs: LayerInputs,
+                  lora: LoraWeights | None = None, options: ComputeOptions = ComputeOptions()):
     "One pre-norm decoder block; returns the new hidden states and the (updated) key/value cache."
+    cos, sin, mask_parts, dropout_key, cache, cache_index = inputs
     batch, time, _ = hidden.shape
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     proj = partial(project, layer=layer, lora=lora, dropout_key=dropout_key)
@@ -250,12 +266,12 @@ def decoder_layer(config: LlamaConfig, layer: dict, hidden: jax.Array, cos: jax.
                       for c, new in zip(cache, (key, value)))
         key, value = cache
     key, value = (constrain(t, "batch", "key_length", "kv_heads", None) for t in (key, value))
-    attended = attention(query, key, value, mask_parts, sliding_window=config.sliding_window, block=attention_block,
-                         implementation=attention_implementation, row_layout=row_layout, cached=cache is not None)
+    attended = attention(query, key, value, mask_parts, options, sliding_window=config.sliding_window,
+                         cached=cache is not None)
     attended = constrain(attended.reshape(batch, time, heads * head_dim), "batch", "length", "heads")
     hidden = constrain(hidden + proj(attended, name="o_proj"), "batch", "length", "embed")
     x = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_norm_eps)
-    mlp = feed_forward(x, layer, lora, dropout_key, feed_forward_chunk)
+    mlp = feed_forward(x, layer, lora, dropout_key, options)
     return constrain(hidden + mlp, "batch", "length", "embed"), cache
 
 # %% ../nbs/00_model.ipynb #75064cbb
@@ -274,22 +290,37 @@ def lm_head_logits(params: dict, hidden: jax.Array) -> jax.Array:
     return jnp.matmul(hidden, lm_head_weight(params), preferred_element_type=jnp.float32)
 
 # %% ../nbs/00_model.ipynb #b9fd2885
-def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
-                  positions=None, segment_ids=None, lora: LoraWeights | None = None,
-                  dropout_key: jax.Array | None = None, remat: str | None = None,
-                  attention_block: int | None = None, attention_implementation: str = "auto",
-                  row_layout: str = "any", feed_forward_chunk: int | None = None,
-                  restore_order: bool = True) -> jax.Array:
-    """Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype. Under ring attention the
-    positions are laid out in `sequence_order` (zig-zag) from the start; `restore_order=False` leaves them so (the loss
-    reorders its targets instead). Under full (or nested) remat the MLP goes `FEED_FORWARD_CHUNK` positions per device at a time
-    unless `feed_forward_chunk` says otherwise (0: the whole row)."""
+class Batch(NamedTuple):
+    """Token rows `[batch, time]` and what goes with them: `labels` (for the loss, aligned with the ids, -100 where
+    nothing is learnt), `attention_mask` (1 for real tokens; all real when None), `positions` (rotary positions;
+    counted from the mask when None) and `segment_ids` (packed rows: a query sees only keys of its own segment).
+    A batch of the data chapter's gives one with `Batch(**batch)`."""
+    input_ids: jax.Array
+    labels: jax.Array | None = None
+    attention_mask: jax.Array | None = None
+    positions: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+
+
+def as_batch(input_ids, attention_mask=None) -> Batch:
+    "Token ids `[batch, time]` (and their mask) as a `Batch`, or the `Batch` given."
+    if isinstance(input_ids, Batch):
+        if attention_mask is not None:
+            raise ValueError("A Batch carries its own attention_mask; do not pass one beside it.")
+        return input_ids
+    return Batch(input_ids, attention_mask=attention_mask)
+
+
+def _layer_stack(config: LlamaConfig, params: dict, batch: Batch, lora, dropout_key, options: ComputeOptions):
+    """The embedded tokens through every layer (before the final norm), and the order the positions are laid out in:
+    under ring attention `sequence_order` (zig-zag) from the start, else None."""
+    input_ids, _, attention_mask, positions, segment_ids = batch
     input_ids = jnp.asarray(input_ids)
-    batch, time = input_ids.shape
-    valid = jnp.ones((batch, time), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    rows, time = input_ids.shape
+    valid = jnp.ones((rows, time), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     if positions is None:
         positions = positions_from_mask(valid)
-    slots = jnp.broadcast_to(jnp.arange(time), (batch, time))
+    slots = jnp.broadcast_to(jnp.arange(time), (rows, time))
     order = sequence_order(time)
     if order is not None:
         input_ids, valid, positions, slots, segment_ids = (
@@ -298,32 +329,31 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, at
     hidden = constrain(params["embed_tokens"][input_ids], "batch", "length", "embed")
     cos, sin = (constrain(t, "batch", "length", None) for t in rope_cos_sin(config, positions, hidden.dtype))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, config.num_hidden_layers)
-    if feed_forward_chunk is None and remat in ("full", "nested"):
-        feed_forward_chunk = FEED_FORWARD_CHUNK
 
     def body(hidden, per_layer):
         layer, layer_lora, layer_key = per_layer
-        hidden, _ = decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, layer_key,
-                                  attention_block=attention_block, attention_implementation=attention_implementation,
-                                  row_layout=row_layout, feed_forward_chunk=feed_forward_chunk)
+        hidden, _ = decoder_layer(config, layer, hidden, LayerInputs(cos, sin, mask_parts, layer_key), layer_lora,
+                                  options)
         return hidden, None
 
-    hidden = scan_layers(body, hidden, (params["layers"], lora, layer_keys), remat)
-    if order is not None and restore_order:
+    return scan_layers(body, hidden, (params["layers"], lora, layer_keys), options.remat), order
+
+
+def hidden_states(config: LlamaConfig, params: dict, batch: Batch | jax.Array, lora: LoraWeights | None = None,
+                  dropout_key: jax.Array | None = None, options: ComputeOptions = ComputeOptions()) -> jax.Array:
+    """Final normalised hidden states `[batch, time, hidden]` in the parameters' dtype, for a `Batch` or plain token
+    ids; `dropout_key` turns the adapters' dropout on; `options` say how to compute."""
+    hidden, order = _layer_stack(config, params, as_batch(batch), lora, dropout_key, options)
+    if order is not None:
         hidden = hidden[:, np.argsort(order)]
     return rms_norm(hidden, params["norm"], config.rms_norm_eps)
 
 # %% ../nbs/00_model.ipynb #15cce104
-def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, attention_mask=None,
-            lora: LoraWeights | None = None, positions=None, segment_ids=None, dropout_key: jax.Array | None = None,
-            remat: str | None = None, attention_block: int | None = None,
-            attention_implementation: str = "auto", row_layout: str = "any") -> jax.Array:
-    "Logits `[batch, time, vocab]` in fp32."
-    hidden = hidden_states(config, params, input_ids, attention_mask=attention_mask, positions=positions,
-                           segment_ids=segment_ids, lora=lora, dropout_key=dropout_key, remat=remat,
-                           attention_block=attention_block, attention_implementation=attention_implementation,
-                           row_layout=row_layout)
-    return lm_head_logits(params, hidden)
+def forward(config: LlamaConfig, params: dict, input_ids: Batch | jax.Array, *, attention_mask=None,
+            lora: LoraWeights | None = None, options: ComputeOptions = ComputeOptions()) -> jax.Array:
+    "Logits `[batch, time, vocab]` in fp32, for token ids (and their mask) or a `Batch` (packed rows)."
+    return lm_head_logits(params, hidden_states(config, params, as_batch(input_ids, attention_mask), lora,
+                                                options=options))
 
 # %% ../nbs/00_model.ipynb #a4a4cd28
 IGNORE_INDEX = -100
@@ -338,26 +368,29 @@ def _summed_token_loss(params: dict, hidden: jax.Array, targets: jax.Array, labe
 
 
 # %% ../nbs/00_model.ipynb #2b78e451
-def causal_lm_loss_sum(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array, *,
-                       logits_chunk: int | None = None, **forward_options) -> tuple[jax.Array, jax.Array]:
-    "Summed next-token cross-entropy (fp32) over labelled positions, and how many there are."
-    hidden = hidden_states(config, params, input_ids, restore_order=False, **forward_options)
-    labels = jnp.asarray(labels)
+def causal_lm_loss_sum(config: LlamaConfig, params: dict, batch: Batch, lora: LoraWeights | None = None,
+                       dropout_key: jax.Array | None = None,
+                       options: ComputeOptions = ComputeOptions()) -> tuple[jax.Array, jax.Array]:
+    "Summed next-token cross-entropy (fp32) over the labelled positions of `batch`, and how many there are."
+    if batch.labels is None:
+        raise ValueError("The loss needs labels: give a Batch with labels (-100 where nothing is learnt).")
+    hidden, order = _layer_stack(config, params, batch, lora, dropout_key, options)
+    hidden = rms_norm(hidden, params["norm"], config.rms_norm_eps)   # left in the layers' layout; a sum ignores it
+    labels = jnp.asarray(batch.labels)
     targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    order = sequence_order(labels.shape[1])   # the hidden states' layout (ring attention's zig-zag); a sum ignores it
     targets = targets if order is None else targets[:, order]
     labelled = targets != IGNORE_INDEX
-    if logits_chunk is None:
+    if not options.logits_chunk:
         total = _summed_token_loss(params, hidden, targets, labelled)
     else:
-        total = chunked_token_loss(lm_head_weight(params), hidden, targets, labelled, logits_chunk)
+        total = chunked_token_loss(lm_head_weight(params), hidden, targets, labelled, options.logits_chunk)
     return total, jnp.sum(labelled)
 
 
-def causal_lm_loss(config: LlamaConfig, params: dict, input_ids: jax.Array, labels: jax.Array,
-                   **forward_options) -> jax.Array:
+def causal_lm_loss(config: LlamaConfig, params: dict, batch: Batch, lora: LoraWeights | None = None,
+                   dropout_key: jax.Array | None = None, options: ComputeOptions = ComputeOptions()) -> jax.Array:
     "Mean next-token cross-entropy over labelled positions (as `transformers` computes `outputs.loss`)."
-    total, count = causal_lm_loss_sum(config, params, input_ids, labels, **forward_options)
+    total, count = causal_lm_loss_sum(config, params, batch, lora, dropout_key, options)
     return total / jnp.maximum(count, 1)
 
 # %% ../nbs/00_model.ipynb #6b8ce23d
@@ -383,8 +416,8 @@ def _forward_with_cache(config: LlamaConfig, params, lora, tokens, positions, st
 
     def body(hidden, per_layer):
         layer, layer_lora, layer_cache = per_layer
-        return decoder_layer(config, layer, hidden, cos, sin, mask_parts, layer_lora, cache=layer_cache,
-                             cache_index=start)
+        return decoder_layer(config, layer, hidden, LayerInputs(cos, sin, mask_parts, None, layer_cache, start),
+                             layer_lora)
 
     hidden, cache = jax.lax.scan(body, params["embed_tokens"][tokens], (params["layers"], lora, cache))
     last = rms_norm(hidden[:, -1], params["norm"], config.rms_norm_eps)

@@ -22,7 +22,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .model import LlamaConfig, LoraWeights, causal_lm_loss_sum
+from dataclasses import replace
+
+from .attention import ComputeOptions
+from .model import Batch, LlamaConfig, LoraWeights, causal_lm_loss_sum
 from .sharding import (abstract_optimizer_state, abstract_params_and_adapters, batch_spec, compile_for_memory_estimate,
                            CONTEXT_PARALLEL_SCHEMES, compiled_memory, device_memory_stats, longest_length_within,
                            first_process_does, make_mesh, place, placement)
@@ -37,9 +40,9 @@ from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderEr
 
 # %% auto #0
 __all__ = ['METRICS_FILE', 'parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'load_model', 'make_optimizer',
-           'TrainState', 'all_finite', 'make_train_step', 'make_eval_step', 'place_batch', 'stack_micro_batches',
-           'TrainingDiverged', 'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate', 'checkpoint_bytes',
-           'prepare_run_folder', 'step_options', 'run_train_step', 'Run', 'prepare_run', 'fresh_state',
+           'compute_options', 'TrainState', 'all_finite', 'make_train_step', 'make_eval_step', 'place_batch',
+           'stack_micro_batches', 'TrainingDiverged', 'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate',
+           'checkpoint_bytes', 'prepare_run_folder', 'run_train_step', 'Run', 'prepare_run', 'fresh_state',
            'agreed_checkpoint', 'restore_state', 'micro_batch_groups', 'Interruption', 'ctrl_c_sets', 'compiled_step',
            'device_memory_limit', 'readable_bytes', 'memory_alternatives', 'check_step_fits', 'step_record',
            'check_finite', 'TrainingWarning', 'write_checkpoint', 'MetricsFile', 'history_table', 'train_lora',
@@ -114,14 +117,12 @@ def make_optimizer(config: ParallamaConfig, total_steps: int):
     return optax.chain(*parts, optax.adamw(schedule, weight_decay=config.WEIGHT_DECAY)), schedule
 
 
-def _loss_sum(model_config, params, adapters, batch, *, scale, dropout, dropout_key, remat, logits_chunk=None,
-              **attention_options):
-    "`attention_options`: `attention_block`, `attention_implementation` and `row_layout`, as `forward` takes them."
-    return causal_lm_loss_sum(model_config, params, batch["input_ids"], batch["labels"], logits_chunk=logits_chunk,
-                              **attention_options,
-                              attention_mask=batch["attention_mask"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], lora=LoraWeights(adapters, scale, dropout),
-                              dropout_key=dropout_key, remat=remat)
+def compute_options(config: ParallamaConfig) -> ComputeOptions:
+    """How the step computes, from the config, once: its fields under their own names (what the rows hold from
+    `PACK`)."""
+    return ComputeOptions(attention_implementation=config.ATTENTION_IMPLEMENTATION, attention_block=config.ATTENTION_BLOCK,
+                          row_layout="packed" if config.PACK else "right_padded", remat=config.REMAT,
+                          logits_chunk=config.LOGITS_CHUNK, context_parallel=config.CONTEXT_PARALLEL)
 
 
 # %% ../nbs/05_train.ipynb #4f96bb8a
@@ -140,17 +141,12 @@ def all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
-def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfig, remat: str | None, mesh,
-                    logits_chunk: int | None = None, attention_block: int | None = None, *,
-                    attention_implementation: str = "auto", row_layout: str = "any", context_parallel: str = "ring"):
-    """The jitted step `(state, params, micro_batches) -> (state, metrics)`, its state donated. `row_layout` says what
-    the batches hold ('packed' or 'right_padded' rows), which decides the GPU attention kernel; `context_parallel`
-    how a row split over the seq devices attends ('ring' or 'all_gather')."""
-    attention_options = dict(attention_block=attention_block, attention_implementation=attention_implementation,
-                             row_layout=row_layout)
-
+def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfig, mesh,
+                    options: ComputeOptions = ComputeOptions()):
+    """The jitted step `(state, params, micro_batches) -> (state, metrics)`, its state donated, computed as `options`
+    say (`compute_options` of a run's config) on `mesh`."""
     def step(state: TrainState, params, micro_batches):
-        with placement(mesh, context_parallel):
+        with placement(mesh, options.context_parallel):
             return placed_step(state, params, micro_batches)
 
     def placed_step(state: TrainState, params, micro_batches):
@@ -159,9 +155,9 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
         def accumulate(carry, inputs):
             batch, index = inputs
             (total, count), grads = jax.value_and_grad(
-                lambda a: _loss_sum(model_config, params, a, batch, scale=lora_config.scale, dropout=lora_config.dropout,
-                                    dropout_key=jax.random.fold_in(key, index), remat=remat,
-                                    logits_chunk=logits_chunk, **attention_options),
+                lambda adapters: causal_lm_loss_sum(model_config, params, Batch(**batch),
+                                                    LoraWeights(adapters, lora_config.scale, lora_config.dropout),
+                                                    jax.random.fold_in(key, index), options),
                 has_aux=True)(state.adapters)
             loss_sum, token_count, grad_sum = carry
             return (loss_sum + total, token_count + count, jax.tree.map(jnp.add, grad_sum, grads)), None
@@ -185,15 +181,15 @@ def make_train_step(model_config: LlamaConfig, optimizer, lora_config: LoraConfi
     return jax.jit(step, donate_argnums=(0,))
 
 # %% ../nbs/05_train.ipynb #067c6ea9
-def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh, logits_chunk: int | None = None,
-                   attention_block: int | None = None, *, attention_implementation: str = "auto",
-                   row_layout: str = "any", context_parallel: str = "ring"):
-    "The jitted `(adapters, params, batch) -> (summed loss, labelled tokens)`, without dropout."
+def make_eval_step(model_config: LlamaConfig, lora_config: LoraConfig, mesh,
+                   options: ComputeOptions = ComputeOptions()):
+    "The jitted `(adapters, params, batch) -> (summed loss, labelled tokens)`, without dropout or remat."
+    options = replace(options, remat="none")   # nothing is kept for a backward pass
+
     def evaluate(adapters, params, batch):
-        with placement(mesh, context_parallel):
-            return _loss_sum(model_config, params, adapters, batch, scale=lora_config.scale, dropout=0.0,
-                             dropout_key=None, remat=None, logits_chunk=logits_chunk, attention_block=attention_block,
-                             attention_implementation=attention_implementation, row_layout=row_layout)
+        with placement(mesh, options.context_parallel):
+            return causal_lm_loss_sum(model_config, params, Batch(**batch), LoraWeights(adapters, lora_config.scale),
+                                      options=options)
     return jax.jit(evaluate)
 
 
@@ -289,18 +285,9 @@ def prepare_run_folder(config: ParallamaConfig, checkpoint_path, *, resume: bool
         delete_checkpoint(folder)
 
 # %% ../nbs/05_train.ipynb #f2473f18
-def step_options(config: ParallamaConfig) -> dict:
-    """The step's options a config sets: LM-head chunks, attention blocks, the attention kernel, the row layout and
-    the context-parallel scheme."""
-    return dict(logits_chunk=config.LOGITS_CHUNK or None, attention_block=config.ATTENTION_BLOCK or None,
-                attention_implementation=config.ATTENTION_IMPLEMENTATION,
-                row_layout="packed" if config.PACK else "right_padded", context_parallel=config.CONTEXT_PARALLEL)
-
-
 def run_train_step(config: ParallamaConfig, model_config: LlamaConfig, optimizer, mesh):
-    "The step `train_lora` compiles for `config`: its LoRA settings, remat policy and options, on `mesh`."
-    return make_train_step(model_config, optimizer, lora_config_of(config),
-                           None if config.REMAT == "none" else config.REMAT, mesh, **step_options(config))
+    "The step `train_lora` compiles for `config`: its LoRA settings and `compute_options`, on `mesh`."
+    return make_train_step(model_config, optimizer, lora_config_of(config), mesh, compute_options(config))
 
 
 # %% ../nbs/05_train.ipynb #2ec85d3d
@@ -335,7 +322,7 @@ def prepare_run(config: ParallamaConfig, dataset, checkpoint_path, *, resume: bo
     total_steps = epoch_steps if config.MAX_STEPS is None else config.MAX_STEPS  # as Hugging Face's max_steps
     optimizer, schedule = make_optimizer(config, total_steps)
     lora_config = lora_config_of(config)
-    eval_step = make_eval_step(model_config, lora_config, mesh, **step_options(config)) if with_eval else None
+    eval_step = make_eval_step(model_config, lora_config, mesh, compute_options(config)) if with_eval else None
     return Run(config, mesh, model_config, params, lora_config, optimizer, schedule, total_steps,
                run_train_step(config, model_config, optimizer, mesh), eval_step)
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from jora.attention import (SHORT_SEQUENCE, MaskParts, block_layout, blocked_attention, reference_attention,
+from jora.attention import (SHORT_SEQUENCE, ComputeOptions, MaskParts, block_layout, blocked_attention, reference_attention,
                             short_attention)
 from jora.kernels import attention, pallas_attention
 from jora.lora import LoraConfig, init_lora
@@ -120,7 +120,7 @@ def test_a_named_kernel_that_cannot_run_says_why():
     query, key, value, parts = make_case(*CASES["causal"])
     for name in ("pallas", "cudnn"):
         with pytest.raises(ValueError, match=f"'{name}' needs an NVIDIA GPU"):
-            attention(query, key, value, parts, implementation=name)
+            attention(query, key, value, parts, ComputeOptions(attention_implementation=name))
 
 
 # every size other than the sequence (640) and the query block (128) stays under 100
@@ -159,8 +159,8 @@ def sequence_sized(shape, at_least: int = 100) -> int:
 @pytest.mark.parametrize("row_layout", ["right_padded", "packed"])
 def test_training_step_lowered_for_cuda_calls_the_fused_kernel_and_holds_no_scores(row_layout):
     lora_config, optimizer, inputs = training_step_inputs()
-    step = make_train_step(TINY, optimizer, lora_config, "full", None, logits_chunk=32, attention_block=BLOCK,
-                           attention_implementation="auto", row_layout=row_layout)
+    step = make_train_step(TINY, optimizer, lora_config, None, ComputeOptions(
+        remat="full", logits_chunk=32, attention_block=BLOCK, attention_implementation="auto", row_layout=row_layout))
     exported = jax.export.export(step, platforms=("cuda",), disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*inputs)
     text = exported.mlir_module()
@@ -180,8 +180,9 @@ def test_ring_training_step_lowered_for_cuda_calls_the_kernel_per_pair_and_holds
     lora_config, optimizer, (state, params, batch) = training_step_inputs()
     mesh = make_mesh(data=1, seq=4, model=1, devices=jax.devices()[:4])
     state = state._replace(adapters=shard_lora(TINY, init_lora(TINY, lora_config, jax.random.key(1)), mesh).adapters)
-    step = make_train_step(TINY, optimizer, lora_config, "full", mesh, logits_chunk=32, attention_block=BLOCK,
-                           attention_implementation="auto", row_layout="right_padded", context_parallel="ring")
+    step = make_train_step(TINY, optimizer, lora_config, mesh, ComputeOptions(
+        remat="full", logits_chunk=32, attention_block=BLOCK, attention_implementation="auto", row_layout="right_padded",
+        context_parallel="ring"))
     exported = jax.export.export(step, platforms=("cuda",), disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(state, shard_params(TINY, params, mesh),
                                                                              batch)
@@ -195,7 +196,8 @@ def test_ring_training_step_lowered_for_cuda_calls_the_kernel_per_pair_and_holds
 def test_training_step_lowered_for_the_cpu_holds_no_scores(time, at_least):
     "Flash blocks hold no `[block x time]` scores; short-sequence tiles hold `[tile x time]` but no `[time x time]`."
     lora_config, optimizer, inputs = training_step_inputs(time)
-    step = make_train_step(TINY, optimizer, lora_config, "full", None, logits_chunk=32, attention_block=BLOCK)
+    step = make_train_step(TINY, optimizer, lora_config, None,
+                           ComputeOptions(remat="full", logits_chunk=32, attention_block=BLOCK))
     shapes = tensor_shapes(step.lower(*inputs).as_text())
     assert any(time in shape for shape in shapes)
     assert not [shape for shape in shapes if sequence_sized(shape, at_least) >= 2]
@@ -212,16 +214,16 @@ def attention_passes(compiled_hlo: str) -> dict:
 
 
 @pytest.mark.parametrize("time", [TIME, SHORT])
-@pytest.mark.parametrize("remat, forwards", [(None, 1), ("full", 2)])
+@pytest.mark.parametrize("remat, forwards", [("none", 1), ("full", 2)])
 def test_attention_forward_runs_at_most_twice_per_layer(remat, forwards, time):
-    from jora.model import LoraWeights, causal_lm_loss_sum
+    from jora.model import Batch, LoraWeights, causal_lm_loss_sum
     lora_config, optimizer, (state, params, batch) = training_step_inputs(time)
     adapters = state.adapters
 
     def loss(adapters):
-        return causal_lm_loss_sum(TINY, params, batch["input_ids"][0], batch["labels"][0], logits_chunk=32,
-                                  attention_block=BLOCK, remat=remat, attention_implementation="xla",
-                                  lora=LoraWeights(adapters, 1.0, 0.0))[0]
+        options = ComputeOptions(logits_chunk=32, attention_block=BLOCK, remat=remat, attention_implementation="xla")
+        return causal_lm_loss_sum(TINY, params, Batch(batch["input_ids"][0], batch["labels"][0]),
+                                  LoraWeights(adapters, 1.0, 0.0), options=options)[0]
 
     compiled = jax.jit(jax.grad(loss)).lower(adapters).compile().as_text()
     # the forward pass (and under full remat its recompute in the backward pass), then one backward

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from jora.data import (PROMPT_WITH_INPUT, PROMPT_WITHOUT_INPUT, AlpacaDataset, RecordError, TruncationReport,
                        batches, default_buckets, format_prompt, generate_alpaca_dataset, read_records, split_records,
                        tokenize_record)
-from jora.model import IGNORE_INDEX, LlamaConfig, causal_lm_loss_sum, init_params
+from jora.model import IGNORE_INDEX, Batch, LlamaConfig, causal_lm_loss_sum, init_params
 from jora.testing import save_tiny_tokenizer
 
 
@@ -197,9 +197,8 @@ def test_packed_batches_give_the_losses_of_the_examples_alone(tmp_path, tokenize
     packed = list(batches(dataset, batch_size=2, pack=True, seed=1))
     assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in packed) == len(dataset)
     assert max(int(b["segment_ids"].max()) for b in packed) >= 3  # several examples really share a row
-    total = sum(float(causal_lm_loss_sum(config, params, b["input_ids"], b["labels"], attention_mask=b["attention_mask"],
-                                         positions=b["positions"], segment_ids=b["segment_ids"])[0]) for b in packed)
-    alone = sum(float(causal_lm_loss_sum(config, params, e["input_ids"][None], e["labels"][None])[0])
+    total = sum(float(causal_lm_loss_sum(config, params, Batch(**b))[0]) for b in packed)
+    alone = sum(float(causal_lm_loss_sum(config, params, Batch(e["input_ids"][None], e["labels"][None]))[0])
                 for e in (dataset[i] for i in range(len(dataset))))
     assert abs(total - alone) <= 1e-5 * alone, (total, alone)
 

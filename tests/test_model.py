@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-from jora.model import (IGNORE_INDEX, LlamaConfig, causal_lm_loss, hidden_states, forward, generate,
+from jora.attention import ComputeOptions
+from jora.model import (IGNORE_INDEX, Batch, LlamaConfig, causal_lm_loss, hidden_states, forward, generate,
                         positions_from_mask, rms_norm)
 from jora.formats import checkpoint_tensor_files, load_hf_checkpoint, load_hf_config
 from jora.testing import save_tiny_hf_checkpoint
@@ -82,7 +83,7 @@ def test_loss_matches_transformers(checkpoint):
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels),
                              position_ids=torch.tensor(np.asarray(positions_from_mask(mask)))).loss.item()
-    ours = float(causal_lm_loss(config, params, ids, labels, attention_mask=mask))
+    ours = float(causal_lm_loss(config, params, Batch(ids, labels, mask)))
     assert abs(ours - expected) <= 1e-5 * abs(expected), (ours, expected)
 
 
@@ -271,11 +272,11 @@ def test_chunked_lm_head_saves_memory_and_gives_the_same_loss():
     ids = jax.random.randint(jax.random.key(1), (1, 2048), 3, config.vocab_size)
     labels = jnp.where(jnp.arange(2048) >= 2048 - 64, ids, IGNORE_INDEX)
     def loss(norm, chunk):
-        return causal_lm_loss(config, {**params, "norm": norm}, ids, labels, logits_chunk=chunk)
+        return causal_lm_loss(config, {**params, "norm": norm}, Batch(ids, labels), options=ComputeOptions(logits_chunk=chunk))
     memory = {chunk: jax.jit(jax.grad(loss), static_argnums=1).lower(params["norm"], chunk).compile()
-              .memory_analysis().temp_size_in_bytes for chunk in (None, 256)}
+              .memory_analysis().temp_size_in_bytes for chunk in (0, 256)}
     without_head = jax.jit(jax.grad(lambda norm: hidden_states(config, {**params, "norm": norm}, ids).sum())
                            ).lower(params["norm"]).compile().memory_analysis().temp_size_in_bytes
     # the LM head's share of the temporaries: 2048 x 32000 fp32 logits (262 MB, twice) at once, or one chunk
-    assert memory[256] - without_head <= 0.05 * (memory[None] - without_head), (memory, without_head)
+    assert memory[256] - without_head <= 0.05 * (memory[0] - without_head), (memory, without_head)
     np.testing.assert_allclose(float(loss(params["norm"], 256)), float(loss(params["norm"], None)), rtol=1e-5)

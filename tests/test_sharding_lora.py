@@ -14,7 +14,8 @@ import transformers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jora.lora import LoraConfig, init_lora, lora_parameter_count, merge_lora, shard_lora
-from jora.model import IGNORE_INDEX, LlamaConfig, LoraWeights, causal_lm_loss, forward, init_params
+from jora.attention import ComputeOptions
+from jora.model import IGNORE_INDEX, Batch, LlamaConfig, LoraWeights, causal_lm_loss, forward, init_params
 from jora.formats import load_hf_checkpoint
 from jora.kernels import pallas_interpreted
 from jora.testing import save_tiny_hf_checkpoint
@@ -50,8 +51,8 @@ def setup():
 def loss_and_grads(params, lora, ids, labels, mask, mesh=None, dropout_key=None):
     def loss(adapters):
         with placement(mesh):
-            return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=mask, dropout_key=dropout_key,
-                                  lora=LoraWeights(adapters, lora.scale, lora.dropout))
+            return causal_lm_loss(TINY_GQA, params, Batch(ids, labels, mask), LoraWeights(adapters, lora.scale, lora.dropout),
+                                  dropout_key)
     return jax.jit(jax.value_and_grad(loss))(lora.adapters)
 
 
@@ -216,11 +217,10 @@ def long_loss_and_grads(params, lora, rows, mesh=None, remat=None, block=None, c
     dropout = 0.0 if dropout_key is None else lora.dropout
     def loss(adapters):
         with placement(mesh, scheme):
-            return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
-                                  positions=positions, lora=LoraWeights(adapters, lora.scale, dropout), remat=remat,
-                                  attention_block=block, logits_chunk=chunk, feed_forward_chunk=pieces,
-                                  dropout_key=dropout_key, attention_implementation=implementation,
-                                  row_layout=row_layout)
+            return causal_lm_loss(TINY_GQA, params, Batch(ids, labels, valid, positions, segments),
+                                  LoraWeights(adapters, lora.scale, dropout), dropout_key, options)
+    options = ComputeOptions(remat=remat or "none", attention_block=block or 0, logits_chunk=chunk or 0,
+                             feed_forward_chunk=pieces, attention_implementation=implementation, row_layout=row_layout)
     if mesh is not None:
         ids, labels, valid, segments, positions = (None if x is None else jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
                                                    for x in rows)
@@ -294,9 +294,9 @@ def test_nested_remat_gives_the_loss_and_gradients_of_no_remat(packed_rows, data
     def loss_and_grads(params, adapters, remat, mesh=None):
         def loss(adapters):
             with placement(mesh):
-                return causal_lm_loss(FOUR_LAYERS, params, ids, labels, attention_mask=valid, segment_ids=segments,
-                                      positions=positions, lora=LoraWeights(adapters, lora.scale), remat=remat,
-                                      attention_block=8)
+                return causal_lm_loss(FOUR_LAYERS, params, Batch(ids, labels, valid, positions, segments),
+                                      LoraWeights(adapters, lora.scale),
+                                      options=ComputeOptions(remat=remat or "none", attention_block=8))
         return jax.jit(jax.value_and_grad(loss))(adapters)
 
     reference_loss, reference_grads = loss_and_grads(params, lora.adapters, None)
@@ -338,7 +338,8 @@ def test_attention_blocks_match_whole_attention_with_a_sliding_window(setup):
     valid[0, :3] = 0
     whole = forward(config, params, ids, attention_mask=valid)
     for block in (1, 7, 16, 39):
-        np.testing.assert_allclose(forward(config, params, ids, attention_mask=valid, attention_block=block)[valid == 1],
+        blocked = forward(config, params, ids, attention_mask=valid, options=ComputeOptions(attention_block=block))
+        np.testing.assert_allclose(blocked[valid == 1],
                                    whole[valid == 1], atol=1e-5)
 
 
@@ -415,8 +416,8 @@ def test_ring_attention_is_what_the_ring_scheme_traces(setup, packed_rows):
     def traced(scheme):
         def loss(adapters):
             with placement(mesh, scheme):
-                return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
-                                      positions=positions, lora=LoraWeights(adapters, lora.scale), attention_block=8)
+                return causal_lm_loss(TINY_GQA, params, Batch(ids, labels, valid, positions, segments),
+                                      LoraWeights(adapters, lora.scale), options=ComputeOptions(attention_block=8))
         return str(jax.make_jaxpr(jax.grad(loss))(lora.adapters))
 
     assert "ppermute" in traced("ring") and "ppermute" not in traced("all_gather")
@@ -436,8 +437,8 @@ def test_ring_turns_are_a_loop_whatever_the_device_count(setup, packed_rows):
 
         def loss(adapters):
             with placement(mesh, "ring"):
-                return causal_lm_loss(TINY_GQA, params, ids, labels, attention_mask=valid, segment_ids=segments,
-                                      positions=positions, lora=LoraWeights(adapters, lora.scale), attention_block=2)
+                return causal_lm_loss(TINY_GQA, params, Batch(ids, labels, valid, positions, segments),
+                                      LoraWeights(adapters, lora.scale), options=ComputeOptions(attention_block=2))
         return str(jax.make_jaxpr(jax.grad(loss))(lora.adapters)).count("ppermute[")
 
     counts = [ppermutes(devices) for devices in (2, 4, 8)]
@@ -468,12 +469,11 @@ def test_ring_logits_come_back_in_the_natural_order(setup, packed_rows):
     "forward under the ring scheme lays positions out zig-zag inside and returns the logits in the row's own order."
     params, lora, *_ = setup
     ids, _, valid, segments, positions = packed_rows
-    expected = forward(TINY_GQA, params, ids, attention_mask=valid, segment_ids=segments, positions=positions,
-                       attention_block=8)
+    rows, blocks = Batch(ids, None, valid, positions, segments), ComputeOptions(attention_block=8)
+    expected = forward(TINY_GQA, params, rows, options=blocks)
     mesh = make_mesh(data=1, seq=4, model=2)
     with placement(mesh, "ring"):
-        logits = jax.jit(lambda p: forward(TINY_GQA, p, ids, attention_mask=valid, segment_ids=segments,
-                                           positions=positions, attention_block=8))(shard_params(TINY_GQA, params, mesh))
+        logits = jax.jit(lambda p: forward(TINY_GQA, p, rows, options=blocks))(shard_params(TINY_GQA, params, mesh))
     assert relative_difference(logits, expected) <= 1e-5
 
 
