@@ -25,7 +25,7 @@ import jax  # noqa: E402
 
 from jora.config import ParallamaConfig  # noqa: E402
 from jora.sharding import collective_bytes, compile_for_memory_estimate, compiled_memory, make_mesh  # noqa: E402
-from jora.train import abstract_train_inputs, make_optimizer, run_train_step  # noqa: E402
+from jora.train import abstract_train_inputs, make_optimizer, make_run_step  # noqa: E402
 from longest_sequence import MODELS  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def measure(model_config, scheme: str, length: int, devices: int = 8) -> dict:
     run = ParallamaConfig(N_ACCUMULATION_STEPS=1, REMAT="full", ATTENTION_BLOCK=512, CONTEXT_PARALLEL=scheme)
     mesh = make_mesh(data=1, seq=devices, model=1, devices=jax.devices()[:devices])
     optimizer, _ = make_optimizer(run, 1000)
-    compiled = compile_for_memory_estimate(run_train_step(run, model_config, optimizer, mesh),
+    compiled = compile_for_memory_estimate(make_run_step(run, model_config, optimizer, mesh),
                                            *abstract_train_inputs(run, model_config, mesh, optimizer, length), mesh=mesh)
     received = collective_bytes(compiled, devices)
     return {"GB received per device": round(sum(received.values()) / 1e9, 3),

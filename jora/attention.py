@@ -20,8 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # %% auto #0
 __all__ = ['MASKED_SCORE', 'SHORT_SEQUENCE', 'SHORT_QUERY_BLOCK', 'RING_AXIS_NAME', 'ComputeOptions', 'make_attention_mask',
-           'MaskParts', 'sequence_blocks', 'even_block_size', 'join_sequence_blocks', 'Placement', 'use_placement',
-           'current_mesh', 'rule_axis', 'dimension_axis', 'constrain', 'sequence_axis_size', 'reference_attention',
+           'MaskParts', 'sequence_blocks', 'even_block_size', 'join_sequence_blocks', 'Placement', 'placement_by_rules',
+           'current_mesh', 'mesh_axis_of', 'dimension_axis', 'constrain', 'sequence_axis_size', 'reference_attention',
            'key_block_range', 'blocks_may_meet', 'block_scores', 'KeyBlocks', 'block_mask', 'visible_blocks',
            'attend_block', 'output_row_term', 'tile_gradients', 'attend_block_backward', 'BlockLayout', 'block_layout',
            'blocked_attention', 'visible_key_ranges', 'attend_tile', 'short_layout', 'short_attention', 'ring_is_on',
@@ -109,7 +109,7 @@ _PLACEMENT: ContextVar[Placement | None] = ContextVar("jora_placement", default=
 
 
 @contextmanager
-def use_placement(mesh: Mesh | None, rules: Mapping[str, str | None]):
+def placement_by_rules(mesh: Mesh | None, rules: Mapping[str, str | None]):
     "Run the enclosed code with arrays placed on `mesh` by `rules` (no placement when `mesh` is None)."
     token = _PLACEMENT.set(None if mesh is None else Placement(mesh, dict(rules)))
     try:
@@ -124,7 +124,7 @@ def current_mesh() -> Mesh | None:
     return None if placement is None else placement.mesh
 
 
-def rule_axis(rules: Mapping[str, str | None], axis_sizes: Mapping[str, int], dimension: str | None,
+def mesh_axis_of(rules: Mapping[str, str | None], axis_sizes: Mapping[str, int], dimension: str | None,
               count: int | None = None) -> str | None:
     "The mesh axis `rules` split `dimension` over, on a mesh of `axis_sizes`; None for none, or when `count` does not divide."
     if dimension is None:
@@ -140,7 +140,7 @@ def rule_axis(rules: Mapping[str, str | None], axis_sizes: Mapping[str, int], di
 def dimension_axis(dimension: str | None, count: int | None = None) -> str | None:
     "The mesh axis `dimension` is split over in the current placement (None outside one)."
     placement = _PLACEMENT.get()
-    return None if placement is None else rule_axis(placement.rules, placement.mesh.shape, dimension, count)
+    return None if placement is None else mesh_axis_of(placement.rules, placement.mesh.shape, dimension, count)
 
 
 def constrain(x: jax.Array, *dimensions: str | None) -> jax.Array:
@@ -545,7 +545,7 @@ def ring_attention_local(query, key, value, parts: MaskParts, axis: str, devices
 
 def _ring_cut(query, key, value, parts, size):
     layout = BlockLayout(1, size, size)
-    with use_placement(None, {}):   # inside shard_map: local arrays, no placement
+    with placement_by_rules(None, {}):   # inside shard_map: local arrays, no placement
         return (layout, layout.queries(query, key.shape[2]), layout.vectors(parts.query_slots),
                 layout.vectors(parts.query_segments), layout.keys(key, value, parts))
 
@@ -560,7 +560,7 @@ def _ring_forward(query, key, value, parts, axis, devices, size, sliding_window)
                                (blocks, slots, segments))
         return arrays, attended if state is None else merge_attention(*state, *attended)
     _, (output, log_sum_exp) = around_the_ring(visit, keys.arrays, None, axis, devices)
-    with use_placement(None, {}):
+    with placement_by_rules(None, {}):
         output = layout.join(output, query.shape[1]).astype(query.dtype)
     return output, (query, key, value, parts, output, log_sum_exp)
 
@@ -571,7 +571,7 @@ def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
     query, key, value, parts, output, log_sum_exp = residuals
     layout, blocks, slots, segments, keys = _ring_cut(query, key, value, parts, size)
     scale, kv_heads = query.shape[-1] ** -0.5, key.shape[2]
-    with use_placement(None, {}):
+    with placement_by_rules(None, {}):
         outputs, output_grads = layout.queries(output, kv_heads), layout.queries(output_grad, kv_heads)
 
     def visit(travelling, query_grad):   # the key blocks at hand, with the gradients gathered for them so far
@@ -588,7 +588,7 @@ def _ring_backward(axis, devices, size, sliding_window, residuals, output_grad):
     travelling = (keys.arrays, (zeros(keys.key.shape), zeros(keys.value.shape)))
     (_, key_grads), query_grad = around_the_ring(visit, travelling, zeros(blocks.shape), axis, devices)
     key_grads = pass_on(key_grads, axis, devices)   # one more hop: each block's gradients arrive home
-    with use_placement(None, {}):
+    with placement_by_rules(None, {}):
         query_grad = layout.join(query_grad, query.shape[1]).astype(query.dtype)
     back = lambda x, like: x[:, :, :like.shape[1]].transpose(0, 2, 1, 3).astype(like.dtype)
     return query_grad, back(key_grads[0], key), back(key_grads[1], value), jax.tree.map(lambda _: None, parts)

@@ -29,7 +29,7 @@ from .train import METRICS_FILE, history_table, load_model, run_mesh, train_lora
 from .retrieval import CorpusIndex, raft_rows, read_corpus, read_questions
 from .evaluate import (ANSWER_RULES, adapter_label, answer_questions, compare_robustness, evaluate_checkpoint,
                            answer_in_reply, exact_match, expected_output)
-from .config import FIELD_HELP, ParallamaConfig, _flag, _parse_field, config_from_dict, config_from_toml
+from .config import FIELD_HELP, ParallamaConfig, flag_name, parse_flag_value, config_from_dict, config_from_toml
 
 # %% auto #0
 __all__ = ['SMOLLM2_DEMO', 'demo_config', 'tiny_demo', 'smollm2_demo_config', 'write_demo_task', 'smollm2_demo', 'demo',
@@ -174,7 +174,7 @@ def _flag_type(field: str):
     import argparse
     def parse(text: str):
         try:
-            return _parse_field(field, text)
+            return parse_flag_value(field, text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     parse.__name__ = field
@@ -202,7 +202,7 @@ def add_field_flags(parser):
     for field in ParallamaConfig._fields:
         default = ParallamaConfig._field_defaults[field]
         shown = ",".join(default) if isinstance(default, tuple) else default
-        fields.add_argument(_flag(field), dest=field, metavar=field, default=argparse.SUPPRESS, type=_flag_type(field),
+        fields.add_argument(flag_name(field), dest=field, metavar=field, default=argparse.SUPPRESS, type=_flag_type(field),
                             help=f"{FIELD_HELP[field]} (default: {'none' if shown is None else shown})")
     return parser
 

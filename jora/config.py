@@ -18,7 +18,8 @@ from .sharding import CONTEXT_PARALLEL_SCHEMES
 # %% auto #0
 __all__ = ['PAPER_FIELDS', 'STEP_FIELDS', 'RUN_FIELDS', 'FIELDS', 'ParallamaConfig', 'FIELD_HELP', 'FIELD_CHOICES', 'Field',
            'config_to_dict', 'field_type', 'value_problem', 'check_field', 'config_from_dict', 'checked_config',
-           'config_to_toml', 'read_toml', 'config_from_toml', 'field_label', 'parse_field_text']
+           'config_to_toml', 'read_toml', 'config_from_toml', 'flag_name', 'field_label', 'parse_field_text',
+           'parse_flag_value']
 
 # %% ../nbs/05_config.ipynb #4912111e
 class Field(NamedTuple):
@@ -217,7 +218,7 @@ def config_from_toml(path) -> ParallamaConfig:
         raise ValueError(f"{path}: {error}") from None
 
 # %% ../nbs/05_config.ipynb #53c1e763
-def _flag(field: str) -> str:
+def flag_name(field: str) -> str:
     return "--" + field.lower().replace("_", "-")
 
 
@@ -251,9 +252,9 @@ def parse_field_text(field: str, text: str):
     return value
 
 # %% ../nbs/05_config.ipynb #24d221a0
-def _parse_field(field: str, text: str):
+def parse_flag_value(field: str, text: str):
     "A flag's text as the value of `field`, or a ValueError that starts with the flag."
     try:
         return parse_field_text(field, text)
     except ValueError as error:
-        raise ValueError(f"{_flag(field)} {error}") from None
+        raise ValueError(f"{flag_name(field)} {error}") from None

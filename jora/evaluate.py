@@ -19,7 +19,7 @@ from .data import AlpacaDataset, generate_alpaca_dataset, is_chat, load_tokenize
 from .retrieval import CorpusIndex, context_budget, raft_rows
 from .files import checkpoint_step, latest_checkpoint
 from .formats import load_any_adapter, load_hf_checkpoint
-from .train import compute_options, evaluate, load_model, lora_config_of, make_eval_step, model_path, run_mesh
+from .train import compute_options, evaluation_loss, load_model, lora_config_of, make_eval_step, model_path, run_mesh
 
 # %% auto #0
 __all__ = ['ANSWER_RULES', 'PROMPT_WIDTH_STEP', 'unify_characters', 'normalize_answer', 'answer_value', 'values_match',
@@ -189,7 +189,7 @@ def split_loss(config: ParallamaConfig, dataset, model: tuple, mesh, lora: LoraW
     model_config, params = model
     adapters = shard_lora(model_config, lora, mesh).adapters if lora is not None else {}
     eval_step = make_eval_step(model_config, lora_config or lora_config_of(config), mesh, compute_options(config))
-    return evaluate(eval_step, adapters, params, dataset, config, mesh, config.EVAL_BATCHES)
+    return evaluation_loss(eval_step, adapters, params, dataset, config, mesh, config.EVAL_BATCHES)
 
 
 def adapter_label(adapter) -> str:

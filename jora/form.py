@@ -15,7 +15,7 @@ from .model import IGNORE_INDEX
 from .sharding import check_model_axis
 from .files import UnsafeFolderError, check_output_folder, checkpoint_step, latest_checkpoint, read_marker, step_folders
 from .formats import is_gguf, load_hf_config
-from .config import FIELDS, ParallamaConfig, _flag, field_label, parse_field_text, value_problem
+from .config import FIELDS, ParallamaConfig, flag_name, field_label, parse_field_text, value_problem
 
 # %% auto #0
 __all__ = ['TABS', 'FIELD_GROUPS', 'FORM_GROUPS', 'CHOICES', 'OPTIONAL_FIELDS', 'PATH_LABELS', 'label', 'parse_form',
@@ -136,7 +136,7 @@ def command_line(config: ParallamaConfig, data_path: str, checkpoint_path: str) 
     for field in ParallamaConfig._fields:
         value, default = getattr(config, field), ParallamaConfig._field_defaults[field]
         if value != default:
-            parts += [_flag(field), ",".join(value) if isinstance(value, tuple) else str(value).lower()
+            parts += [flag_name(field), ",".join(value) if isinstance(value, tuple) else str(value).lower()
                       if isinstance(value, bool) else "none" if value is None else str(value)]
     return " ".join(shlex.quote(part) for part in parts)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .model import (ATTENTION_PROJECTIONS, PROJECTIONS, SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, LlamaConfig,
-                        LoraWeights, RopeScaling, _as_id_tuple, has_bias, param_shapes, projection_shape)
+                        LoraWeights, RopeScaling, as_id_tuple, has_bias, param_shapes, projection_shape)
 from .sharding import first_process_does, param_specs, place
 from .lora import LoraConfig
 from .data import PROMPT_FORMAT_FILE, TOKENIZER_FILES, load_tokenizer, prompt_format
@@ -123,7 +123,7 @@ def _config_from_hf_dict(hf: dict, source: str) -> LlamaConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
         sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=_as_id_tuple(hf.get("eos_token_id")),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=as_id_tuple(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"), model_type=model_type)
 
 

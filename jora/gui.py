@@ -26,8 +26,8 @@ from .form import (CHOICES, FORM_GROUPS, checkpoint_folder_note, command_preview
                        preview_html, preview_rows, progress_text, tab_titles)
 
 # %% auto #0
-__all__ = ['WIDE', 'ERROR', 'WARNING', 'DONE', 'NOTE', 'PANEL_NOTEBOOK', 'TrainingForm', 'TrainingPanel', 'ExportPanel',
-           'TryPanel', 'EvaluatePanel', 'panels', 'write_panel_notebook', 'gui_main']
+__all__ = ['PANEL_NOTEBOOK', 'TrainingForm', 'TrainingPanel', 'ExportPanel', 'TryPanel', 'EvaluatePanel', 'panels',
+           'write_panel_notebook', 'gui_main']
 
 # %% ../nbs/07_gui.ipynb #7e214daa
 def _widget_value(field: str, value):
@@ -39,28 +39,28 @@ def _widget_value(field: str, value):
     return "" if value is None else str(value)
 
 
-WIDE = dict(style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
+_WIDE = dict(style={"description_width": "170px"}, layout=widgets.Layout(width="420px"))
 
 
 def _field_widget(field: str, value):
     "A field's widget: a multi-select for the LoRA targets, a drop-down for choices, a checkbox, or a text box."
     description, value = label(field), _widget_value(field, value)
     if field == "LORA_TARGETS":
-        return widgets.SelectMultiple(options=PROJECTIONS, value=value, rows=7, description=description, **WIDE)
+        return widgets.SelectMultiple(options=PROJECTIONS, value=value, rows=7, description=description, **_WIDE)
     if field in CHOICES:
-        return widgets.Dropdown(options=CHOICES[field], value=value, description=description, **WIDE)
+        return widgets.Dropdown(options=CHOICES[field], value=value, description=description, **_WIDE)
     if isinstance(value, bool):
         return widgets.Checkbox(value=value, indent=False, description=description)
     default = ParallamaConfig._field_defaults[field]
     return widgets.Text(value=value, placeholder="none" if default is None else str(default), description=description,
-                        **WIDE)
+                        **_WIDE)
 
 
 def _html_text(text: str, color: str) -> str:
     return f"<span style='color:{color}'>{html.escape(str(text))}</span>"
 
 
-ERROR, WARNING, DONE, NOTE = "#b00020", "#8a4b00", "#1b5e20", "#555555"   # the colours of the panels' messages
+_ERROR, _WARNING, _DONE, _NOTE = "#b00020", "#8a4b00", "#1b5e20", "#555555"   # the colours of the panels' messages
 
 # %% ../nbs/07_gui.ipynb #a7c3e013
 class TrainingForm:
@@ -73,15 +73,15 @@ class TrainingForm:
         self.fields = {f: _field_widget(f, getattr(config, f)) for f in ParallamaConfig._fields}
         for field in ParallamaConfig._fields:
             self.fields[field].tooltip = FIELD_HELP[field]
-        self.data_path = widgets.Text(value=str(data_path), description=label("data_path"), placeholder="raft.jsonl", **WIDE)
+        self.data_path = widgets.Text(value=str(data_path), description=label("data_path"), placeholder="raft.jsonl", **_WIDE)
         self.checkpoint_path = widgets.Text(value=str(checkpoint_path), description=label("checkpoint_path"),
-                                            placeholder="checkpoints/run", **WIDE)
+                                            placeholder="checkpoints/run", **_WIDE)
         boxes = {**self.fields, "data_path": self.data_path, "checkpoint_path": self.checkpoint_path}
         self.errors = {name: widgets.HTML() for name in boxes}
         self.form = widgets.Tab(children=[widgets.VBox([widgets.HBox([boxes[n], self.errors[n]]) for n in names])
                                           for names in FORM_GROUPS.values()], titles=list(FORM_GROUPS))
         self.command = widgets.HTML()
-        self.settings_path = widgets.Text(description="settings file", placeholder="run.toml", **WIDE)
+        self.settings_path = widgets.Text(description="settings file", placeholder="run.toml", **_WIDE)
         self.save_settings_button = widgets.Button(description="Save settings", icon="save")
         self.load_settings_button = widgets.Button(description="Load settings", icon="folder-open")
         self.settings_status = widgets.HTML()
@@ -113,9 +113,9 @@ def refresh(self: TrainingForm) -> dict:
     "Show each field's error beside it, error counts on the tabs, and the command; returns the errors."
     config, errors = self.config()
     for name, message in self.errors.items():
-        message.value = _html_text(errors[name], ERROR) if name in errors else ""
+        message.value = _html_text(errors[name], _ERROR) if name in errors else ""
     if "checkpoint_path" not in errors:
-        self.errors["checkpoint_path"].value = _html_text(checkpoint_folder_note(self.checkpoint_path.value), NOTE)
+        self.errors["checkpoint_path"].value = _html_text(checkpoint_folder_note(self.checkpoint_path.value), _NOTE)
     self.form.titles = tab_titles(errors)
     self.command.value = command_preview(config, errors, self.data_path.value, self.checkpoint_path.value)
     return errors
@@ -124,7 +124,7 @@ def refresh(self: TrainingForm) -> dict:
 @patch
 def _settings_message(self: TrainingForm, text: str, color: str) -> bool:
     self.settings_status.value = _html_text(f"settings file: {text}", color)
-    return color == DONE
+    return color == _DONE
 
 
 @patch
@@ -135,15 +135,15 @@ def save_settings(self: TrainingForm) -> bool:
     problems.update({field: problem for field in ParallamaConfig._fields  # the paths may still be missing
                      if field not in problems and (problem := value_problem(field, getattr(config, field)))})
     if not path:
-        return self._settings_message("give a file name, such as run.toml", ERROR)
+        return self._settings_message("give a file name, such as run.toml", _ERROR)
     if problems:
         return self._settings_message("fix the form first: " + "; ".join(f"{label(f)}: {p}" for f, p in
-                                                                        problems.items()), ERROR)
+                                                                        problems.items()), _ERROR)
     if Path(path).exists():
-        return self._settings_message(f"{path} exists; choose a new name", ERROR)
+        return self._settings_message(f"{path} exists; choose a new name", _ERROR)
     Path(path).write_text(config_to_toml(config), encoding="utf-8")
     return self._settings_message(f"written to {path} (jora train --config {shlex.quote(path)} --data ... "
-                                  f"--checkpoint-path ...)", DONE)
+                                  f"--checkpoint-path ...)", _DONE)
 
 
 @patch
@@ -151,14 +151,14 @@ def load_settings(self: TrainingForm) -> bool:
     "Fill the form from a settings file (a TOML `jora train --config` reads); an error names the file and field."
     path = self.settings_path.value.strip()
     if not path:
-        return self._settings_message("give the path of a TOML file", ERROR)
+        return self._settings_message("give the path of a TOML file", _ERROR)
     try:
         config = config_from_toml(path)
     except (OSError, ValueError) as error:
-        return self._settings_message(str(error), ERROR)
+        return self._settings_message(str(error), _ERROR)
     for field, control in self.fields.items():
         control.value = _widget_value(field, getattr(config, field))
-    return self._settings_message(f"read from {path}", DONE)
+    return self._settings_message(f"read from {path}", _DONE)
 
 # %% ../nbs/07_gui.ipynb #7210020b
 @patch
@@ -169,7 +169,7 @@ def preview_data(self: TrainingForm, count: int = 3) -> list[dict]:
                                 "SEED", "ALPACA_MIX", "ALPACA_PATH", "CHAT_LOSS") if name in errors]
     if needed:
         self.preview.value = _html_text("The preview needs: " + "; ".join(f"{label(n)}: {errors[n]}" for n in needed),
-                                        ERROR)
+                                        _ERROR)
         return []
     from jora.data import generate_alpaca_dataset
     self.preview.value = "<i>tokenizing...</i>"
@@ -179,7 +179,7 @@ def preview_data(self: TrainingForm, count: int = 3) -> list[dict]:
             splits = {split: generate_alpaca_dataset(self.data_path.value, split, config)
                       for split in (("train", "test") if config.SPLIT_PERCENTAGE < 1 else ("train",))}
     except Exception as error:
-        self.preview.value = _html_text(f"{self.data_path.value}: {error}", ERROR)
+        self.preview.value = _html_text(f"{self.data_path.value}: {error}", _ERROR)
         return []
     rows = preview_rows(splits["train"], count)
     self.preview.value = preview_html(rows, {split: dataset.report for split, dataset in splits.items()})
@@ -272,7 +272,7 @@ def _run(self: TrainingPanel, config: ParallamaConfig, data_path: str, checkpoin
     except Exception as error:  # shown in the panel, not lost in a thread
         self.error = error
         self.say(f"error: {error}\n{traceback.format_exc(limit=3)}")
-        self.status.value = _html_text(f"failed: {error}", ERROR)
+        self.status.value = _html_text(f"failed: {error}", _ERROR)
     finally:
         self.stop_button.disabled = True
         self.thread = None
@@ -331,7 +331,7 @@ def _on_start(self: TrainingPanel, info: dict) -> None:
         self.status.value = _html_text(f"The run in this checkpoint folder already finished at step {info['step']} "
                                        f"of {info['total_steps']}: nothing was trained. To train on, raise max "
                                        f"steps above {info['step']}; to start afresh, choose a new checkpoint "
-                                       f"folder.", WARNING)
+                                       f"folder.", _WARNING)
 
 # %% ../nbs/07_gui.ipynb #767b03c6
 def _row(*children):
@@ -369,13 +369,13 @@ class ExportPanel:
 @patch
 def _report(self: ExportPanel, action) -> bool:
     try:
-        self.status.value = _html_text(action(), DONE)
+        self.status.value = _html_text(action(), _DONE)
         return True
     except EarlierOutputError as error:  # the way to replace it, as the panel asks
-        self.status.value = _html_text(error.said(f"tick '{self.overwrite.description}'"), ERROR)
+        self.status.value = _html_text(error.said(f"tick '{self.overwrite.description}'"), _ERROR)
         return False
     except Exception as error:
-        self.status.value = _html_text(error, ERROR)
+        self.status.value = _html_text(error, _ERROR)
         return False
 
 
@@ -474,7 +474,7 @@ def generate(self: TryPanel) -> dict:
         self.output.value = "".join(f"<p><b>{name}:</b> {html.escape(text)}</p>" for name, text in texts.items())
         return texts
     except Exception as error:
-        self.output.value = _html_text(error, ERROR)
+        self.output.value = _html_text(error, _ERROR)
         return {}
     finally:
         self.button.disabled = False
@@ -529,7 +529,7 @@ def start(self: EvaluatePanel) -> bool:
     try:
         settings = self._settings()
     except ValueError as error:
-        self.output.value = _html_text(error, ERROR)
+        self.output.value = _html_text(error, _ERROR)
         return False
     self.rows, self.error, self.button.disabled = [], None, True
     self.output.value = f"<i>evaluating {html.escape(settings[2])} and the base model on the test split...</i>"
@@ -552,7 +552,7 @@ def _run(self: EvaluatePanel, config, data_path, adapter, count) -> None:
                              + pd.DataFrame(self.rows).to_html(index=False, float_format="{:.4f}".format))
     except Exception as error:
         self.error = error
-        self.output.value = _html_text(error, ERROR)
+        self.output.value = _html_text(error, _ERROR)
     finally:
         self.button.disabled = False
 

@@ -14,7 +14,7 @@ from .attention import constrain, even_block_size, sequence_axis_size, sequence_
 
 # %% auto #0
 __all__ = ['PROJECTION_OUTPUT', 'REMAT_POLICIES', 'FEED_FORWARD_CHUNK', 'remat_layer', 'layer_groups', 'scan_layers',
-           'feed_forward_pieces', 'in_pieces', 'chunk_token_loss', 'chunked_token_loss']
+           'feed_forward_pieces', 'in_pieces', 'one_chunk_loss', 'loss_in_chunks']
 
 # %% ../nbs/00_memory.ipynb #3f2bf9b9
 PROJECTION_OUTPUT = "projection"   # the checkpoint name of every projection's output, which "projections" keeps
@@ -92,7 +92,7 @@ def _token_loss_and_hidden_grad(weight, hidden, targets, labelled):
 
 
 @jax.custom_vjp
-def chunk_token_loss(weight: jax.Array, hidden: jax.Array, targets: jax.Array, labelled: jax.Array) -> jax.Array:
+def one_chunk_loss(weight: jax.Array, hidden: jax.Array, targets: jax.Array, labelled: jax.Array) -> jax.Array:
     """The summed next-token cross-entropy of one chunk of `hidden` under the LM head `weight` `[hidden, vocabulary]`,
     differentiated the fused way: the forward computes the gradient with respect to `hidden` while the logits are at
     hand, so the backward needs no second LM-head matmul, and a chunk without labels costs nothing. (The weight's
@@ -116,12 +116,12 @@ def _chunk_loss_backward(residuals, loss_grad):
     return loss_grad * weight_grad, (loss_grad * hidden_grad).astype(hidden.dtype), None, None
 
 
-chunk_token_loss.defvjp(_chunk_loss_forward, _chunk_loss_backward)
+one_chunk_loss.defvjp(_chunk_loss_forward, _chunk_loss_backward)
 
 # %% ../nbs/00_memory.ipynb #b2ff984d
-def chunked_token_loss(weight: jax.Array, hidden: jax.Array, targets: jax.Array, labelled: jax.Array,
+def loss_in_chunks(weight: jax.Array, hidden: jax.Array, targets: jax.Array, labelled: jax.Array,
                        chunk: int) -> jax.Array:
-    """`chunk_token_loss` of `hidden` `[batch, time, hidden]`, `chunk` positions at a time (split evenly over the 'seq'
+    """`one_chunk_loss` of `hidden` `[batch, time, hidden]`, `chunk` positions at a time (split evenly over the 'seq'
     devices, each on its own part), skipping chunks without labels; only one chunk's logits exist at a time."""
     time = hidden.shape[1]
     groups = sequence_axis_size() if time % sequence_axis_size() == 0 else 1
@@ -130,7 +130,7 @@ def chunked_token_loss(weight: jax.Array, hidden: jax.Array, targets: jax.Array,
     def body(total, inputs):
         piece, piece_targets, piece_labelled = inputs
         piece = constrain(piece, "batch", "length", "embed")
-        return total + chunk_token_loss(weight, piece, piece_targets, piece_labelled), None
+        return total + one_chunk_loss(weight, piece, piece_targets, piece_labelled), None
 
     pieces = tuple(sequence_blocks(x, groups, size) for x in (hidden, targets, labelled))
     total, _ = jax.lax.scan(body, jnp.float32(0), pieces)

@@ -18,16 +18,16 @@ from typing import Any, NamedTuple
 
 from .attention import ComputeOptions, MaskParts, constrain, sequence_axis_size, sequence_order
 from .kernels import attention
-from .memory import (FEED_FORWARD_CHUNK, PROJECTION_OUTPUT, chunked_token_loss, feed_forward_pieces, in_pieces,
+from .memory import (FEED_FORWARD_CHUNK, PROJECTION_OUTPUT, loss_in_chunks, feed_forward_pieces, in_pieces,
                          scan_layers)
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODEL_TYPES', 'SUPPORTED_ROPE_TYPES', 'ATTENTION_PROJECTIONS', 'MLP_PROJECTIONS', 'PROJECTIONS',
-           'PROJECTION_DIMENSIONS', 'IGNORE_INDEX', 'RopeScaling', 'LlamaConfig', 'dimension_sizes', 'projection_shape',
-           'has_bias', 'param_dimensions', 'param_shapes', 'init_params', 'rms_norm', 'rope_inverse_frequencies',
-           'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'swiglu', 'feed_forward', 'LayerInputs',
-           'decoder_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'Batch', 'as_batch',
-           'hidden_states', 'forward', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate']
+           'PROJECTION_DIMENSIONS', 'IGNORE_INDEX', 'RopeScaling', 'LlamaConfig', 'as_id_tuple', 'dimension_sizes',
+           'projection_shape', 'has_bias', 'param_dimensions', 'param_shapes', 'init_params', 'rms_norm',
+           'rope_inverse_frequencies', 'rope_cos_sin', 'apply_rope', 'LoraWeights', 'project', 'swiglu', 'feed_forward',
+           'LayerInputs', 'decoder_layer', 'positions_from_mask', 'lm_head_weight', 'lm_head_logits', 'Batch',
+           'as_batch', 'hidden_states', 'forward', 'causal_lm_loss_sum', 'causal_lm_loss', 'sample_top_p', 'generate']
 
 # %% ../nbs/00_model.ipynb #cfeba019
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -78,7 +78,7 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
 
-def _as_id_tuple(value) -> tuple[int, ...]:
+def as_id_tuple(value) -> tuple[int, ...]:
     if value is None: return ()
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
@@ -383,7 +383,7 @@ def causal_lm_loss_sum(config: LlamaConfig, params: dict, batch: Batch, lora: Lo
     if not options.logits_chunk:
         total = _summed_token_loss(params, hidden, targets, labelled)
     else:
-        total = chunked_token_loss(lm_head_weight(params), hidden, targets, labelled, options.logits_chunk)
+        total = loss_in_chunks(lm_head_weight(params), hidden, targets, labelled, options.logits_chunk)
     return total, jnp.sum(labelled)
 
 
@@ -479,7 +479,7 @@ def generate(config: LlamaConfig, params: dict, input_ids, *, max_new_tokens: in
         raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"Need temperature >= 0 and 0 < top_p <= 1; got temperature={temperature}, top_p={top_p}.")
-    eos_ids = config.eos_token_id if eos_token_id is None else _as_id_tuple(eos_token_id)
+    eos_ids = config.eos_token_id if eos_token_id is None else as_id_tuple(eos_token_id)
     pad_id = next(p for p in (pad_token_id, config.pad_token_id, *eos_ids, 0) if p is not None)
     generated, steps = _generate_compiled(
         config, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(valid), lora,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.interpreters import mlir
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .attention import rule_axis, use_placement
+from .attention import mesh_axis_of, placement_by_rules
 from .model import PROJECTION_DIMENSIONS, LlamaConfig, dimension_sizes, param_dimensions, param_shapes
 
 # %% auto #0
@@ -77,7 +77,7 @@ def axis_rules(context_parallel: str = "ring") -> dict:
 
 def placement(mesh: Mesh | None, context_parallel: str = "ring"):
     "Put the rule table on `mesh` in force for the enclosed code: the activations the model names go there."
-    return use_placement(mesh, axis_rules(context_parallel))
+    return placement_by_rules(mesh, axis_rules(context_parallel))
 
 
 def dimension_units(config: LlamaConfig, lora_rank: int = 1) -> dict[str, int]:
@@ -94,7 +94,7 @@ def axis_sizes(mesh: Mesh | None) -> dict[str, int]:
 def specs_from_dimensions(dimensions, units: dict, mesh: Mesh | None = None):
     "A pytree of named-dimension tuples -> the `PartitionSpec`s the rule table gives them on `mesh`."
     sizes = axis_sizes(mesh)
-    return jax.tree.map(lambda names: P(*(rule_axis(LOGICAL_AXIS_RULES, sizes, name, units[name]) for name in names)),
+    return jax.tree.map(lambda names: P(*(mesh_axis_of(LOGICAL_AXIS_RULES, sizes, name, units[name]) for name in names)),
                         dimensions, is_leaf=lambda x: isinstance(x, tuple))
 
 # %% ../nbs/01_sharding.ipynb #69083d88

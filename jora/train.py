@@ -41,13 +41,13 @@ from .files import (MANIFEST, CheckpointError, CheckpointWarning, UnsafeFolderEr
 # %% auto #0
 __all__ = ['METRICS_FILE', 'parameter_count', 'check_model_size', 'model_path', 'run_mesh', 'load_model', 'make_optimizer',
            'compute_options', 'TrainState', 'all_finite', 'make_train_step', 'make_eval_step', 'place_batch',
-           'stack_micro_batches', 'TrainingDiverged', 'TrainResult', 'lora_config_of', 'steps_per_epoch', 'evaluate',
-           'checkpoint_bytes', 'prepare_run_folder', 'run_train_step', 'Run', 'prepare_run', 'fresh_state',
-           'agreed_checkpoint', 'restore_state', 'micro_batch_groups', 'Interruption', 'ctrl_c_sets', 'compiled_step',
-           'device_memory_limit', 'readable_bytes', 'memory_alternatives', 'check_step_fits', 'step_record',
-           'check_finite', 'TrainingWarning', 'write_checkpoint', 'MetricsFile', 'history_table', 'train_lora',
-           'loss_figure', 'figure_png', 'loss_plot_png', 'LossPlot', 'abstract_train_inputs', 'step_memory',
-           'longest_trainable_sequence']
+           'stack_micro_batches', 'TrainingDiverged', 'TrainResult', 'lora_config_of', 'steps_per_epoch',
+           'evaluation_loss', 'checkpoint_bytes', 'prepare_run_folder', 'make_run_step', 'Run', 'prepare_run',
+           'fresh_state', 'agreed_checkpoint', 'restore_state', 'micro_batch_groups', 'Interruption', 'ctrl_c_sets',
+           'compiled_step', 'device_memory_limit', 'readable_bytes', 'memory_alternatives', 'check_step_fits',
+           'step_record', 'check_finite', 'TrainingWarning', 'write_checkpoint', 'MetricsFile', 'history_table',
+           'train_lora', 'loss_figure', 'figure_png', 'loss_plot_png', 'LossPlot', 'abstract_train_inputs',
+           'step_memory', 'longest_trainable_sequence']
 
 # %% ../nbs/05_train.ipynb #4cbbd62a
 def parameter_count(params: dict) -> int:
@@ -242,7 +242,7 @@ def steps_per_epoch(dataset, config: ParallamaConfig, epoch: int) -> int:
     return math.ceil(math.ceil(rows / config.BATCH_SIZE) / config.N_ACCUMULATION_STEPS)
 
 
-def evaluate(eval_step, adapters, params, dataset, config: ParallamaConfig, mesh,
+def evaluation_loss(eval_step, adapters, params, dataset, config: ParallamaConfig, mesh,
              max_batches: int | None = None) -> float:
     "Token-weighted mean loss over (at most `max_batches` of) a dataset."
     total, tokens = 0.0, 0
@@ -285,7 +285,7 @@ def prepare_run_folder(config: ParallamaConfig, checkpoint_path, *, resume: bool
         delete_checkpoint(folder)
 
 # %% ../nbs/05_train.ipynb #f2473f18
-def run_train_step(config: ParallamaConfig, model_config: LlamaConfig, optimizer, mesh):
+def make_run_step(config: ParallamaConfig, model_config: LlamaConfig, optimizer, mesh):
     "The step `train_lora` compiles for `config`: its LoRA settings and `compute_options`, on `mesh`."
     return make_train_step(model_config, optimizer, lora_config_of(config), mesh, compute_options(config))
 
@@ -324,7 +324,7 @@ def prepare_run(config: ParallamaConfig, dataset, checkpoint_path, *, resume: bo
     lora_config = lora_config_of(config)
     eval_step = make_eval_step(model_config, lora_config, mesh, compute_options(config)) if with_eval else None
     return Run(config, mesh, model_config, params, lora_config, optimizer, schedule, total_steps,
-               run_train_step(config, model_config, optimizer, mesh), eval_step)
+               make_run_step(config, model_config, optimizer, mesh), eval_step)
 
 
 # %% ../nbs/05_train.ipynb #82041584
@@ -599,7 +599,7 @@ def train_lora(config: ParallamaConfig, dataset, checkpoint_path, *, eval_datase
                                        patience=config.NONFINITE_PATIENCE)
                 step, epoch, next_batch = step + 1, group_epoch, group_next
                 if eval_dataset is not None and ((config.EVAL_EVERY and step % config.EVAL_EVERY == 0) or step == run.total_steps):
-                    record["eval_loss"] = evaluate(run.eval_step, state.adapters, run.params, eval_dataset, config, run.mesh,
+                    record["eval_loss"] = evaluation_loss(run.eval_step, state.adapters, run.params, eval_dataset, config, run.mesh,
                                                    config.EVAL_BATCHES)
                     for callback in callbacks: callback("eval", record)
                 history.append(record)
@@ -696,7 +696,7 @@ def step_memory(config: ParallamaConfig, model_config: LlamaConfig, *, seq_len: 
     `seq_len` tokens, on `mesh` (default: the config's), from lowering alone."""
     mesh = run_mesh(config) if mesh is None else mesh
     optimizer, _ = make_optimizer(config, total_steps)
-    step = run_train_step(config, model_config, optimizer, mesh)
+    step = make_run_step(config, model_config, optimizer, mesh)
     arguments = abstract_train_inputs(config, model_config, mesh, optimizer, seq_len)
     return compiled_memory(compile_for_memory_estimate(step, *arguments, mesh=mesh) if estimate
                            else step.lower(*arguments).compile())

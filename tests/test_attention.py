@@ -103,7 +103,7 @@ RING_CASES = {  # name: (seq devices, time, heads, kv heads, zig-zag order)
 @pytest.mark.parametrize("case", RING_CASES)
 def test_pallas_kernel_on_the_ring_equals_the_reference_in_interpret_mode(case):
     from jax.sharding import Mesh
-    from jora.attention import ring_order, use_placement
+    from jora.attention import ring_order, placement_by_rules
     from jora.kernels import pallas_ring_attention
     devices, time, heads, kv_heads, zig_zag = RING_CASES[case]
     query, key, value, parts = make_case(time, heads, kv_heads, (time, time - 11), ())
@@ -111,7 +111,7 @@ def test_pallas_kernel_on_the_ring_equals_the_reference_in_interpret_mode(case):
     query, key, value = (x[:, order] for x in (query, key, value))
     parts = MaskParts(*(x[:, order] for x in parts[:3]), None, None)
     rules = {"batch": None, "length": "seq", "key_length": "seq", "heads": None, "kv_heads": None}
-    with use_placement(Mesh(jax.devices()[:devices], ("seq",)), rules):
+    with placement_by_rules(Mesh(jax.devices()[:devices], ("seq",)), rules):
         check_against_reference(jax.jit(lambda q, k, v: pallas_ring_attention(q, k, v, parts, interpret=True)),
                                 query, key, value, parts)
 
