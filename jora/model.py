@@ -372,8 +372,8 @@ def causal_lm_loss_sum(config: LlamaConfig, params: dict, batch: Batch, lora: Lo
                        dropout_key: jax.Array | None = None,
                        options: ComputeOptions = ComputeOptions()) -> tuple[jax.Array, jax.Array]:
     "Summed next-token cross-entropy (fp32) over the labelled positions of `batch`, and how many there are."
-    if batch.labels is None:
-        raise ValueError("The loss needs labels: give a Batch with labels (-100 where nothing is learnt).")
+    if not isinstance(batch, Batch) or batch.labels is None:
+        raise ValueError("The loss needs labels: give a Batch(input_ids, labels, ...) (-100 where nothing is learnt).")
     hidden, order = _layer_stack(config, params, batch, lora, dropout_key, options)
     hidden = rms_norm(hidden, params["norm"], config.rms_norm_eps)   # left in the layers' layout; a sum ignores it
     labels = jnp.asarray(batch.labels)

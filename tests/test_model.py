@@ -84,6 +84,9 @@ def test_loss_matches_transformers(checkpoint):
         expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels),
                              position_ids=torch.tensor(np.asarray(positions_from_mask(mask)))).loss.item()
     ours = float(causal_lm_loss(config, params, Batch(ids, labels, mask)))
+    for unlabelled in (ids, Batch(ids)):   # ids alone, or a Batch without labels: one clear line
+        with pytest.raises(ValueError, match=r"The loss needs labels: give a Batch\(input_ids, labels"):
+            causal_lm_loss(config, params, unlabelled)
     assert abs(ours - expected) <= 1e-5 * abs(expected), (ours, expected)
 
 
